@@ -1,0 +1,220 @@
+"""Throughput of the activation store against the raw disk, and its size.
+
+Run (SD-scale maps, about 4 minutes on a 2-core machine):
+
+  python benchmarks/store.py --maps 400 --tokens 256 --d_in 1280 --maps_per_unit 50
+  python benchmarks/store.py --maps 4000 --tokens 64 --d_in 64 --maps_per_unit 25   # miniature
+
+Prints, for each compression: write throughput (``write_unit``: cast, NaN
+check, sha256, tensorstore write, marker) and read throughput
+(``TokenBatches`` epoch, batches of ``--batch`` tokens as float32) in MB/s of
+stored (uncompressed) bytes and tokens/s, next to a plain sequential write
+(fsync) and read of the same bytes in one file, in the same run. Before each
+read the page cache of the files read is dropped (posix_fadvise DONTNEED), so
+reads come from the disk where the kernel honours it. Then the bytes per stored
+token and the projected size of the SD v1.5 UnlearnCanvas collection. With
+``--step_ms`` it also runs an epoch with a simulated trainer step (a sleep per
+batch) and prints how long the trainer waits for the reader per batch, with
+and without the background prefetch.
+
+The data are synthetic (Gaussian, per-channel scales log-normal): the
+compression ratio of real activations differs; pass ``--store PATH`` to
+measure the read throughput and the bytes per token of a real store instead.
+
+The 'collection overhead vs sampling' part belongs in
+``collection_overhead`` (a hook, filled in with the sampler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from saemnesia_jax import store as st
+
+# SD v1.5 UnlearnCanvas collection, as sized in issue 4: prompts x steps x tokens.
+SD_PROMPTS, SD_STEPS, SD_TOKENS, SD_D_IN = 83_200, 50, 256, 1280
+
+
+def _drop_cache(path: str) -> None:
+  files = [path] if os.path.isfile(path) else [
+      os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+  for p in files:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def _synthetic_unit(rng: np.random.Generator, n: int, tokens: int, d_in: int, scales: np.ndarray) -> np.ndarray:
+  return (rng.standard_normal((n, tokens, d_in), np.float32) * scales).astype(np.float32)
+
+
+def _labels(rows: np.ndarray, steps: int) -> dict[str, np.ndarray]:
+  traj = rows // steps
+  return {"object": traj % 20, "style": traj % 51 - 1, "timestep": 999 - 20 * (rows % steps),
+          "step": rows % steps, "prompt": traj, "seed": np.zeros_like(rows)}
+
+
+def raw_disk(path: str, nbytes: int, piece: int = 64 << 20) -> dict:
+  """Sequential write (then fsync) and read of ``nbytes`` in one plain file."""
+  buf = np.random.default_rng(0).integers(0, 255, (min(piece, nbytes),), np.uint8).tobytes()
+  t = time.perf_counter()
+  with open(path, "wb") as f:
+    left = nbytes
+    while left:
+      k = min(left, len(buf))
+      f.write(buf[:k])
+      left -= k
+    f.flush()
+    os.fsync(f.fileno())
+  tw = time.perf_counter() - t
+  _drop_cache(path)
+  t = time.perf_counter()
+  with open(path, "rb") as f:
+    while f.read(piece):
+      pass
+  tr = time.perf_counter() - t
+  os.unlink(path)
+  return {"write_MBps": nbytes / tw / 1e6, "read_MBps": nbytes / tr / 1e6}
+
+
+def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0) -> dict:
+  """One epoch of TokenBatches. ``step_s``: a simulated trainer step per batch
+  (a sleep: the host thread idles while an accelerator computes)."""
+  reader = st.TokenBatches(store, batch, split="all", process_index=0, process_count=1, prefetch=prefetch,
+                           require_complete=False)
+  nb = reader.batches_per_epoch()
+  _drop_cache(os.path.join(store.path, "acts"))
+  t = time.perf_counter()
+  for _ in range(nb):
+    next(reader)
+    if step_s:
+      time.sleep(step_s)
+  dt = time.perf_counter() - t
+  tokens = nb * batch
+  return {"read_MBps": tokens * store.d_in * store.dtype.itemsize / dt / 1e6, "read_tokens_per_s": tokens / dt,
+          "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3}
+
+
+def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dict:
+  path = os.path.join(workdir, f"store-{compression}")
+  shutil.rmtree(path, ignore_errors=True)
+  manifest = st.make_manifest(
+      model_dir="(synthetic)", weights_sha256="0" * 64, block="(synthetic)", scheduler={"name": "ddim"},
+      num_steps=args.maps_per_unit, guidance_scale=9.0, prompt_grid={}, n_maps=args.maps,
+      tokens_per_map=args.tokens, d_in=args.d_in, maps_per_unit=args.maps_per_unit,
+      maps_per_chunk=args.maps_per_chunk, compression=compression)
+  store = st.open_store(path, manifest, create=True)
+  rng = np.random.default_rng(0)
+  scales = np.exp(rng.normal(0.0, 1.0, (args.d_in,))).astype(np.float32)
+  # A few distinct units, reused: generating data is not what is timed.
+  pool = [_synthetic_unit(rng, args.maps_per_unit, args.tokens, args.d_in, scales) for _ in range(3)]
+  t_write = 0.0
+  for u in range(store.n_units):
+    r0, r1 = st.unit_rows(store, u)
+    x, lab = pool[u % len(pool)][:r1 - r0], _labels(np.arange(r0, r1), args.maps_per_unit)
+    t = time.perf_counter()
+    st.write_unit(store, u, x, lab)
+    t_write += time.perf_counter() - t
+  stored = args.maps * args.tokens * args.d_in * store.dtype.itemsize
+  on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+  out = {
+      "compression": compression, "maps_per_chunk": store.maps_per_chunk,
+      "write_MBps": stored / t_write / 1e6, "write_tokens_per_s": args.maps * args.tokens / t_write,
+      "ratio": on_disk / stored, "bytes_per_token": on_disk / (args.maps * args.tokens),
+  }
+  out.update(bench_read(store, args.batch, prefetch=True))
+  out["read_noprefetch_MBps"] = bench_read(store, args.batch, prefetch=False)["read_MBps"]
+  if args.step_ms:
+    for pf in (True, False):
+      out[f"stall_ms_per_batch_prefetch_{pf}"] = bench_read(
+          store, args.batch, prefetch=pf, step_s=args.step_ms / 1e3)["stall_ms_per_batch"]
+  if not args.keep:
+    shutil.rmtree(path)
+  return out
+
+
+def collection_overhead(args: argparse.Namespace) -> dict | None:
+  """HOOK (lead, saemnesia_jax/collect.py): collection overhead vs sampling.
+
+  To fill in once the sampler exists: time the jitted sampler alone and with
+  the capture + ``write_unit`` per unit on the same prompts, and return
+  ``{"sampling_s_per_unit": ..., "with_store_s_per_unit": ..., "overhead_pct": ...}``.
+  Returns None until then (main prints that it was not measured).
+  """
+  del args
+  return None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default=None, help="folder for the stores (default: a temp folder)")
+  parser.add_argument("--maps", type=int, default=400)
+  parser.add_argument("--tokens", type=int, default=256)
+  parser.add_argument("--d_in", type=int, default=1280)
+  parser.add_argument("--maps_per_unit", type=int, default=50)
+  parser.add_argument("--maps_per_chunk", type=int, default=None)
+  parser.add_argument("--batch", type=int, default=4096, help="tokens per read batch")
+  parser.add_argument("--step_ms", type=float, default=20.0,
+                      help="simulated trainer step per batch for the stall measurement (0: skip)")
+  parser.add_argument("--compression", default="blosc-lz4,none,blosc-zstd")
+  parser.add_argument("--store", default=None, help="measure reading an existing store instead")
+  parser.add_argument("--keep", action="store_true")
+  parser.add_argument("--json_out", default=None)
+  args = parser.parse_args()
+
+  results: dict = {"args": vars(args)}
+  if args.store:
+    store = st.open_store(args.store)
+    s = st.summary(store)
+    results["store"] = {**bench_read(store, args.batch, prefetch=True), "bytes_per_token": s["bytes_per_token"]}
+    print(f"store {args.store}: read {results['store']['read_MBps']:.0f} MB/s "
+          f"({results['store']['read_tokens_per_s']:,.0f} tokens/s), {s['bytes_per_token']:.1f} B/token")
+    bpt = s["bytes_per_token"] * SD_D_IN / store.d_in
+  else:
+    workdir = args.workdir or tempfile.mkdtemp(prefix="store-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
+    os.makedirs(workdir, exist_ok=True)
+    stored = args.maps * args.tokens * args.d_in * 2
+    print(f"{args.maps} maps x {args.tokens} tokens x {args.d_in} channels, bfloat16: {stored / 1e6:.0f} MB; "
+          f"units of {args.maps_per_unit} maps; batches of {args.batch} tokens")
+    results["raw"] = raw = raw_disk(os.path.join(workdir, "raw.bin"), stored)
+    print(f"  raw file         write {raw['write_MBps']:7.0f} MB/s   read {raw['read_MBps']:7.0f} MB/s")
+    results["stores"] = []
+    for comp in args.compression.split(","):
+      r = bench_store(workdir, args, comp)
+      results["stores"].append(r)
+      print(f"  store {comp:10s} write {r['write_MBps']:7.0f} MB/s ({r['write_tokens_per_s']:,.0f} tokens/s)   "
+            f"read {r['read_MBps']:7.0f} MB/s ({r['read_tokens_per_s']:,.0f} tokens/s; "
+            f"{r['read_noprefetch_MBps']:.0f} MB/s without prefetch)   "
+            f"size x{r['ratio']:.3f}, {r['bytes_per_token']:.1f} B/token, chunks of {r['maps_per_chunk']} maps")
+      if args.step_ms:
+        print(f"  {'':16s} with a {args.step_ms:.0f} ms trainer step the reader stalls the trainer "
+              f"{r['stall_ms_per_batch_prefetch_True']:.1f} ms/batch with prefetch, "
+              f"{r['stall_ms_per_batch_prefetch_False']:.1f} ms/batch without")
+    if not args.keep and not args.workdir:
+      shutil.rmtree(workdir)
+    bpt = results["stores"][0]["bytes_per_token"] * SD_D_IN / args.d_in
+  total = SD_PROMPTS * SD_STEPS * SD_TOKENS
+  results["sd_projection"] = {"tokens": total, "bytes_per_token": bpt, "bytes": total * bpt}
+  print(f"projected SD v1.5 UnlearnCanvas collection ({SD_PROMPTS:,} prompts x {SD_STEPS} steps x {SD_TOKENS} "
+        f"tokens, d_in {SD_D_IN}): {total:,} tokens x {bpt:.1f} B = {total * bpt / 1e12:.2f} TB "
+        f"(uncompressed bf16: {total * SD_D_IN * 2 / 1e12:.2f} TB)")
+  overhead = collection_overhead(args)
+  results["collection_overhead"] = overhead
+  print("collection overhead vs sampling: " + (json.dumps(overhead) if overhead else
+                                               "not measured (hook collection_overhead, filled in with the sampler)"))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
