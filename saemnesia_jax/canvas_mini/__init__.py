@@ -1,0 +1,1 @@
+"""CanvasMini: the miniature UnlearnCanvas (generator in ``data``, classifiers in ``classifiers``)."""
