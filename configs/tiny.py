@@ -35,4 +35,19 @@ def get_config():
       "A dog image in pastel style.",
   )
   config.seeds = (188, 288, 588)
+  # The concepts of the prompt grid (collect, scores, evaluate).
+  config.concepts = ml_collections.ConfigDict(dict(
+      objects=("cat", "dog"),
+      styles=("neon", "pastel"),
+      style_template="A {object} image in {style} style.",
+      anchor_templates=("A {object} image.",),
+  ))
+  config.collect = ml_collections.ConfigDict(dict(
+      store_path="",  # '' -> {workdir}/activations
+      dtype="bfloat16",  # stored activations: bfloat16 | float16
+      seeds=(1, 2),  # per prompt
+      process_index=-1,  # -1: jax.process_index()
+      process_count=0,  # 0: jax.process_count()
+      max_units=0,  # >0: stop after this many units (a partial run; rerun to finish)
+  ))
   return config

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+from typing import Any, Callable
+
 import ml_collections
 
 from saemnesia_jax import models
+from saemnesia_jax.sampler import EditFn, Sampler, SamplerSpec
 
 _WEIGHTS = {"auto": None, "flax": False, "pt": True}
 
@@ -17,11 +20,47 @@ def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
   if m.weights not in _WEIGHTS:
     raise ValueError(f"config.model.weights={m.weights!r}; expected one of {sorted(_WEIGHTS)}")
   path = m.path
-  if not path:
+  if path == "canvas_mini":
+    from saemnesia_jax.canvas_mini import PIPELINE_DIR
+    path = PIPELINE_DIR
+    if not os.path.isdir(path):
+      raise models.ModelLoadError(
+          f"the CanvasMini pipeline is not built ({path} is missing): run "
+          "`python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py`")
+  elif not path:
     path = os.path.join(config.workdir, "tiny_pipeline")
     if not os.path.isdir(path):
       models.write_tiny_pipeline(path, seed=m.seed)
   return models.load_pipeline(path, dtype=m.dtype, from_pt=_WEIGHTS[m.weights])
+
+
+def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,
+                 edit_fn: EditFn | None = None) -> Sampler:
+  """The sampler of ``config.sampler``, capturing and/or editing ``config.block``."""
+  s = config.sampler
+  spec = SamplerSpec(num_steps=s.num_steps, height=s.height or None, width=s.width or None,
+                     batch_size=s.batch_size, capture_block=config.block if capture else None,
+                     edit_block=config.block if edit_fn is not None else None)
+  return Sampler(pipe, spec, edit_fn)
+
+
+def run_main(run: Callable[[ml_collections.ConfigDict], Any]) -> None:
+  """``python -m saemnesia_jax.<stage> --config configs/x.py --config.a.b=v``.
+
+  The flag is defined here, when a stage runs as the main program, so that
+  stages can import each other.
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.mark_flag_as_required("config")
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<field>=<value>")
+    run(flags.FLAGS.config)  # app.run would print a returned value and exit 1
+  app.run(main)
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:

@@ -13,24 +13,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
-from absl import app, logging
-from ml_collections import config_flags
+from absl import logging
 
 from saemnesia_jax import common, images
 from saemnesia_jax.io_utils import atomic_write_json
-from saemnesia_jax.sampler import Sampler, SamplerSpec, sample_prompts
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-
-
-def make_sampler(config: ml_collections.ConfigDict, pipe, capture: bool = False,
-                 edit_fn=None) -> Sampler:
-  s = config.sampler
-  spec = SamplerSpec(num_steps=s.num_steps, height=s.height or None, width=s.width or None,
-                     batch_size=s.batch_size, capture_block=config.block if capture else None,
-                     edit_block=config.block if edit_fn is not None else None)
-  return Sampler(pipe, spec, edit_fn)
+from saemnesia_jax.sampler import sample_prompts
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -41,7 +28,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     raise ValueError("config.seeds is empty: give at least one seed, e.g. --config.seeds=\"(188,)\"")
   out_dir = os.path.join(config.workdir, "samples")
   pipe = common.load_model(config)
-  sampler = make_sampler(config, pipe)
+  sampler = common.make_sampler(config, pipe)
   prompts = [p for p in config.prompts for _ in config.seeds]
   seeds = [s for _ in config.prompts for s in config.seeds]
   t0 = time.perf_counter()
@@ -63,10 +50,5 @@ def run(config: ml_collections.ConfigDict) -> dict:
   return manifest
 
 
-def main(argv):
-  del argv
-  run(_CONFIG.value)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(run)

@@ -1,0 +1,114 @@
+"""Stage `collect`: capture one block's activations into a tensorstore store.
+
+  python -m saemnesia_jax.collect --config configs/canvas_mini.py
+
+Runs the jitted sampler over the prompt grid (every object x style prompt and
+the anchor prompts, ``collect.seeds`` each) and stores, for the conditional
+half of CFG at every step, the hooked block's output: one *map* of
+(H*W tokens, d_in) per (prompt, seed, step), with labels (object, style,
+timestep, step, prompt id, seed). See ``store.py`` for the layout.
+
+Work is cut into units of one sampler batch (``sampler.batch_size``
+trajectories x ``num_steps`` maps); row = trajectory * num_steps + step, so a
+rerun rewrites the same rows. A unit is done once its marker is written: a
+crash loses at most the units in flight, and a rerun does only what is
+missing. With several processes (``jax.distributed``, or
+``--config.collect.process_count``), process p takes units u with
+u % count == p, all writing one store.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from saemnesia_jax import common, concepts, store
+
+
+def store_path(config: ml_collections.ConfigDict) -> str:
+  return config.collect.store_path or os.path.join(config.workdir, "activations")
+
+
+def _maps_per_chunk(num_steps: int, map_bytes: int, target: int = 4 << 20) -> int:
+  """The largest divisor of num_steps whose chunk stays under ``target`` bytes.
+
+  Chunks then never straddle a trajectory, so the reader's train/validation
+  split (by trajectory) never reads data it throws away.
+  """
+  best = 1
+  for d in range(1, num_steps + 1):
+    if num_steps % d == 0 and d * map_bytes <= target:
+      best = d
+  return best
+
+
+def plan(config: ml_collections.ConfigDict):
+  """(prompt grid, trajectories [(prompt index, seed)]) of a collection."""
+  grid = concepts.prompt_grid(config.concepts)
+  seeds = list(config.collect.seeds)
+  if not seeds:
+    raise ValueError("config.collect.seeds is empty: give at least one seed")
+  return grid, [(i, s) for i in range(len(grid)) for s in seeds]
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  c = config.collect
+  pipe = common.load_model(config)
+  sampler = common.make_sampler(config, pipe, capture=True)
+  grid, trajs = plan(config)
+  steps, bs = config.sampler.num_steps, config.sampler.batch_size
+  h, w, d_in = sampler.block_output_shape()
+  dtype_bytes = store.DTYPES[c.dtype].itemsize
+  manifest = store.make_manifest(
+      model_dir=pipe.path, weights_sha256=pipe.weights_hash(), block=config.block,
+      scheduler={**{k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+                 "class": "FlaxDDIMScheduler", "eta": 0.0},
+      num_steps=steps, guidance_scale=float(config.sampler.guidance_scale),
+      prompt_grid={**concepts.as_dict(config.concepts), "seeds": list(c.seeds),
+                   "n_prompts": len(grid), "image_size": [sampler.height, sampler.width]},
+      n_maps=len(trajs) * steps, tokens_per_map=h * w, d_in=d_in, maps_per_unit=bs * steps,
+      maps_per_chunk=_maps_per_chunk(steps, h * w * d_in * dtype_bytes), dtype=c.dtype,
+      info={"model_dir": pipe.path, "model_dtype": config.model.dtype,
+            "timesteps": sampler.timesteps.tolist(), "block_shape": [h, w, d_in]})
+  path = store_path(config)
+  st = store.open_store(path, manifest, create=True)
+  pi = c.process_index if c.process_index >= 0 else jax.process_index()
+  pc = c.process_count if c.process_count > 0 else jax.process_count()
+  todo = store.pending_units(st, pi, pc)
+  if c.max_units > 0:
+    todo = todo[:c.max_units]
+  uncond = pipe.tokenize([""] * bs)
+  cond_all = pipe.tokenize([p.prompt for p in grid])
+  timesteps = sampler.timesteps.astype(np.int32)
+  t0 = time.perf_counter()
+  with store.UnitWriter(st) as writer:
+    for u in tqdm(todo, desc=f"collect (process {pi}/{pc})", unit="unit"):
+      r0, r1 = store.unit_rows(st, u)
+      unit_trajs = trajs[r0 // steps: r1 // steps]
+      n = len(unit_trajs)
+      pidx = np.array([t[0] for t in unit_trajs] + [unit_trajs[0][0]] * (bs - n))
+      seeds = np.array([t[1] for t in unit_trajs] + [unit_trajs[0][1]] * (bs - n), np.uint32)
+      out = sampler(pipe.params, cond_all[pidx], uncond, seeds, np.float32(config.sampler.guidance_scale))
+      caps = np.asarray(out.captured[:, :n])  # (steps, n, h, w, d_in)
+      acts = caps.transpose(1, 0, 2, 3, 4).reshape(n * steps, h * w, d_in)
+      p = pidx[:n].repeat(steps)
+      labels = {
+          "object": np.array([grid[i].object_id for i in p]),
+          "style": np.array([grid[i].style_id for i in p]),
+          "timestep": np.tile(timesteps, n), "step": np.tile(np.arange(steps), n),
+          "prompt": p, "seed": seeds[:n].repeat(steps).astype(np.int64),
+      }
+      writer.submit(u, acts, {k: np.asarray(v, np.int32) for k, v in labels.items()})
+  wall = time.perf_counter() - t0
+  s = store.summary(st)
+  print(store.format_summary(s))
+  print(f"process {pi}/{pc}: wrote {len(todo)} units in {wall:.1f} s")
+  return {"path": path, "units_written": len(todo), "wall_s": wall, "summary": s}
+
+
+if __name__ == "__main__":
+  common.run_main(run)
