@@ -21,8 +21,8 @@ The data are synthetic (Gaussian, per-channel scales log-normal): the
 compression ratio of real activations differs; pass ``--store PATH`` to
 measure the read throughput and the bytes per token of a real store instead.
 
-The 'collection overhead vs sampling' part belongs in
-``collection_overhead`` (a hook, filled in with the sampler).
+Last, the collection's overhead over sampling without capture
+(``collection_overhead``: the tiny SD-like pipeline, or ``--collect_model``).
 """
 from __future__ import annotations
 
@@ -143,15 +143,54 @@ def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dic
 
 
 def collection_overhead(args: argparse.Namespace) -> dict | None:
-  """HOOK (lead, saemnesia_jax/collect.py): collection overhead vs sampling.
+  """Collection (capture + store write, as ``collect.write_units`` runs it)
+  against plain sampling of the same trajectories, side by side.
 
-  To fill in once the sampler exists: time the jitted sampler alone and with
-  the capture + ``write_unit`` per unit on the same prompts, and return
-  ``{"sampling_s_per_unit": ..., "with_store_s_per_unit": ..., "overhead_pct": ...}``.
-  Returns None until then (main prints that it was not measured).
+  Uses the tiny SD-like pipeline (configs/tiny.py) or ``--collect_model``;
+  each round times one plain-sampling pass and one collection pass over the
+  same units into a fresh store.
   """
-  del args
-  return None
+  if args.collect_units <= 0:
+    return None
+  import sys
+  import jax
+  from saemnesia_jax import collect, models
+  from saemnesia_jax.sampler import Sampler, SamplerSpec
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+  import tiny  # noqa: E402
+  root = tempfile.mkdtemp(dir=args.workdir)
+  config = tiny.get_config()
+  config.workdir = root
+  config.model.path = args.collect_model or models.write_tiny_pipeline(os.path.join(root, "tiny"))
+  config.sampler.num_steps = args.collect_steps
+  config.sampler.batch_size = 4
+  from saemnesia_jax import concepts
+  n_prompts = len(concepts.prompt_grid(config.concepts))
+  config.collect.seeds = tuple(range(max(1, args.collect_units * 4 // n_prompts)))
+  plain_t, collect_t = [], []
+  for r in range(args.collect_rounds):
+    config.collect.store_path = os.path.join(root, f"acts{r}")
+    col = collect.prepare(config)
+    if r == 0:
+      plain = Sampler(col.pipe, SamplerSpec(num_steps=args.collect_steps, batch_size=4))
+      collect.write_units(col, [0])  # compiles the capturing sampler
+      p, s, _ = collect.unit_batch(col, 0)
+      jax.block_until_ready(plain(col.pipe.params, col.cond_ids[p], col.uncond_ids, s, np.float32(9)))
+    units = list(range(1 if r == 0 else 0, col.store.n_units))
+    t = time.perf_counter()
+    for u in units:
+      p, s, _ = collect.unit_batch(col, u)
+      np.asarray(plain(col.pipe.params, col.cond_ids[p], col.uncond_ids, s, np.float32(9)).images)
+    plain_t.append((time.perf_counter() - t) / len(units))
+    t = time.perf_counter()
+    collect.write_units(col, units)
+    collect_t.append((time.perf_counter() - t) / len(units))
+  if not args.keep:
+    shutil.rmtree(root, ignore_errors=True)
+  sp, sc = float(np.median(plain_t)), float(np.median(collect_t))
+  return {"model": args.collect_model or "tiny", "steps": args.collect_steps, "batch": 4,
+          "sampling_s_per_unit": sp, "with_store_s_per_unit": sc, "ratio": sc / sp,
+          "overhead_pct": 100 * (sc / sp - 1)}
 
 
 def main() -> None:
@@ -168,7 +207,12 @@ def main() -> None:
   parser.add_argument("--compression", default="blosc-lz4,none,blosc-zstd")
   parser.add_argument("--store", default=None, help="measure reading an existing store instead")
   parser.add_argument("--keep", action="store_true")
-  parser.add_argument("--json_out", default=None)
+  parser.add_argument("--json_out", default=os.path.join(os.path.dirname(__file__), "results", "store.json"))
+  parser.add_argument("--collect_units", type=int, default=6,
+                      help="units per round of the collection-overhead measurement (0: skip it)")
+  parser.add_argument("--collect_steps", type=int, default=20)
+  parser.add_argument("--collect_rounds", type=int, default=3)
+  parser.add_argument("--collect_model", default=None, help="pipeline dir (default: tiny random)")
   args = parser.parse_args()
 
   results: dict = {"args": vars(args)}
@@ -212,6 +256,7 @@ def main() -> None:
   print("collection overhead vs sampling: " + (json.dumps(overhead) if overhead else
                                                "not measured (hook collection_overhead, filled in with the sampler)"))
   if args.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=2)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -55,14 +56,26 @@ def plan(config: ml_collections.ConfigDict):
   return grid, [(i, s) for i in range(len(grid)) for s in seeds]
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+class Collection(NamedTuple):
+  """Everything a collection run needs, built once (model, sampler, store, plan)."""
+  config: ml_collections.ConfigDict
+  pipe: Any
+  sampler: Any
+  store: store.Store
+  grid: list
+  trajs: list
+  cond_ids: np.ndarray
+  uncond_ids: np.ndarray
+
+
+def prepare(config: ml_collections.ConfigDict) -> Collection:
+  """Loads the model, builds the capturing sampler, creates or opens the store."""
   c = config.collect
   pipe = common.load_model(config)
   sampler = common.make_sampler(config, pipe, capture=True)
   grid, trajs = plan(config)
   steps, bs = config.sampler.num_steps, config.sampler.batch_size
   h, w, d_in = sampler.block_output_shape()
-  dtype_bytes = store.DTYPES[c.dtype].itemsize
   manifest = store.make_manifest(
       model_dir=pipe.path, weights_sha256=pipe.weights_hash(), block=config.block,
       scheduler={**{k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
@@ -71,43 +84,61 @@ def run(config: ml_collections.ConfigDict) -> dict:
       prompt_grid={**concepts.as_dict(config.concepts), "seeds": list(c.seeds),
                    "n_prompts": len(grid), "image_size": [sampler.height, sampler.width]},
       n_maps=len(trajs) * steps, tokens_per_map=h * w, d_in=d_in, maps_per_unit=bs * steps,
-      maps_per_chunk=_maps_per_chunk(steps, h * w * d_in * dtype_bytes), dtype=c.dtype,
+      maps_per_chunk=_maps_per_chunk(steps, h * w * d_in * store.DTYPES[c.dtype].itemsize),
+      dtype=c.dtype,
       info={"model_dir": pipe.path, "model_dtype": config.model.dtype,
             "timesteps": sampler.timesteps.tolist(), "block_shape": [h, w, d_in]})
-  path = store_path(config)
-  st = store.open_store(path, manifest, create=True)
-  pi = c.process_index if c.process_index >= 0 else jax.process_index()
-  pc = c.process_count if c.process_count > 0 else jax.process_count()
-  todo = store.pending_units(st, pi, pc)
-  if c.max_units > 0:
-    todo = todo[:c.max_units]
-  uncond = pipe.tokenize([""] * bs)
-  cond_all = pipe.tokenize([p.prompt for p in grid])
-  timesteps = sampler.timesteps.astype(np.int32)
-  t0 = time.perf_counter()
-  with store.UnitWriter(st) as writer:
-    for u in tqdm(todo, desc=f"collect (process {pi}/{pc})", unit="unit"):
-      r0, r1 = store.unit_rows(st, u)
-      unit_trajs = trajs[r0 // steps: r1 // steps]
-      n = len(unit_trajs)
-      pidx = np.array([t[0] for t in unit_trajs] + [unit_trajs[0][0]] * (bs - n))
-      seeds = np.array([t[1] for t in unit_trajs] + [unit_trajs[0][1]] * (bs - n), np.uint32)
-      out = sampler(pipe.params, cond_all[pidx], uncond, seeds, np.float32(config.sampler.guidance_scale))
+  st = store.open_store(store_path(config), manifest, create=True)
+  return Collection(config, pipe, sampler, st, grid, trajs,
+                    pipe.tokenize([p.prompt for p in grid]), pipe.tokenize([""] * bs))
+
+
+def unit_batch(col: Collection, unit: int):
+  """(prompt indices, seeds, n real rows) of a unit, padded to the sampler's batch."""
+  steps, bs = col.config.sampler.num_steps, col.config.sampler.batch_size
+  r0, r1 = store.unit_rows(col.store, unit)
+  trajs = col.trajs[r0 // steps: r1 // steps]
+  n = len(trajs)
+  pidx = np.array([t[0] for t in trajs] + [trajs[0][0]] * (bs - n))
+  seeds = np.array([t[1] for t in trajs] + [trajs[0][1]] * (bs - n), np.uint32)
+  return pidx, seeds, n
+
+
+def write_units(col: Collection, units: list[int], desc: str = "collect") -> None:
+  """Samples each unit's trajectories with capture and writes them (in a background thread)."""
+  steps = col.config.sampler.num_steps
+  timesteps = col.sampler.timesteps.astype(np.int32)
+  g = np.float32(col.config.sampler.guidance_scale)
+  with store.UnitWriter(col.store) as writer:
+    for u in tqdm(units, desc=desc, unit="unit"):
+      pidx, seeds, n = unit_batch(col, u)
+      out = col.sampler(col.pipe.params, col.cond_ids[pidx], col.uncond_ids, seeds, g)
       caps = np.asarray(out.captured[:, :n])  # (steps, n, h, w, d_in)
-      acts = caps.transpose(1, 0, 2, 3, 4).reshape(n * steps, h * w, d_in)
+      acts = caps.transpose(1, 0, 2, 3, 4).reshape(n * steps, -1, caps.shape[-1])
       p = pidx[:n].repeat(steps)
       labels = {
-          "object": np.array([grid[i].object_id for i in p]),
-          "style": np.array([grid[i].style_id for i in p]),
+          "object": [col.grid[i].object_id for i in p], "style": [col.grid[i].style_id for i in p],
           "timestep": np.tile(timesteps, n), "step": np.tile(np.arange(steps), n),
-          "prompt": p, "seed": seeds[:n].repeat(steps).astype(np.int64),
+          "prompt": p, "seed": seeds[:n].repeat(steps),
       }
       writer.submit(u, acts, {k: np.asarray(v, np.int32) for k, v in labels.items()})
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  c = config.collect
+  col = prepare(config)
+  pi = c.process_index if c.process_index >= 0 else jax.process_index()
+  pc = c.process_count if c.process_count > 0 else jax.process_count()
+  todo = store.pending_units(col.store, pi, pc)
+  if c.max_units > 0:
+    todo = todo[:c.max_units]
+  t0 = time.perf_counter()
+  write_units(col, todo, desc=f"collect (process {pi}/{pc})")
   wall = time.perf_counter() - t0
-  s = store.summary(st)
+  s = store.summary(col.store)
   print(store.format_summary(s))
   print(f"process {pi}/{pc}: wrote {len(todo)} units in {wall:.1f} s")
-  return {"path": path, "units_written": len(todo), "wall_s": wall, "summary": s}
+  return {"path": col.store.path, "units_written": len(todo), "wall_s": wall, "summary": s}
 
 
 if __name__ == "__main__":
