@@ -1,0 +1,148 @@
+"""CanvasMini: the miniature UnlearnCanvas (METHOD.md section 7).
+
+Train and ship the object / style classifiers (writes
+saemnesia_jax/assets/canvas_mini/classifiers/):
+
+  python -m saemnesia_jax.canvas_mini.classifiers --config configs/canvas_mini.py
+
+Result (2,000 steps, about 3 minutes on the shared 2-core CPU): on 4,400
+fresh images from eval_seed, object / style accuracy 100.00% / 99.95% clean,
+100.00% / 99.95% with Gaussian noise 0.04 after a 0.5 blur mix, and
+99.75% / 98.64% with noise 0.08 after a full 3x3 blur.  Per-class numbers are
+in saemnesia_jax/assets/canvas_mini/classifiers/classifiers.json.
+
+Build the whole miniature (classifiers if needed, the base diffusion model,
+its evaluation, the export into saemnesia_jax/assets/canvas_mini/pipeline/):
+
+  python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py
+
+Sections: ``data`` is the generator, ``classifier`` the judges, ``model`` /
+``train`` / ``eval`` the base diffusion model and its build; ``workdir``,
+``block``, ``sampler``, ``prompts`` and ``seeds`` are what every pipeline
+stage (sample, collect, ...) reads, as in configs/tiny.py and configs/sd15.py.
+
+Why this model (measured on 2 CPU cores, FINDINGS.md and benchmarks): pixel
+space at 16x16 (32x32 costs 4-10x per step); three levels (16, 8, 4 px) with
+channels (32, 64, 64) so that, as in SD, ``up_blocks.1`` is the
+second-coarsest up level; cross-attention at 8x8 (down_blocks.1, up_blocks.1)
+and in the 4x4 mid block only: cross-attention at 16x16 too measured 1.19 s
+per batch-64 training step against 0.57 s, and bold 16 px shapes need no
+finer text control than 8x8 cells. The hooked block, the analogue of SD's
+``up_blocks.1.attentions.1``, outputs (8, 8, 64): 64 tokens of d_in = 64.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # The generator (saemnesia_jax/canvas_mini/data.py).  Lengths are canvas
+  # units: 1 unit = image_size / 16 pixels.
+  data = config.data = ml_collections.ConfigDict()
+  data.image_size = 16
+  # The concept lists must equal data.OBJECTS / data.STYLES (ids are their
+  # positions; the no-style class "SeedImages" has id len(styles)); they are
+  # here so that every run records what it was trained on.
+  data.objects = ("Disk", "Square", "Ring", "Frame", "Beam", "Pillar", "Plus", "Tee", "Corner",
+                  "Slash")
+  data.styles = ("Stripes", "Checker", "Gradient", "Neon", "Pastel", "Monochrome", "Sunset",
+                 "Noisy", "Comic", "Blueprint")
+  data.no_style = "SeedImages"
+  data.position_jitter = 1.0      # max shift per axis, canvas units
+  data.scale_jitter = 0.12        # scale uniform in [1 - s, 1 + s]
+  data.rotation_jitter_deg = 5.0  # small: orientation is the identity of Beam / Pillar / Tee / Corner
+  data.train_seed = 0             # classifier training images
+  data.eval_seed = 1              # held-out images, never used in training
+  data.grid_seed = 2              # the sample grid PNG
+
+  # The judges (saemnesia_jax/canvas_mini/classifiers.py): two small CNNs.
+  clf = config.classifier = ml_collections.ConfigDict()
+  clf.widths = (16, 32, 32)       # conv channels per resolution (16, 8, 4 px), two 3x3 convs each
+  clf.steps = 2000
+  clf.batch_size = 128
+  clf.learning_rate = 2e-3        # peak of a warm-up + cosine schedule (Adam)
+  clf.warmup_steps = 100
+  clf.n_train = 24000             # training images rendered once from data.train_seed
+  clf.n_eval = 4400               # 40 per (object, style class) pair, from data.eval_seed
+  clf.init_seed = 0               # parameter init and augmentation draws
+  # Augmentation, so that blurrier / noisier diffusion samples are still judged
+  # right: per image, Gaussian noise with sigma ~ U(0, noise_max), a 3x3
+  # binomial blur mixed in with weight ~ U(0, blur_max), brightness shift
+  # ~ U(-brightness, brightness).
+  clf.aug_noise_max = 0.05
+  clf.aug_blur_max = 0.8
+  clf.aug_brightness = 0.03
+  # Corrupted evaluations reported beside the clean one: level i adds Gaussian
+  # noise eval_noise[i] after mixing in the 3x3 blur with weight eval_blur[i].
+  clf.eval_noise = (0.04, 0.08)
+  clf.eval_blur = (0.5, 1.0)
+
+  # --- the base diffusion model (saemnesia_jax/canvas_mini/build.py) ---
+  config.workdir = "runs/canvas_mini"
+  model = config.model = ml_collections.ConfigDict()
+  model.path = "canvas_mini"  # the shipped pipeline; or a diffusers directory
+  model.dtype = "float32"
+  model.weights = "auto"
+  model.seed = 0
+  model.block_out_channels = (32, 64, 64)
+  model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+  model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+  model.layers_per_block = 1
+  model.num_heads = 2
+  model.text_width = 64
+  model.text_layers = 2
+  model.text_heads = 2
+  model.max_length = 12  # "<bos> a disk image in stripes style . <eos>" is 9 tokens
+  # DDPM's linear schedule suits pixel space ([-1, 1] images); SD's
+  # scaled-linear one was made for VAE latents.
+  model.beta_schedule = "linear"
+  model.beta_start = 1e-4
+  model.beta_end = 0.02
+
+  train = config.train = ml_collections.ConfigDict()
+  train.steps = 7000
+  train.batch_size = 64
+  train.learning_rate = 1e-3
+  train.final_lr_fraction = 0.02
+  train.warmup_steps = 200
+  train.weight_decay = 1e-4
+  train.grad_clip = 1.0
+  train.ema_decay = 0.999
+  train.prompt_dropout = 0.1
+  train.seed = 0
+  train.log_every = 50
+  train.eval_every = 1000
+  train.ckpt_every = 250
+
+  ev = config.eval = ml_collections.ConfigDict()
+  ev.num_steps = 25
+  ev.batch_size = 110  # one object x style-class grid per batch
+  ev.train_seeds = (7,)  # quick check during training
+  ev.seeds = (188, 288, 588, 688, 888)  # the final evaluation (UnlearnCanvas' seeds)
+  ev.guidance_scales = (3.0, 6.0, 9.0)
+
+  config.build = ml_collections.ConfigDict(dict(export_dir=""))  # '' -> the package's assets
+
+  # --- what every pipeline stage reads ---
+  config.block = "up_blocks.1.attentions.1"
+  config.sampler = ml_collections.ConfigDict(dict(
+      num_steps=25, guidance_scale=6.0, height=0, width=0, batch_size=110))
+  config.prompts = ("A Disk image in Neon style.", "A Plus image in Comic style.")
+  config.seeds = (188, 288, 588)
+  # The concepts of the prompt grid (collect, scores, evaluate): must equal
+  # the generator's (saemnesia_jax/canvas_mini/data.py; tested).
+  config.concepts = ml_collections.ConfigDict(dict(
+      objects=data.objects,
+      styles=data.styles,
+      style_template="A {object} image in {style} style.",
+      anchor_templates=("A {object} image.", "An image of a {object}.", "A photo of a {object}."),
+  ))
+  config.collect = ml_collections.ConfigDict(dict(
+      store_path="",  # '' -> {workdir}/activations
+      dtype="bfloat16",
+      seeds=(0, 1, 2, 3),  # 130 prompts x 4 seeds x 25 steps = 13,000 maps of 64 tokens
+      process_index=-1,
+      process_count=0,
+      max_units=0,
+  ))
+  return config
