@@ -17,7 +17,7 @@ its evaluation, the export into saemnesia_jax/assets/canvas_mini/pipeline/):
   python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py
 
 Sections: ``data`` is the generator, ``classifier`` the judges, ``model`` /
-``train`` / ``eval`` the base diffusion model and its build; ``workdir``,
+``base_train`` / ``base_eval`` the base diffusion model and its build; ``workdir``,
 ``block``, ``sampler``, ``prompts`` and ``seeds`` are what every pipeline
 stage (sample, collect, ...) reads, as in configs/tiny.py and configs/sd15.py.
 
@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.beta_start = 1e-4
   model.beta_end = 0.02
 
-  train = config.train = ml_collections.ConfigDict()
+  train = config.base_train = ml_collections.ConfigDict()
   train.steps = 7000
   train.batch_size = 64
   train.learning_rate = 1e-3
@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 1000
   train.ckpt_every = 250
 
-  ev = config.eval = ml_collections.ConfigDict()
+  ev = config.base_eval = ml_collections.ConfigDict()
   ev.num_steps = 25
   ev.batch_size = 110  # one object x style-class grid per batch
   ev.train_seeds = (7,)  # quick check during training
@@ -144,5 +144,52 @@ def get_config() -> ml_collections.ConfigDict:
       process_index=-1,
       process_count=0,
       max_units=0,
+  ))
+  # The sparse autoencoder (stage train; METHOD.md sections 2-3).
+  config.sae = ml_collections.ConfigDict(dict(
+      mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
+      d_in=0,  # 0: the store's width; else it must match the store
+      expansion_factor=16,
+      n_latents=0,  # 0: d_in * expansion_factor
+      k=8,  # active latents per token
+      batch_topk=True,  # BatchTop8 in training (SAeUron); inference is per-token Top8
+      auxk_alpha=1 / 32,
+      k_aux=0,  # 0: d_in // 2
+      dead_tokens=1000000,  # a latent is dead after this many tokens without firing
+      sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
+      init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
+      assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
+      scores_dir="",  # '' -> {workdir}/sae_unsup/scores
+      sup_loss="bce",  # bce (released code) | softmax (per-domain cross-entropy)
+      w_sup=3.0,
+      w_l1=0.01,
+      w_decorr=0.1,
+  ))
+  # Its trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
+  config.train = ml_collections.ConfigDict(dict(
+      name="sae_unsup",  # run folder under workdir
+      steps=3000,
+      batch_size=4096,
+      learning_rate=0.0004,
+      lr_decay="linear",  # linear | constant
+      final_lr_fraction=0.0,
+      adam_eps=6.25e-10,
+      grad_clip=1.0,
+      seed=0,
+      val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
+      val_batches=20,
+      eval_every=250,
+      patience=5,  # early stopping, in evaluations without a gain
+      min_delta=0.0,
+      log_every=50,
+      ckpt_every=250,
+      keep_checkpoints=2,
+      stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+      buffer_chunks=32,
+      init_tokens=4096,  # tokens for the geometric-median b_dec
+      check_model=True,  # refuse a store made by another model (weights hash)
+      mesh_shape=(-1, 1),  # (data, model); -1: the remaining devices
+      sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
+                      ("W_dec", ("model", None)), (".*", ())),
   ))
   return config

@@ -50,4 +50,51 @@ def get_config():
       process_count=0,  # 0: jax.process_count()
       max_units=0,  # >0: stop after this many units (a partial run; rerun to finish)
   ))
+  # The sparse autoencoder (stage train; METHOD.md sections 2-3).
+  config.sae = ml_collections.ConfigDict(dict(
+      mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
+      d_in=0,  # 0: the store's width; else it must match the store
+      expansion_factor=4,
+      n_latents=0,  # 0: d_in * expansion_factor
+      k=8,  # active latents per token
+      batch_topk=True,  # BatchTop8 in training (SAeUron); inference is per-token Top8
+      auxk_alpha=1 / 32,
+      k_aux=0,  # 0: d_in // 2
+      dead_tokens=10000,  # a latent is dead after this many tokens without firing
+      sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
+      init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
+      assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
+      scores_dir="",  # '' -> {workdir}/sae_unsup/scores
+      sup_loss="bce",  # bce (released code) | softmax (per-domain cross-entropy)
+      w_sup=3.0,
+      w_l1=0.01,
+      w_decorr=0.1,
+  ))
+  # Its trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
+  config.train = ml_collections.ConfigDict(dict(
+      name="sae_unsup",  # run folder under workdir
+      steps=40,
+      batch_size=256,
+      learning_rate=0.001,
+      lr_decay="linear",  # linear | constant
+      final_lr_fraction=0.0,
+      adam_eps=6.25e-10,
+      grad_clip=1.0,
+      seed=0,
+      val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
+      val_batches=4,
+      eval_every=20,
+      patience=5,  # early stopping, in evaluations without a gain
+      min_delta=0.0,
+      log_every=10,
+      ckpt_every=20,
+      keep_checkpoints=2,
+      stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+      buffer_chunks=32,
+      init_tokens=4096,  # tokens for the geometric-median b_dec
+      check_model=True,  # refuse a store made by another model (weights hash)
+      mesh_shape=(-1, 1),  # (data, model); -1: the remaining devices
+      sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
+                      ("W_dec", ("model", None)), (".*", ())),
+  ))
   return config

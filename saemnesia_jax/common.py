@@ -14,12 +14,11 @@ from saemnesia_jax.sampler import EditFn, Sampler, SamplerSpec
 _WEIGHTS = {"auto": None, "flax": False, "pt": True}
 
 
-def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
-  """The pipeline of ``config.model``; path '' writes (once) a tiny random one."""
-  m = config.model
-  if m.weights not in _WEIGHTS:
-    raise ValueError(f"config.model.weights={m.weights!r}; expected one of {sorted(_WEIGHTS)}")
-  path = m.path
+def model_path(config: ml_collections.ConfigDict, create: bool = True) -> str:
+  """The pipeline directory of ``config.model.path``: 'canvas_mini' is the
+  shipped CanvasMini model, '' a tiny random pipeline written (once) into the
+  workdir."""
+  path = config.model.path
   if path == "canvas_mini":
     from saemnesia_jax.canvas_mini import PIPELINE_DIR
     path = PIPELINE_DIR
@@ -29,9 +28,20 @@ def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
           "`python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py`")
   elif not path:
     path = os.path.join(config.workdir, "tiny_pipeline")
-    if not os.path.isdir(path):
-      models.write_tiny_pipeline(path, seed=m.seed)
-  return models.load_pipeline(path, dtype=m.dtype, from_pt=_WEIGHTS[m.weights])
+    if create and not os.path.isdir(path):
+      models.write_tiny_pipeline(path, seed=config.model.seed)
+  return path
+
+
+def from_pt(config: ml_collections.ConfigDict) -> bool | None:
+  if config.model.weights not in _WEIGHTS:
+    raise ValueError(f"config.model.weights={config.model.weights!r}; expected one of {sorted(_WEIGHTS)}")
+  return _WEIGHTS[config.model.weights]
+
+
+def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
+  """The pipeline of ``config.model`` (see ``model_path``)."""
+  return models.load_pipeline(model_path(config), dtype=config.model.dtype, from_pt=from_pt(config))
 
 
 def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,

@@ -306,6 +306,22 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
                   weight_files=tuple(files))
 
 
+def weight_files(path: str, from_pt: bool | None = None) -> list[str]:
+  """The weight files ``load_pipeline`` reads, in its order (unet, text encoder, vae)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  files = [_find_weights(os.path.join(path, "unet"), UNET_FLAX_WEIGHTS, UNET_PT_WEIGHTS, from_pt)[0],
+           _find_weights(os.path.join(path, "text_encoder"), TEXT_FLAX_WEIGHTS, TEXT_PT_WEIGHTS, from_pt)[0]]
+  if os.path.isdir(os.path.join(path, "vae")):
+    files.append(_find_weights(os.path.join(path, "vae"), VAE_FLAX_WEIGHTS, VAE_PT_WEIGHTS, from_pt)[0])
+  return files
+
+
+def weights_hash(path: str, from_pt: bool | None = None) -> str:
+  """SHA-256 of a pipeline directory's weights, without loading it (= Pipeline.weights_hash)."""
+  from saemnesia_jax.io_utils import hash_files
+  return hash_files(weight_files(path, from_pt))
+
+
 # ----------------------------------------------------------------------------
 # Writing pipelines: a tiny random one for tests and examples, and saving.
 

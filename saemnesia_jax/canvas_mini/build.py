@@ -9,8 +9,8 @@
    with cross-attention blocks, ``FlaxCLIPTextModel``, a word-level
    tokenizer), trained from scratch on generator images (epsilon MSE, AdamW,
    EMA, prompt dropout for classifier-free guidance). Resumable: an orbax
-   checkpoint every ``train.ckpt_every`` steps; a rerun continues from the
-   latest one, and a larger ``train.steps`` extends a finished run.
+   checkpoint every ``base_train.ckpt_every`` steps; a rerun continues from the
+   latest one, and a larger ``base_train.steps`` extends a finished run.
 3. Evaluation on the protocol's prompts (every object x style pair and the
    anchor prompts, several seeds, the project's jitted sampler), classified by
    the classifiers; per-class accuracies and a sample grid.
@@ -60,7 +60,7 @@ def build_components(config: ml_collections.ConfigDict):
       num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
       max_position_embeddings=m.max_length, pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-  text_encoder = models.FlaxCLIPTextModel(text_config, seed=config.train.seed, _do_init=False)
+  text_encoder = models.FlaxCLIPTextModel(text_config, seed=config.base_train.seed, _do_init=False)
   scheduler = models.FlaxDDIMScheduler(
       beta_start=m.beta_start, beta_end=m.beta_end, beta_schedule=m.beta_schedule,
       clip_sample=True, set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
@@ -97,7 +97,7 @@ class Batches:
     self.spec = data.RenderSpec.from_config(config.data)
 
   def __call__(self, step: int):
-    t = self.config.train
+    t = self.config.base_train
     rng = np.random.default_rng([t.seed, step])
     obj = rng.integers(0, data.N_OBJECTS, t.batch_size)
     sty = rng.integers(0, data.N_STYLE_CLASSES, t.batch_size)
@@ -190,7 +190,7 @@ def _state_target(components, tx, seed: int):
 def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) -> dict:
   """Trains (or resumes) the base model; returns the final train state."""
   from tqdm.auto import tqdm
-  t = config.train
+  t = config.base_train
   components = build_components(config)
   tokenizer = components[2]
   ids = {(p.object_id, p.style_id, p.variant): tokenizer(p.prompt, padding="max_length",
@@ -234,10 +234,10 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
       if done % t.eval_every == 0 or done == t.steps:
         pipe = as_pipeline(config, components, state["ema"])
         if eval_sampler is None:
-          eval_sampler = Sampler(pipe, SamplerSpec(num_steps=config.eval.num_steps,
-                                                    batch_size=config.eval.batch_size))
-        r = evaluate_model(pipe, clfs, config.eval.train_seeds, config.eval.num_steps,
-                           config.sampler.guidance_scale, config.eval.batch_size, sampler=eval_sampler)
+          eval_sampler = Sampler(pipe, SamplerSpec(num_steps=config.base_eval.num_steps,
+                                                    batch_size=config.base_eval.batch_size))
+        r = evaluate_model(pipe, clfs, config.base_eval.train_seeds, config.base_eval.num_steps,
+                           config.sampler.guidance_scale, config.base_eval.batch_size, sampler=eval_sampler)
         rec.update(object_accuracy=r["object_accuracy"], style_accuracy=r["style_accuracy"])
         tqdm.write(f"step {done}: loss {mean_loss:.4f}  object acc {r['object_accuracy']:.3f}  "
                    f"style acc {r['style_accuracy']:.3f}")
@@ -274,10 +274,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
   train_s = time.perf_counter() - t0
   params = jax.device_get(state["ema"])
   pipe = as_pipeline(config, components, params)
-  sampler = Sampler(pipe, SamplerSpec(num_steps=config.eval.num_steps, batch_size=config.eval.batch_size))
-  evals = [evaluate_model(pipe, clfs, config.eval.seeds, config.eval.num_steps, g,
-                          config.eval.batch_size, sampler=sampler, progress=True)
-           for g in config.eval.guidance_scales]
+  sampler = Sampler(pipe, SamplerSpec(num_steps=config.base_eval.num_steps, batch_size=config.base_eval.batch_size))
+  evals = [evaluate_model(pipe, clfs, config.base_eval.seeds, config.base_eval.num_steps, g,
+                          config.base_eval.batch_size, sampler=sampler, progress=True)
+           for g in config.base_eval.guidance_scales]
   for r in evals:
     print(f"CFG {r['guidance_scale']}: object {100 * r['object_accuracy']:.1f}%  "
           f"style {100 * r['style_accuracy']:.1f}%  (n={r['n']})")
@@ -291,7 +291,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   export(config, components, params, out_dir, report)
   # One sample per (style class, object) pair at the chosen scale: rows styles, columns objects.
   obj, sty = best["_labels"]
-  n_seeds = len(config.eval.seeds)
+  n_seeds = len(config.base_eval.seeds)
   first = best["_images"][::n_seeds]  # object-major grid of (object, style) pairs
   order = np.argsort(sty[::n_seeds] * data.N_OBJECTS + obj[::n_seeds], kind="stable")
   g = img_utils.grid(first[order], data.N_STYLE_CLASSES, data.N_OBJECTS, scale=3,

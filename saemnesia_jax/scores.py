@@ -1,0 +1,713 @@
+"""Stage `scores`: SAeUron importance scores of a trained SAE, the greedy
+concept -> latent assignment, and the concept-latent association report.
+
+  python -m saemnesia_jax.scores --config configs/canvas_mini.py
+  python -m saemnesia_jax.scores --config configs/canvas_mini.py \\
+      --config.scores.sae_dir=runs/canvas_mini/sae_sup/export
+
+What it computes (METHOD.md section 4):
+
+1. For every stored map (one prompt at one sampling step) of the activation
+   store, the SAE's per-token TopK codes (k from the SAE's cfg.json; per-token
+   TopK as at inference, also for an SAE trained with BatchTopK) averaged over
+   the map's tokens: (n_latents,).
+2. Sums and counts of these per (concept, step), batch by batch on the device
+   (``importance.concept_sums``), so the store never needs to fit in memory.
+   Two domains, each with its own "not c" pool as in SAeUron: objects (every
+   map counts for its object, styled or not) and styles (every map with a
+   style counts for it; maps with style -1, the anchor prompts, count for no
+   style).
+3. mu_c(i, t) = sums / counts, the importance score s(i, t, c)
+   (``importance.importance_scores``) and the clamp threshold (mean of mu over
+   the domain's concepts, ``importance.clamp_threshold``).
+4. The greedy assignment (``supervised.greedy_assignment``: objects first,
+   then styles, each concept takes its best free latent; scores averaged over
+   steps) for the SAEmnesia fine-tune.
+5. The association report (issue 5): for each concept, how much of its
+   positive score mass sits in its best latent and how many latents it takes
+   to reach ``mass_fraction`` (90%) of it. The mass of latent i for concept c
+   is ``mean over steps t of max(s(i, t, c), 0)`` (``AGGREGATION``): a latent
+   that is specific to c at some steps counts, and negative scores (latents
+   more active for the other concepts) do not cancel it. For a supervised SAE
+   (saemnesia.json mode 'supervised' with an assignment) the report also gives
+   the share held by the *assigned* latent, its rank, and whether it is the
+   best one. This measures the paper's claim: supervised training
+   concentrates each concept in one latent; unsupervised training splits it.
+
+Inputs: the SAE folder written by the trainer (sparsify layout, cfg.json +
+sae.safetensors, plus saemnesia.json: mode, store_identity, block, objects,
+styles, assignment); an SAE without saemnesia.json (e.g. SAeUron's released
+ones) is accepted as unsupervised, without the store identity check. The SAE
+must fit the store: same d_in, and (if saemnesia.json records it) the same
+block and model weights hash.
+
+Config fields (all optional; a config without a ``scores`` section uses the
+defaults in ``DEFAULTS``)::
+
+  scores.sae_dir        ''  -> {workdir}/sae_unsup/export
+  scores.out_dir        ''  -> {sae_dir}/../scores (beside the SAE run)
+  scores.batch_size     256 maps per device batch; the device holds the
+                        pre-TopK latents of a batch: batch * tokens_per_map *
+                        n_latents * 4 bytes (5.4 GB at SD scale with 256).
+  scores.split          'all' | 'train' | 'val' (the store reader's split)
+  scores.val_fraction   0.0 (with split 'train'/'val': the trainer's value)
+  scores.split_seed     0   (likewise)
+  scores.mass_fraction  0.9 (the report's "latents to reach this share")
+
+plus the shared ``workdir``, ``collect.store_path`` ('' -> {workdir}/
+activations) and ``concepts`` (checked against the store's concept names).
+
+Outputs in out_dir (each written atomically; manifest.json last, so a
+folder with a manifest is complete):
+
+  scores.npz       mu_objects (n_obj, S, L), mu_styles (n_sty, S, L),
+                   scores_objects, scores_styles (same shapes),
+                   counts_objects (n_obj, S), counts_styles (n_sty, S)
+                   (maps per cell), threshold_objects, threshold_styles
+                   (S, L), timesteps (S,) (scheduler timestep of each step;
+                   -1 for a step with no map), assignment (n_obj + n_sty,)
+                   int32, objects, styles (names). float32 unless noted.
+  assignment.json  {"objects": {name: latent}, "styles": {name: latent},
+                   "object_names", "style_names" (concept order),
+                   "latents": [ids, objects then styles], ...}: what the
+                   supervised fine-tune loads (``load_assignment``).
+  report.json      the association report (``association_report``)
+  report.png       top-1 (and assigned) share per concept; mean cumulative
+                   score mass vs number of latents per domain
+  manifest.json    what produced these: SAE folder + sha256 of its
+                   safetensors, store path + identity, config, settings.
+
+Single process: every process would compute the same tables, so only
+process 0 writes.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from saemnesia_jax import importance as imp
+from saemnesia_jax import sae as sae_lib
+from saemnesia_jax import sparsify_io
+from saemnesia_jax import store as store_lib
+from saemnesia_jax import supervised
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+
+FORMAT = "saemnesia_jax.scores"
+VERSION = 1
+META_FILE = "saemnesia.json"
+SCORES_FILE = "scores.npz"
+ASSIGNMENT_FILE = "assignment.json"
+REPORT_FILE = "report.json"
+PLOT_FILE = "report.png"
+MANIFEST_FILE = "manifest.json"
+
+DEFAULTS = {
+    "sae_dir": "",
+    "out_dir": "",
+    "batch_size": 256,
+    "split": "all",
+    "val_fraction": 0.0,
+    "split_seed": 0,
+    "mass_fraction": 0.9,
+}
+AGGREGATION = "mean over steps of max(score, 0)"
+DOMAINS = ("objects", "styles")
+
+
+class ScoresError(ValueError):
+  """The SAE, the store or the settings of the scores stage do not fit together."""
+
+
+# --------------------------------------------------------------------------
+# Settings and inputs
+
+
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The scores settings of ``config`` (``DEFAULTS`` for absent fields), paths resolved.
+
+  Returns DEFAULTS' keys plus ``store_path``; ``sae_dir``, ``out_dir`` and
+  ``store_path`` are absolute.
+  """
+  section = config.get("scores", None)
+  section = {} if section is None else dict(section)
+  unknown = sorted(set(section) - set(DEFAULTS))
+  if unknown:
+    raise ScoresError(f"config.scores has unknown fields {unknown}; known fields: {sorted(DEFAULTS)}")
+  s = {**DEFAULTS, **section}
+  workdir = config.get("workdir", "") or "."
+  s["sae_dir"] = os.path.abspath(s["sae_dir"] or os.path.join(workdir, "sae_unsup", "export"))
+  s["out_dir"] = os.path.abspath(s["out_dir"] or os.path.join(os.path.dirname(s["sae_dir"]), "scores"))
+  collect = config.get("collect", None)
+  store_path = collect.get("store_path", "") if collect is not None else ""
+  # The same rule as collect.store_path (not imported: collect loads diffusers).
+  s["store_path"] = os.path.abspath(store_path or os.path.join(workdir, "activations"))
+  if int(s["batch_size"]) < 1:
+    raise ScoresError(f"config.scores.batch_size must be >= 1 (maps per batch), got {s['batch_size']}")
+  if s["split"] not in ("all", "train", "val"):
+    raise ScoresError(f"config.scores.split must be 'all', 'train' or 'val', got {s['split']!r}")
+  if not 0.0 < float(s["mass_fraction"]) <= 1.0:
+    raise ScoresError(f"config.scores.mass_fraction must be in (0, 1], got {s['mass_fraction']}")
+  return s
+
+
+def load_sae(sae_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any] | None]:
+  """(params float32, sparsify cfg, saemnesia.json or None) of an exported SAE folder."""
+  try:
+    params, cfg = sparsify_io.load_sparsify(sae_dir, dtype=np.float32, allow_training_only_options=True)
+  except sparsify_io.SparsifyFormatError as e:
+    raise ScoresError(f"cannot load the SAE for the scores stage: {e} Train one first "
+                      "(python -m saemnesia_jax.train) or set --config.scores.sae_dir.") from e
+  meta_path = os.path.join(sae_dir, META_FILE)
+  meta = read_json(meta_path) if os.path.isfile(meta_path) else None
+  if meta is not None and meta.get("mode") not in ("unsupervised", "supervised"):
+    raise ScoresError(f"{meta_path}: mode must be 'unsupervised' or 'supervised', got {meta.get('mode')!r}")
+  return params, cfg, meta
+
+
+def check_sae_fits_store(sae_dir: str, cfg: Mapping[str, Any], meta: Mapping[str, Any] | None,
+                         store: store_lib.Store) -> None:
+  """Refuses an SAE trained on other activations than ``store`` holds.
+
+  Checks d_in always; block and model weights hash when saemnesia.json
+  records the identity of the store the SAE was trained on.
+  """
+  fix = (f"Point --config.scores.sae_dir at an SAE trained on this store, or --config.collect.store_path "
+         f"at the store this SAE was trained on.")
+  if int(cfg["d_in"]) != store.d_in:
+    raise ScoresError(f"the SAE at {sae_dir} has d_in={cfg['d_in']}, but the activation store at "
+                      f"{store.path} holds d_in={store.d_in} channels per token. {fix}")
+  trained_on = (meta or {}).get("store_identity")
+  if not trained_on:
+    return
+  here = store.manifest["identity"]
+  lines = [f"  {key}: SAE trained on {trained_on.get(key)!r}, store has {here.get(key)!r}"
+           for key in ("block", "weights_sha256") if trained_on.get(key) != here.get(key)]
+  if lines:
+    raise ScoresError(f"the SAE at {sae_dir} was trained on activations of another model or block than "
+                      f"the store at {store.path} holds:\n" + "\n".join(lines) + f"\n{fix}")
+
+
+def _concept_names(store: store_lib.Store, meta: Mapping[str, Any] | None,
+                   config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """Object and style names of the store, checked against the config and the SAE."""
+  grid = store.manifest["identity"].get("prompt_grid", {})
+  objects, styles = grid.get("objects"), grid.get("styles")
+  concepts = config.get("concepts", None)
+  if objects is None:
+    if concepts is None:
+      raise ScoresError(f"the store at {store.path} names no concepts (identity.prompt_grid.objects) and the "
+                        "config has no concepts section: add config.concepts (objects, styles)")
+    objects, styles = list(concepts.objects), list(concepts.styles)
+  objects, styles = list(objects), list(styles or [])
+  sources = [("config.concepts", concepts)] + [(f"{META_FILE} of the SAE", meta)]
+  for where, src in sources:
+    if src is None or src.get("objects") is None:
+      continue
+    theirs = (list(src.get("objects")), list(src.get("styles") or []))
+    if theirs != (objects, styles):
+      raise ScoresError(
+          f"the concepts of {where} differ from those of the store at {store.path}:\n"
+          f"  {where}: objects {theirs[0]}, styles {theirs[1]}\n"
+          f"  store: objects {objects}, styles {styles}\n"
+          "Use the store collected for these concepts (config.collect.store_path) or the matching config/SAE.")
+  if not objects:
+    raise ScoresError(f"the store at {store.path} lists no objects: nothing to score")
+  return objects, styles
+
+
+# --------------------------------------------------------------------------
+# The reduction over the store
+
+
+def map_mean_codes(params: sae_lib.Params, x: jax.Array, k: int) -> jax.Array:
+  """Per-token TopK codes averaged over each map's tokens: x (B, T, d_in) -> (B, n_latents).
+
+  Equal to ``mean(sae.encode(params, x, k), axis=1)``; the k active values of
+  each token are scatter-added into (B, n_latents) so that no dense
+  (B, T, n_latents) code array is built besides the pre-TopK latents.
+  """
+  values, indices = sae_lib.encode_sparse(params, x, k)  # (B, T, k)
+  b, t = x.shape[:2]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], indices.shape)
+  sums = jnp.zeros((b, params["W_enc"].shape[1]), values.dtype).at[rows, indices].add(values)
+  return sums / t
+
+
+def init_sums(n_objects: int, n_styles: int, n_steps: int, n_latents: int) -> dict[str, jax.Array]:
+  """Zero accumulators: sums (C, S, L) and map counts (C, S) per domain."""
+  z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+  return {"object_sums": z(n_objects, n_steps, n_latents), "object_counts": z(n_objects, n_steps),
+          "style_sums": z(n_styles, n_steps, n_latents), "style_counts": z(n_styles, n_steps)}
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n_objects", "n_styles", "n_steps"), donate_argnames=("acc",))
+def accumulate(acc: dict[str, jax.Array], params: sae_lib.Params, x: jax.Array, object_ids: jax.Array,
+               style_ids: jax.Array, step_ids: jax.Array, *, k: int, n_objects: int, n_styles: int,
+               n_steps: int) -> dict[str, jax.Array]:
+  """Adds one batch of maps x (B, T, d_in) to the per-(concept, step) sums.
+
+  Ids outside [0, n) are ignored: style -1 (anchor prompts) and padding rows
+  (object, style and step -1) add nothing.
+  """
+  m = map_mean_codes(params, x.astype(jnp.float32), k)
+  so, co = imp.concept_sums(m, object_ids, step_ids, n_objects, n_steps)
+  out = {"object_sums": acc["object_sums"] + so, "object_counts": acc["object_counts"] + co,
+         "style_sums": acc["style_sums"], "style_counts": acc["style_counts"]}
+  if n_styles:  # static: segment_sum needs at least one segment
+    ss, cs = imp.concept_sums(m, style_ids, step_ids, n_styles, n_steps)
+    out["style_sums"] = acc["style_sums"] + ss
+    out["style_counts"] = acc["style_counts"] + cs
+  return out
+
+
+def _pad(a: np.ndarray, n: int, fill: Any) -> np.ndarray:
+  if len(a) == n:
+    return a
+  pad = np.full((n - len(a),) + a.shape[1:], fill, a.dtype)
+  return np.concatenate([a, pad])
+
+
+def reduce_store(params: sae_lib.Params, k: int, store: store_lib.Store, *, n_objects: int, n_styles: int,
+                 batch_size: int = 256, split: str = "all", val_fraction: float = 0.0, split_seed: int = 0,
+                 progress: bool = True) -> dict[str, np.ndarray]:
+  """Per-(concept, step) sums and counts of map-mean TopK codes over the store.
+
+  Every selected map is read once, in store order; batches have a fixed
+  shape (the last one padded with ignored rows), so ``accumulate`` compiles
+  once. Returns numpy arrays: object_sums (n_obj, S, L), object_counts
+  (n_obj, S), style_sums, style_counts, timesteps (S,) int (-1: no map at
+  that step), n_maps.
+  """
+  n_steps = int(store.manifest["identity"]["num_steps"])
+  reader_kw = dict(seed=0, split=split, val_fraction=val_fraction, split_seed=split_seed, shuffle=False,
+                   drop_remainder=False, num_epochs=1, dtype=None, process_index=0, process_count=1)
+  probe = store_lib.MapBatches(store, 1, **reader_kw)
+  labels = probe.labels[probe.rows]
+  fields = list(store.label_fields)
+  missing = [f for f in ("object", "style", "step", "timestep") if f not in fields]
+  if missing:
+    raise ScoresError(f"the store at {store.path} has no label fields {missing} (it has {fields})")
+  col = {f: labels[:, fields.index(f)] for f in fields}
+  for name, lo, hi in (("object", 0, n_objects), ("style", -1, n_styles), ("step", 0, n_steps)):
+    bad = (col[name] < lo) | (col[name] >= hi)
+    if bad.any():
+      raise ScoresError(f"the store at {store.path} has {int(bad.sum())} maps with a {name} label outside "
+                        f"[{lo}, {hi}) (e.g. {int(col[name][bad][0])}); its manifest does not describe "
+                        "its labels. Collect it again.")
+  timesteps = np.full((n_steps,), -1, np.int64)
+  for s in range(n_steps):
+    ts = np.unique(col["timestep"][col["step"] == s])
+    if len(ts) > 1:
+      raise ScoresError(f"step {s} of the store at {store.path} has several timesteps {ts.tolist()}: "
+                        "the maps come from different schedules; collect them into separate stores")
+    if len(ts):
+      timesteps[s] = int(ts[0])
+
+  n_rows = len(probe.rows)
+  b = min(batch_size, n_rows)  # no point padding a small store up to a large batch
+  reader = store_lib.MapBatches(store, b, **reader_kw)
+  n_latents = int(params["W_enc"].shape[1])
+  dev_params = jax.device_put(params)
+  acc = init_sums(n_objects, n_styles, n_steps, n_latents)
+  kw = dict(k=k, n_objects=n_objects, n_styles=n_styles, n_steps=n_steps)
+  seen = 0
+  for x, lab in tqdm(reader, total=reader.batches_per_epoch(), desc="scores", unit="batch",
+                     disable=not progress):
+    seen += len(x)
+    ids = [_pad(np.asarray(lab[f], np.int32), b, -1) for f in ("object", "style", "step")]
+    acc = accumulate(acc, dev_params, _pad(x, b, 0), *ids, **kw)
+  out = {key: np.asarray(v) for key, v in jax.device_get(acc).items()}
+  if seen != n_rows or int(out["object_counts"].sum()) != n_rows:
+    raise ScoresError(f"read {seen} maps and counted {int(out['object_counts'].sum())}, expected {n_rows}: "
+                      "the store reader and the labels disagree")
+  out["timesteps"] = timesteps
+  out["n_maps"] = np.int64(n_rows)
+  return out
+
+
+def importance_tables(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """mu, importance scores and clamp thresholds of both domains from ``reduce_store``'s sums.
+
+  Returns float32 arrays: mu_objects / scores_objects (n_obj, S, L),
+  threshold_objects (S, L), counts_objects (n_obj, S), and the same for styles
+  (a domain with no concept gets zero-size mu/scores and zero thresholds).
+  """
+  out = {}
+  for dom, key in (("objects", "object"), ("styles", "style")):
+    s, c = jnp.asarray(sums[f"{key}_sums"]), jnp.asarray(sums[f"{key}_counts"])
+    mu = s / jnp.maximum(c, 1.0)[..., None]
+    if mu.shape[0]:
+      scores, threshold = imp.importance_scores(mu, c), imp.clamp_threshold(mu)
+    else:
+      scores, threshold = mu, jnp.zeros(mu.shape[1:], jnp.float32)
+    out.update({f"mu_{dom}": mu, f"scores_{dom}": scores, f"threshold_{dom}": threshold, f"counts_{dom}": c})
+  return {key: np.asarray(v, np.float32) for key, v in out.items()}
+
+
+# --------------------------------------------------------------------------
+# Association report
+
+
+def score_mass(scores: np.ndarray) -> np.ndarray:
+  """(C, L): each latent's score mass for each concept, ``AGGREGATION`` of (C, S, L) scores."""
+  return np.maximum(np.asarray(scores, np.float64), 0.0).mean(axis=1)
+
+
+def _curve_points(n_latents: int, n_points: int = 200) -> np.ndarray:
+  return np.unique(np.round(np.logspace(0, np.log10(n_latents), n_points)).astype(np.int64))
+
+
+def association_report(scores_objects: np.ndarray, scores_styles: np.ndarray, objects: Sequence[str],
+                       styles: Sequence[str], assignment: np.ndarray | None = None,
+                       mass_fraction: float = 0.9) -> dict[str, Any]:
+  """How concentrated each concept's importance-score mass is (JSON-able).
+
+  Args:
+    scores_objects, scores_styles: (C, S, L) importance scores per domain.
+    objects, styles: concept names.
+    assignment: (n_obj + n_sty,) latent ids of a supervised SAE (objects
+      first), or None.
+    mass_fraction: share of mass to reach for ``n_latents_to_mass``.
+  Returns ``{"aggregation", "mass_fraction", "n_latents", "supervised",
+  "domains": {"objects"|"styles": {"concepts": [...], summary means, "curve":
+  {"n", "mass"}}}}``. Per concept: best_latent, top1_share,
+  n_latents_to_mass (from ``importance.association_report`` on
+  ``score_mass``), mass (total positive mass), and with an assignment:
+  assigned_latent, assigned_share, assigned_rank (1 = the best latent),
+  assigned_is_best. ``curve``: mean over the domain's concepts (those with
+  mass) of the share of mass held by the n best latents, at log-spaced n.
+  """
+  n_obj, n_sty = len(objects), len(styles)
+  n_latents = int(np.shape(scores_objects)[-1])
+  if assignment is not None:
+    assignment = np.asarray(assignment, np.int64)
+    if assignment.shape != (n_obj + n_sty,) or assignment.min(initial=0) < 0 or \
+        assignment.max(initial=0) >= n_latents:
+      raise ScoresError(f"the assignment must hold {n_obj + n_sty} latent ids in [0, {n_latents}) "
+                        f"({n_obj} objects then {n_sty} styles), got {assignment.tolist()}")
+  points = _curve_points(n_latents)
+  report: dict[str, Any] = {"aggregation": AGGREGATION, "mass_fraction": float(mass_fraction),
+                            "n_latents": n_latents, "supervised": assignment is not None, "domains": {}}
+  for dom, scores, names, offset in (("objects", scores_objects, objects, 0),
+                                     ("styles", scores_styles, styles, n_obj)):
+    names = list(names)
+    if np.shape(scores)[0] != len(names):
+      raise ScoresError(f"{dom}: {np.shape(scores)[0]} score rows for {len(names)} names")
+    entry: dict[str, Any] = {"concepts": [], "n_concepts": len(names)}
+    report["domains"][dom] = entry
+    if not names:
+      continue
+    mass = score_mass(scores)  # (C, L)
+    r = {key: np.asarray(v) for key, v in imp.association_report(
+        jnp.asarray(mass, jnp.float32), mass_fraction).items()}
+    total = mass.sum(axis=1)
+    order = np.argsort(-mass, axis=1, kind="stable")
+    for c, name in enumerate(names):
+      row = {"name": name, "best_latent": int(r["best_latent"][c]), "top1_share": float(r["top1_share"][c]),
+             "n_latents_to_mass": int(r["n_latents_to_mass"][c]), "mass": float(total[c])}
+      if assignment is not None:
+        a = int(assignment[offset + c])
+        share = float(mass[c, a] / total[c]) if total[c] > 0 else 0.0
+        rank = int(np.flatnonzero(order[c] == a)[0]) + 1
+        row.update(assigned_latent=a, assigned_share=share, assigned_rank=rank,
+                   assigned_is_best=bool(total[c] > 0 and mass[c, a] >= mass[c].max()))
+      entry["concepts"].append(row)
+    has = total > 0
+    cum = np.cumsum(np.take_along_axis(mass, order, axis=1), axis=1)[has] / total[has][:, None]
+    entry["curve"] = {"n": points.tolist(),
+                      "mass": (cum.mean(axis=0)[points - 1] if has.any() else np.zeros(len(points))).tolist()}
+    rows = entry["concepts"]
+    entry["mean_top1_share"] = float(np.mean([q["top1_share"] for q in rows]))
+    entry["mean_n_latents_to_mass"] = float(np.mean([q["n_latents_to_mass"] for q in rows]))
+    entry["median_n_latents_to_mass"] = float(np.median([q["n_latents_to_mass"] for q in rows]))
+    entry["n_without_mass"] = int((~has).sum())
+    if assignment is not None:
+      entry["mean_assigned_share"] = float(np.mean([q["assigned_share"] for q in rows]))
+      entry["assigned_is_best_count"] = int(sum(q["assigned_is_best"] for q in rows))
+  return report
+
+
+def format_report(report: Mapping[str, Any], title: str = "") -> str:
+  """The report as a printable table plus the means per domain."""
+  sup = report["supervised"]
+  pct = f"{100 * report['mass_fraction']:g}%"
+  head = f"{'domain':8s} {'concept':22s} {'best':>7s} {'top-1':>6s} {'to ' + pct:>7s}"
+  if sup:
+    head += f" {'assigned':>8s} {'share':>6s} {'rank':>5s} {'best?':>5s}"
+  lines = ([title] if title else []) + [f"score mass per latent: {report['aggregation']}", head]
+  for dom, entry in report["domains"].items():
+    for q in entry["concepts"]:
+      line = (f"{dom[:-1]:8s} {q['name'][:22]:22s} {q['best_latent']:7d} {q['top1_share']:6.3f} "
+              f"{q['n_latents_to_mass']:7d}")
+      if sup:
+        line += (f" {q['assigned_latent']:8d} {q['assigned_share']:6.3f} {q['assigned_rank']:5d} "
+                 f"{'yes' if q['assigned_is_best'] else 'NO':>5s}")
+      lines.append(line)
+  for dom, entry in report["domains"].items():
+    if not entry["concepts"]:
+      continue
+    line = (f"{dom}: mean top-1 share {entry['mean_top1_share']:.3f}, latents to {pct}: mean "
+            f"{entry['mean_n_latents_to_mass']:.1f}, median {entry['median_n_latents_to_mass']:.0f}")
+    if sup:
+      line += (f"; assigned share {entry['mean_assigned_share']:.3f}, assigned is best "
+               f"{entry['assigned_is_best_count']}/{entry['n_concepts']}")
+    lines.append(line)
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Plots
+
+
+_COLOURS = {"objects": "tab:blue", "styles": "tab:orange"}
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  return buf.getvalue()
+
+
+def _concept_rows(report: Mapping[str, Any]) -> list[tuple[str, dict]]:
+  return [(dom, q) for dom, entry in report["domains"].items() for q in entry["concepts"]]
+
+
+def _curve_panel(ax, report: Mapping[str, Any], label: str = "", linestyle: str = "-",
+                 colours: Mapping[str, str] | None = None) -> None:
+  for dom, entry in report["domains"].items():
+    if entry.get("curve"):
+      colour = (colours or _COLOURS)[dom]
+      ax.plot(entry["curve"]["n"], entry["curve"]["mass"], linestyle, color=colour,
+              label=f"{label + ' ' if label else ''}{dom} ({entry['n_concepts']})")
+  ax.axhline(report["mass_fraction"], color="grey", lw=0.8, ls=":")
+  ax.set_xscale("log")
+  ax.set_xlim(1, report["n_latents"])
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("number of latents (best first)")
+  ax.set_ylabel("share of score mass (mean over concepts)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_report(report: Mapping[str, Any], path: str, title: str = "") -> None:
+  """Writes a PNG: per-concept top-1 (and assigned) share, and the mean
+  cumulative score-mass curve per domain vs number of latents (log x)."""
+  from matplotlib.figure import Figure  # no pyplot: no global backend state
+  rows = _concept_rows(report)
+  n = len(rows)
+  fig = Figure(figsize=(max(8.0, 0.28 * n + 2), 8.5))
+  ax1, ax2 = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1.2, 1.0]})
+  x = np.arange(n)
+  colours = [_COLOURS[dom] for dom, _ in rows]
+  sup = report["supervised"]
+  w = 0.4 if sup else 0.8
+  ax1.bar(x - (w / 2 if sup else 0), [q["top1_share"] for _, q in rows], w, color=colours,
+          label="best latent")
+  if sup:
+    ax1.bar(x + w / 2, [q["assigned_share"] for _, q in rows], w, color=colours, alpha=0.45, hatch="//",
+            edgecolor="black", lw=0.3, label="assigned latent")
+    for i, (_, q) in enumerate(rows):
+      if not q["assigned_is_best"]:
+        ax1.text(i + w / 2, q["assigned_share"] + 0.01, "x", ha="center", fontsize=7, color="red")
+  n_obj = len(report["domains"]["objects"]["concepts"])
+  if 0 < n_obj < n:
+    ax1.axvline(n_obj - 0.5, color="black", lw=0.8)
+  ax1.set_xticks(x, [q["name"] for _, q in rows], rotation=90, fontsize=7)
+  ax1.set_xlim(-0.6, n - 0.4)
+  ax1.set_ylim(0, 1.05)
+  ax1.set_ylabel("share of the concept's score mass")
+  means = ", ".join(f"{dom}: top-1 {e['mean_top1_share']:.2f}"
+                    + (f", assigned {e['mean_assigned_share']:.2f}" if sup else "")
+                    + f", {e['mean_n_latents_to_mass']:.1f} latents to {100 * report['mass_fraction']:g}%"
+                    for dom, e in report["domains"].items() if e["concepts"])
+  ax1.set_title(f"{title + chr(10) if title else ''}{means}", fontsize=9)
+  if sup:
+    ax1.legend(fontsize=8, loc="upper right", title="x: assigned is not best", title_fontsize=7)
+  ax1.grid(True, axis="y", alpha=0.3)
+  _curve_panel(ax2, report)
+  ax2.set_title(f"cumulative score mass ({report['aggregation']})", fontsize=9)
+  atomic_write_bytes(path, _png(fig))
+
+
+def compare_reports(report_a: Mapping[str, Any] | str, report_b: Mapping[str, Any] | str,
+                    labels: Sequence[str] = ("unsupervised", "supervised"), path: str = "association.png",
+                    title: str = "") -> str:
+  """Writes one PNG comparing two SAEs' association reports; returns ``path``.
+
+  Reports are dicts from ``association_report`` or paths to report.json.
+  Top: each concept's top-1 share for both SAEs (and the assigned share of a
+  supervised one as a dot); concepts in report_a's order, matched by
+  (domain, name). Bottom: both SAEs' mean cumulative score-mass curves.
+  """
+  from matplotlib.figure import Figure
+  reps = [read_json(r) if isinstance(r, str) else r for r in (report_a, report_b)]
+  if len(labels) != 2:
+    raise ValueError(f"compare_reports needs two labels, got {list(labels)}")
+  rows = _concept_rows(reps[0])
+  lookup = {(dom, q["name"]): q for dom, q in _concept_rows(reps[1])}
+  n = len(rows)
+  fig = Figure(figsize=(max(9.0, 0.34 * n + 2), 9.0))
+  ax1, ax2 = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1.2, 1.0]})
+  x = np.arange(n)
+  w = 0.4
+  bars = [[q["top1_share"] for _, q in rows],
+          [lookup[(dom, q["name"])]["top1_share"] if (dom, q["name"]) in lookup else np.nan for dom, q in rows]]
+  for j, (label, shade) in enumerate(zip(labels, ("tab:gray", "tab:green"))):
+    ax1.bar(x + (j - 0.5) * w, bars[j], w, color=shade, label=f"{label}: best latent")
+  for j, rep in enumerate(reps):
+    if rep["supervised"]:
+      src = rows if j == 0 else [(dom, lookup.get((dom, q["name"]))) for dom, q in rows]
+      ys = [q["assigned_share"] if q else np.nan for _, q in src]
+      ax1.plot(x + (j - 0.5) * w, ys, "k.", ms=5, label=f"{labels[j]}: assigned latent")
+  n_obj = len(reps[0]["domains"]["objects"]["concepts"])
+  if 0 < n_obj < n:
+    ax1.axvline(n_obj - 0.5, color="black", lw=0.8)
+  ax1.set_xticks(x, [q["name"] for _, q in rows], rotation=90, fontsize=7)
+  ax1.set_xlim(-0.6, n - 0.4)
+  ax1.set_ylim(0, 1.05)
+  ax1.set_ylabel("top-1 share of the concept's score mass")
+  ax1.grid(True, axis="y", alpha=0.3)
+  ax1.legend(fontsize=8, loc="upper right")
+  summary = "\n".join(
+      f"{label}: " + ", ".join(f"{dom} top-1 {e['mean_top1_share']:.2f} / {e['mean_n_latents_to_mass']:.1f} "
+                               f"latents to {100 * rep['mass_fraction']:g}%"
+                               for dom, e in rep["domains"].items() if e["concepts"])
+      for label, rep in zip(labels, reps))
+  ax1.set_title(f"{title + chr(10) if title else ''}{summary}", fontsize=9)
+  for rep, label, ls in zip(reps, labels, ("--", "-")):
+    _curve_panel(ax2, rep, label=label, linestyle=ls)
+  ax2.set_title(f"cumulative score mass ({reps[0]['aggregation']}): dashed {labels[0]}, solid {labels[1]}",
+                fontsize=9)
+  atomic_write_bytes(path, _png(fig))
+  return path
+
+
+# --------------------------------------------------------------------------
+# Loading the outputs
+
+
+def load_scores(out_dir: str) -> dict[str, np.ndarray]:
+  """The arrays of scores.npz in ``out_dir`` (see the module docstring), after checking
+  that the folder is complete (manifest.json is written last)."""
+  if not os.path.isfile(os.path.join(out_dir, MANIFEST_FILE)):
+    raise ScoresError(f"{out_dir} holds no complete scores (manifest.json missing): run "
+                      "`python -m saemnesia_jax.scores --config ...` first")
+  with np.load(os.path.join(out_dir, SCORES_FILE)) as f:
+    return {key: f[key] for key in f.files}
+
+
+def load_assignment(path: str, objects: Sequence[str] | None = None,
+                    styles: Sequence[str] | None = None) -> np.ndarray:
+  """The concept -> latent assignment (int32, objects then styles) from assignment.json
+  (or the scores folder holding it); with names given, they must match."""
+  if os.path.isdir(path):
+    path = os.path.join(path, ASSIGNMENT_FILE)
+  a = read_json(path)
+  for key, names in (("objects", objects), ("styles", styles)):
+    if names is not None and a[f"{key[:-1]}_names"] != list(names):
+      raise ScoresError(f"{path} assigns latents to {key} {a[f'{key[:-1]}_names']}, but the caller has "
+                        f"{list(names)}: compute the scores on the store of these concepts")
+  # The name -> latent maps are the record; the JSON writer sorts their keys, so order comes from the lists.
+  ids = [a["objects"][n] for n in a["object_names"]] + [a["styles"][n] for n in a["style_names"]]
+  if ids != a["latents"]:
+    raise ScoresError(f"{path} is inconsistent: its name -> latent maps give {ids}, its latents list "
+                      f"{a['latents']}; run the scores stage again")
+  return np.asarray(ids, np.int32)
+
+
+# --------------------------------------------------------------------------
+# The stage
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
+  """Computes and writes scores, assignment, report (see the module docstring).
+
+  Returns {"out_dir", "scores", "assignment", "report_json", "report_png",
+  "manifest", "report", "assignment_ids", "n_maps", "wall_s"}.
+  """
+  t0 = time.perf_counter()
+  s = settings(config)
+  sae_dir, out_dir = s["sae_dir"], s["out_dir"]
+  params, cfg, meta = load_sae(sae_dir)
+  st = store_lib.open_store(s["store_path"])
+  check_sae_fits_store(sae_dir, cfg, meta, st)
+  objects, styles = _concept_names(st, meta, config)
+  k, n_latents = int(cfg["k"]), int(cfg["num_latents"])
+  mode = (meta or {}).get("mode", "unsupervised")
+  sae_assignment = (meta or {}).get("assignment")
+  if mode == "supervised" and sae_assignment is None:
+    print(f"warning: {os.path.join(sae_dir, META_FILE)} says mode 'supervised' but has no assignment; "
+          "the report shows no assigned-latent columns")
+  if mode != "supervised":
+    sae_assignment = None
+
+  sums = reduce_store(params, k, st, n_objects=len(objects), n_styles=len(styles),
+                      batch_size=int(s["batch_size"]), split=s["split"], val_fraction=float(s["val_fraction"]),
+                      split_seed=int(s["split_seed"]), progress=progress)
+  tables = importance_tables(sums)
+  empty = [name for dom, names in (("objects", objects), ("styles", styles))
+           for name, c in zip(names, tables[f"counts_{dom}"].sum(axis=1)) if c == 0]
+  if empty:
+    print(f"warning: no maps for concepts {empty}; their mu is 0 and their scores only say 'not this'")
+  greedy = supervised.greedy_assignment(tables["scores_objects"], tables["scores_styles"])
+  report = association_report(tables["scores_objects"], tables["scores_styles"], objects, styles,
+                              assignment=sae_assignment, mass_fraction=float(s["mass_fraction"]))
+  report.update(sae_dir=sae_dir, mode=mode, store_path=st.path)
+  short = os.path.join(*sae_dir.split(os.sep)[-3:])  # e.g. canvas_mini/sae_sup/export
+  title = f"SAE {short} ({mode}, k={k}, {n_latents} latents), {int(sums['n_maps'])} maps"
+
+  paths = {name: os.path.join(out_dir, f) for name, f in (
+      ("scores", SCORES_FILE), ("assignment", ASSIGNMENT_FILE), ("report_json", REPORT_FILE),
+      ("report_png", PLOT_FILE), ("manifest", MANIFEST_FILE))}
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(paths["manifest"]):
+      os.unlink(paths["manifest"])  # the folder is incomplete until the new manifest is written
+    atomic_write_bytes(paths["scores"], _npz_bytes({
+        **tables, "timesteps": sums["timesteps"], "assignment": greedy,
+        "objects": np.array(objects, dtype=str), "styles": np.array(styles, dtype=str)}))
+    atomic_write_json(paths["assignment"], {
+        "objects": {name: int(a) for name, a in zip(objects, greedy[:len(objects)])},
+        "styles": {name: int(a) for name, a in zip(styles, greedy[len(objects):])},
+        "object_names": objects, "style_names": styles,
+        "latents": greedy.tolist(), "n_objects": len(objects), "n_latents": n_latents,
+        "method": "greedy: objects then styles, each concept in decreasing order of its best "
+                  "step-mean score takes its best free latent (supervised.greedy_assignment)",
+        "sae_dir": sae_dir, "scores": paths["scores"]})
+    atomic_write_json(paths["report_json"], report)
+    plot_report(report, paths["report_png"], title=title)
+    atomic_write_json(paths["manifest"], {
+        "format": FORMAT, "version": VERSION,
+        "sae": {"dir": sae_dir, "safetensors_sha256": hash_files([os.path.join(sae_dir, sparsify_io.WEIGHTS_FILE)]),
+                "cfg": cfg, "saemnesia": meta},
+        "store": {"path": st.path, "identity": st.manifest["identity"], "layout": st.layout},
+        "config": config.to_dict(), "settings": s,
+        "n_maps": int(sums["n_maps"]), "n_objects": len(objects), "n_styles": len(styles),
+        "n_steps": int(len(sums["timesteps"])), "n_latents": n_latents, "k": k,
+        "aggregation": AGGREGATION, "files": {name: os.path.basename(p) for name, p in paths.items()},
+        "wall_s": time.perf_counter() - t0})
+  print(format_report(report, title=title))
+  print(f"wrote {out_dir}: {', '.join(os.path.basename(p) for p in paths.values())}")
+  return {**paths, "out_dir": out_dir, "report": report, "assignment_ids": greedy,
+          "n_maps": int(sums["n_maps"]), "wall_s": time.perf_counter() - t0}
+
+
+if __name__ == "__main__":
+  from saemnesia_jax import common
+  common.run_main(run)

@@ -1,0 +1,405 @@
+"""Stage `train`: the sparse autoencoder, unsupervised (SAeUron) or supervised (SAEmnesia).
+
+  python -m saemnesia_jax.train --config configs/canvas_mini.py --config.sae.k=8
+  python -m saemnesia_jax.train --config configs/canvas_mini.py --config.sae.mode=supervised \\
+      --config.sae.init_from=runs/canvas_mini/sae_unsup/export --config.sae.assignment=greedy
+
+Reads the activation store written by `collect` (refusing one made by another
+model, block or width), trains with one jitted step under a ``jax.sharding``
+mesh ('data' x 'model'; parameters placed by ``config.train.sharding_rules``,
+the latent axis on 'model', batches on 'data'), and writes into
+``{workdir}/{config.train.name}/``:
+
+  checkpoints/   orbax: train state (params, Adam state, step, dead-latent
+                 counters), the reader's position, accounting (tokens, wall
+                 time, early-stopping state) and the config as JSON
+  metrics.jsonl  loss terms, FVU, L0, dead fraction, concept-latent accuracy
+                 (supervised), tokens/s, every ``log_every`` steps
+  export/        the best SAE (lowest validation loss) in sparsify's layout
+                 (cfg.json + sae.safetensors) + saemnesia.json (mode, store
+                 identity, concept names, assignment)
+
+A rerun with the same config resumes from the latest checkpoint exactly
+(parameters, optimizer, reader position, counters).
+
+Unsupervised step (METHOD.md section 2): tokens -> FVU + AuxK/32 (BatchTopK or
+TopK), decoder rows unit norm after each step with the parallel gradient
+component removed, Adam with linear decay, clipping 1.0. Supervised step
+(section 3): whole maps with their labels -> MSE + w_sup * BCE (or softmax CE)
+over the assigned latents + w_l1 * mean|z| + w_decorr * decorrelation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from saemnesia_jax import common, models
+from saemnesia_jax import sae as sae_lib
+from saemnesia_jax import sharding as shard_lib
+from saemnesia_jax import sparsify_io, store, supervised
+from saemnesia_jax.io_utils import atomic_write_json, read_json
+
+MODES = ("unsupervised", "supervised")
+
+
+def run_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.abspath(os.path.join(config.workdir, config.train.name))
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def open_training_store(config: ml_collections.ConfigDict) -> store.Store:
+  """The activation store, checked against the config's model and block."""
+  from saemnesia_jax.collect import store_path
+  path = store_path(config)
+  st = store.open_store(path)
+  expected: dict[str, Any] = {"block": config.block}
+  if config.train.check_model:
+    mpath = common.model_path(config, create=False)
+    if os.path.isdir(mpath):
+      expected["weights_sha256"] = models.weights_hash(mpath, common.from_pt(config))
+  store.check_identity(st, **expected)
+  sae_d_in = config.sae.d_in
+  if sae_d_in and sae_d_in != st.d_in:
+    raise store.ManifestMismatchError(
+        f"the store at {path} holds activations of width {st.d_in}, but config.sae.d_in={sae_d_in}: "
+        f"collect a store at the block this SAE is for, or set --config.sae.d_in={st.d_in} (0 = from the store)")
+  return st
+
+
+def n_latents(config, d_in: int) -> int:
+  return config.sae.n_latents or d_in * config.sae.expansion_factor
+
+
+def sae_config(config) -> sae_lib.SaeConfig:
+  s = config.sae
+  return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
+                           k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
+                           sparse_decode=s.sparse_decode)
+
+
+def supervised_config(config, n_objects: int) -> supervised.SupervisedConfig:
+  s = config.sae
+  return supervised.SupervisedConfig(n_objects=n_objects, k=s.k, batch_topk=s.batch_topk,
+                                     sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
+                                     w_decorr=s.w_decorr, sup_loss=s.sup_loss)
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if t.lr_decay == "linear":
+    lr = optax.linear_schedule(t.learning_rate, t.learning_rate * t.final_lr_fraction, t.steps)
+  elif t.lr_decay == "constant":
+    lr = t.learning_rate
+  else:
+    raise ValueError(f"config.train.lr_decay={t.lr_decay!r}; expected 'linear' or 'constant'")
+  return optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(t.grad_clip),
+                     optax.adam(lr, eps=t.adam_eps))
+
+
+def load_assignment(config, st: store.Store, rng) -> np.ndarray:
+  """Concept -> latent ids (objects first), from config.sae.assignment."""
+  grid = st.manifest["identity"]["prompt_grid"]
+  n_obj, n_sty = len(grid["objects"]), len(grid["styles"])
+  how = config.sae.assignment
+  L = n_latents(config, st.d_in)
+  if how == "random":
+    return np.asarray(supervised.random_assignment(rng, n_obj, n_sty, L))
+  path = how
+  if how == "greedy":
+    path = os.path.join(config.sae.scores_dir or os.path.join(config.workdir, "sae_unsup", "scores"),
+                        "assignment.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"no concept->latent assignment at {path}: run the scores stage on an unsupervised SAE first "
+        "(python -m saemnesia_jax.scores --config ...), or use --config.sae.assignment=random")
+  from saemnesia_jax.scores import load_assignment as _load
+  ids = np.asarray(_load(path, grid["objects"], grid["styles"]), np.int32)
+  if len(ids) != n_obj + n_sty or ids.max() >= L:
+    raise ValueError(f"assignment {path} has {len(ids)} entries (max {ids.max()}) but the store has "
+                     f"{n_obj} objects + {n_sty} styles and the SAE {L} latents")
+  return ids
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything one training run holds; built by ``setup``."""
+  config: Any
+  store: store.Store
+  mode: str
+  mesh: Any
+  tx: Any
+  state_shardings: Any
+  batch_sharding: Any
+  step_fn: Any
+  eval_fn: Any
+  init_fn: Any
+  assignment: np.ndarray | None
+
+
+def _metrics_of(aux: dict, loss) -> dict:
+  keep = ("fvu", "auxk", "l0", "n_dead", "mse", "l_sup", "bce", "softmax_ce", "l1", "decorr",
+          "object_acc", "style_acc")
+  return {"loss": loss, **{k: aux[k] for k in keep if k in aux}}
+
+
+def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> Trainer:
+  mode = config.sae.mode
+  if mode not in MODES:
+    raise ValueError(f"config.sae.mode={mode!r}; expected one of {MODES}")
+  st = st or open_training_store(config)
+  d_in, L = st.d_in, n_latents(config, st.d_in)
+  mesh = shard_lib.make_mesh(config.train.mesh_shape)
+  rules = [tuple(r) for r in config.train.sharding_rules]
+  tx = make_optimizer(config.train)
+  rng = jax.random.PRNGKey(config.train.seed)
+  grid = st.manifest["identity"]["prompt_grid"]
+  assignment = load_assignment(config, st, rng) if mode == "supervised" else None
+  scfg = sae_config(config)
+  supcfg = supervised_config(config, len(grid["objects"])) if mode == "supervised" else None
+
+  def init_fn(x_sample):
+    if config.sae.init_from:
+      params, cfg = sparsify_io.load_sparsify(config.sae.init_from, dtype=np.float32)
+      if params["W_enc"].shape != (d_in, L):
+        raise ValueError(f"init_from {config.sae.init_from}: SAE of shape {params['W_enc'].shape}, "
+                         f"this run needs (d_in, n_latents) = {(d_in, L)}")
+      params = {k: jnp.asarray(v) for k, v in params.items()}
+    else:
+      params = sae_lib.init_params(rng, d_in, L, x_sample)
+    return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                dead=sae_lib.init_dead_counter(L))
+
+  abstract = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((8, d_in), jnp.float32))
+  rep = shard_lib.replicated(mesh)
+  param_sh = shard_lib.tree_shardings(mesh, abstract["params"], rules)
+  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                            transform_non_params=lambda _: rep)
+  state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep,
+                  dead=NamedSharding(mesh, P(*shard_lib.spec_for("b_enc", rules))))
+  batch_sh = shard_lib.batch_sharding(mesh)
+  if mode == "supervised":  # maps and labels over 'data'; the assignment replicated
+    step_batch_sh = dict(x=batch_sh, object=batch_sh, style=batch_sh, assignment=rep)
+  else:
+    step_batch_sh = dict(x=batch_sh)
+
+  def loss_fn(params, dead, batch):
+    if mode == "unsupervised":
+      return sae_lib.unsupervised_loss(params, batch["x"], dead, scfg)
+    return supervised.supervised_loss(params, batch["x"], batch["object"], batch["style"],
+                                      batch["assignment"], supcfg)
+
+  def step(state, batch):
+    dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = sae_lib.normalize_decoder(optax.apply_updates(state["params"], updates))
+    n_tokens = batch["x"].shape[0] * (batch["x"].shape[1] if batch["x"].ndim == 3 else 1)
+    dead_c = sae_lib.update_dead_counter(state["dead"], aux["fired"], n_tokens)
+    metrics = _metrics_of(aux, loss)
+    metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
+    return dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead_c), metrics
+
+  def evaluate(params, batch):
+    no_dead = jnp.zeros((params["W_enc"].shape[1],), bool)
+    loss, aux = loss_fn(params, no_dead, batch)
+    return _metrics_of(aux, loss)
+
+  step_fn = jax.jit(step, in_shardings=(state_sh, step_batch_sh), out_shardings=(state_sh, rep),
+                    donate_argnums=0)
+  eval_fn = jax.jit(evaluate, in_shardings=(param_sh, step_batch_sh), out_shardings=rep)
+  init_jit = jax.jit(init_fn, out_shardings=state_sh)
+  return Trainer(config, st, mode, mesh, tx, state_sh, batch_sh, step_fn, eval_fn, init_jit, assignment)
+
+
+# ----------------------------------------------------------------- data
+
+
+def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: bool = True,
+                num_epochs: int | None = None):
+  t = tr.config.train
+  kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
+            shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
+            prefetch=shuffle)
+  if tr.mode == "unsupervised":
+    return store.TokenBatches(tr.store, t.batch_size, **kw)
+  return store.MapBatches(tr.store, t.batch_size, **kw)
+
+
+def place(tr: Trainer, raw) -> dict:
+  """A reader batch -> a dict of global arrays on the mesh."""
+  if tr.mode == "unsupervised":
+    batch = {"x": raw}
+  else:
+    x, labels = raw
+    batch = {"x": x, "object": labels["object"], "style": labels["style"]}
+  batch = store.to_global(batch, tr.batch_sharding)
+  if tr.mode == "supervised":
+    batch["assignment"] = jax.device_put(jnp.asarray(tr.assignment), shard_lib.replicated(tr.mesh))
+  return batch
+
+
+def validate(tr: Trainer, params) -> dict | None:
+  if tr.config.train.val_fraction <= 0:
+    return None
+  sums, n = {}, 0
+  for raw in make_reader(tr, "val", shuffle=False, num_epochs=1):
+    m = jax.device_get(tr.eval_fn(params, place(tr, raw)))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+    if n >= tr.config.train.val_batches:
+      break
+  return {k: v / max(n, 1) for k, v in sums.items()} if n else None
+
+
+# ----------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(run_dir(config), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
+
+
+def _save(mngr, step, state, reader_state, meta):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader_state),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def _restore(mngr, tr: Trainer, x_sample):
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  abstract = jax.eval_shape(tr.init_fn, x_sample)
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, tr.state_shardings)
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), reader=ocp.args.JsonRestore(),
+      meta=ocp.args.JsonRestore()))
+  return out["state"], out["reader"], out["meta"]
+
+
+def export(tr: Trainer, params, meta: dict) -> str:
+  """The SAE in sparsify's layout + saemnesia.json (what produced it)."""
+  out = os.path.join(run_dir(tr.config), "export")
+  s = tr.config.sae
+  cfg = {"k": s.k, "batch_topk": s.batch_topk, "normalize_decoder": True}
+  sparsify_io.save_sparsify(jax.device_get(params), cfg, out, overwrite=True)
+  grid = tr.store.manifest["identity"]["prompt_grid"]
+  atomic_write_json(os.path.join(out, "saemnesia.json"), {
+      "mode": tr.mode, "store": tr.store.path, "store_identity": tr.store.manifest["identity"],
+      "block": tr.store.manifest["identity"]["block"], "objects": grid["objects"],
+      "styles": grid["styles"],
+      "assignment": None if tr.assignment is None else [int(i) for i in tr.assignment],
+      "sae": tr.config.sae.to_dict(), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
+      "val": meta.get("best_val")})
+  return out
+
+
+# ------------------------------------------------------------------ loop
+
+
+def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
+  """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  tr = setup(config)
+  t = config.train
+  out_dir = run_dir(config)
+  os.makedirs(out_dir, exist_ok=True)
+  mngr = checkpoint_manager(config)
+  reader = None
+  x0 = jax.ShapeDtypeStruct((t.batch_size, tr.store.d_in), jnp.float32)
+  restored = _restore(mngr, tr, x0)
+  if restored is not None:
+    state, reader_state, meta = restored
+    reader = make_reader(tr, "train", state=reader_state)
+    print(f"resumed {out_dir} at step {meta['step']}")
+  else:
+    reader = make_reader(tr, "train")
+    first = next(make_reader(tr, "train"))  # geometric-median init of b_dec from a first batch
+    sample = first if tr.mode == "unsupervised" else first[0].reshape(-1, tr.store.d_in)
+    state = tr.init_fn(jnp.asarray(sample[: t.init_tokens]))
+    meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
+            "stopped_early": False, "config": config.to_dict()}
+  atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+  tokens_per_step = t.batch_size * (1 if tr.mode == "unsupervised" else tr.store.tokens_per_map)
+  log_f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+  start = int(meta["step"])
+  pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
+              disable=not progress)
+  t_last, step_last, last = time.perf_counter(), start, {}
+  wall0 = time.perf_counter() - meta["wall_s"]
+  step = start
+  while step < t.steps and not meta["stopped_early"]:
+    batch = place(tr, next(reader))
+    state, m = tr.step_fn(state, batch)
+    step += 1
+    meta["step"], meta["tokens_seen"] = step, meta["tokens_seen"] + tokens_per_step
+    pbar.update(1)
+    if step % t.log_every == 0 or step == t.steps:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      now = time.perf_counter()
+      m.update(step=step, tokens=meta["tokens_seen"],
+               tokens_per_s=(step - step_last) * tokens_per_step / (now - t_last),
+               tokens_per_s_per_device=(step - step_last) * tokens_per_step / (now - t_last) / tr.mesh.size)
+      t_last, step_last = now, step
+      if step % t.eval_every == 0 or step == t.steps:
+        v = validate(tr, state["params"])
+        if v is not None:
+          m.update({f"val_{k}": x for k, x in v.items()})
+          if meta["best_val"] is None or v["loss"] < meta["best_val"] - t.min_delta:
+            meta["best_val"], meta["bad_evals"] = v["loss"], 0
+            export(tr, state["params"], meta)
+          else:
+            meta["bad_evals"] += 1
+            if meta["bad_evals"] >= t.patience:
+              meta["stopped_early"] = True
+              tqdm.write(f"early stop at step {step}: no validation gain in {t.patience} evaluations")
+      pbar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m.get('fvu', float('nan')):.3f}",
+                       tok_s=f"{m['tokens_per_s']:.0f}")
+      log_f.write(json.dumps(m) + "\n")
+      log_f.flush()
+      last = m
+    if step % t.ckpt_every == 0 or step == t.steps or meta["stopped_early"]:
+      meta["wall_s"] = time.perf_counter() - wall0
+      # orbax serialises in the background: give it a snapshot of meta,
+      # which this loop goes on mutating (else a checkpoint can claim a later step).
+      _save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
+    if t.stop_after and step - start >= t.stop_after:
+      break  # simulates an interruption (tests): no final checkpoint
+  pbar.close()
+  mngr.wait_until_finished()
+  log_f.close()
+  if t.val_fraction <= 0 and (step >= t.steps):
+    export(tr, state["params"], meta)
+  return {"step": step, "metrics": last, "best_val": meta["best_val"], "run_dir": out_dir,
+          "stopped_early": meta["stopped_early"], "state": state}
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  result = train(config)
+  m = result["metrics"]
+  print(f"trained to step {result['step']}: " + ", ".join(
+      f"{k} {v:.4g}" for k, v in m.items() if k in ("loss", "fvu", "l0", "dead_fraction", "val_loss",
+                                                   "object_acc", "style_acc", "tokens_per_s")))
+  print(f"SAE in {os.path.join(result['run_dir'], 'export')}")
+  return result
+
+
+if __name__ == "__main__":
+  common.run_main(run)

@@ -1,0 +1,141 @@
+"""Stage `train`: the sharded SAE trainer, unsupervised and supervised."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saemnesia_jax import sparsify_io, store, train
+from synthetic import BLOCK, make_concept_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def concept_store(tmp_path_factory):
+  path = tmp_path_factory.mktemp("store") / "acts"
+  st, dirs = make_concept_store(path, seeds=8)
+  return str(path), dirs
+
+
+def _config(workdir, store_path, **train_overrides):
+  c = tiny.get_config()
+  c.workdir = str(workdir)
+  c.block = BLOCK
+  c.collect.store_path = store_path
+  c.sae.expansion_factor = 4  # 64 latents for d_in 16
+  c.sae.k = 4
+  c.sae.dead_tokens = 64
+  c.train.update(dict(steps=8, batch_size=32, log_every=2, eval_every=4, ckpt_every=4,
+                      val_fraction=0.2, val_batches=2, learning_rate=3e-3))
+  c.train.update(train_overrides)
+  return c
+
+
+def _batches(tr, n):
+  reader = train.make_reader(tr, "train")
+  return [train.place(tr, next(reader)) for _ in range(n)]
+
+
+def test_sharded_step_equals_single_device(concept_store, tmp_path):
+  results = {}
+  for shape in [(1, 1), (2, 2)]:
+    tr = train.setup(_config(tmp_path, concept_store[0], mesh_shape=shape))
+    assert tr.mesh.devices.shape == shape
+    batches = _batches(tr, 3)
+    state = tr.init_fn(batches[0]["x"])
+    if shape == (2, 2):  # the latent axis really is split over 'model'
+      w = state["params"]["W_enc"]
+      assert w.sharding.shard_shape(w.shape) == (16, 32)
+    losses = []
+    for b in batches:
+      state, m = tr.step_fn(state, b)
+      losses.append(float(m["loss"]))
+    results[shape] = (losses, jax.device_get(state["params"]), np.asarray(state["dead"]))
+  (l1, p1, d1), (l4, p4, d4) = results[(1, 1)], results[(2, 2)]
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
+  for k in p1:
+    np.testing.assert_allclose(p1[k], p4[k], atol=2e-5, err_msg=k)
+  np.testing.assert_array_equal(d1, d4)  # TopK picked the same latents everywhere
+  norms = np.linalg.norm(p4["W_dec"], axis=1)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(concept_store, tmp_path):
+  ref = train.train(_config(tmp_path / "ref", concept_store[0]), progress=False)
+  cut = train.train(_config(tmp_path / "cut", concept_store[0], stop_after=6), progress=False)
+  assert cut["step"] == 6  # 'killed' after step 6; the last checkpoint is at step 4
+  resumed = train.train(_config(tmp_path / "cut", concept_store[0]), progress=False)
+  assert resumed["step"] == 8
+  a, b = jax.device_get(ref["state"]["params"]), jax.device_get(resumed["state"]["params"])
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(np.asarray(ref["state"]["dead"]), np.asarray(resumed["state"]["dead"]))
+  # The export is a loadable sparsify folder with what produced it.
+  params, cfg = sparsify_io.load_sparsify(os.path.join(ref["run_dir"], "export"))
+  assert params["W_enc"].shape == (16, 64) and cfg["k"] == 4
+  lines = open(os.path.join(ref["run_dir"], "metrics.jsonl")).read().splitlines()
+  assert len(lines) == 4 and "val_loss" in lines[-1]
+
+
+def test_supervised_finetune_makes_assigned_latents_selective(concept_store, tmp_path):
+  """SAEmnesia's pipeline: unsupervised SAE -> scores -> greedy assignment -> supervised fine-tune."""
+  import json
+  from saemnesia_jax import sae, scores, supervised
+  path, _ = concept_store
+  unsup = _config(tmp_path, path, steps=100, batch_size=64, eval_every=50, ckpt_every=100, log_every=10)
+  train.train(unsup, progress=False)
+  unsup.concepts.objects = ("obj0", "obj1", "obj2")
+  unsup.concepts.styles = ("sty0", "sty1")
+  scores.run(unsup, progress=False)
+  sup = _config(tmp_path, path, steps=150, batch_size=16, log_every=10, eval_every=50, ckpt_every=150,
+                learning_rate=3e-3)
+  sup.sae.update(dict(mode="supervised", assignment="greedy",
+                      init_from=os.path.join(tmp_path, "sae_unsup", "export")))
+  sup.train.name = "sae_sup"
+  result = train.train(sup, progress=False)
+  log = [json.loads(l) for l in open(os.path.join(result["run_dir"], "metrics.jsonl"))]
+  # BCE on post-ReLU map means (logits >= 0) cannot go below log 2 for a
+  # negative target: the floor here is about (3 * 0.693) / 5 = 0.42.
+  assert log[-1]["l_sup"] < log[0]["l_sup"] - 0.05
+  # On every stored map: the assigned latents name the concept, and each
+  # assigned latent is the most selective latent for its concept.
+  params = jax.device_get(result["state"]["params"])
+  st = store.open_store(path)
+  x, labels = next(iter(store.MapBatches(st, 144, split="all", shuffle=False, num_epochs=1,
+                                         drop_remainder=False)))
+  assignment = np.asarray(json.load(open(os.path.join(result["run_dir"], "export", "saemnesia.json")))["assignment"])
+  _, aux = supervised.supervised_loss(params, jnp.asarray(x), jnp.asarray(labels["object"]),
+                                      jnp.asarray(labels["style"]), jnp.asarray(assignment),
+                                      supervised.SupervisedConfig(n_objects=3, k=4))
+  assert float(aux["object_acc"]) == 1.0 and float(aux["style_acc"]) == 1.0
+  zbar = np.asarray(supervised.map_mean(sae.encode_pre(params, jnp.asarray(x).reshape(-1, 16)), 4))
+  for c_id, lat in enumerate(assignment):
+    member = labels["object"] == c_id if c_id < 3 else labels["style"] == c_id - 3
+    sel = zbar[member].mean(0) - zbar[~member].mean(0)
+    assert np.argmax(sel) == lat, (c_id, lat, np.argsort(sel)[-3:])
+
+
+def test_store_of_another_width_or_block_is_refused(concept_store, tmp_path):
+  c = _config(tmp_path, concept_store[0])
+  c.sae.d_in = 32
+  with pytest.raises(store.ManifestMismatchError, match=r"width 16.*config.sae.d_in=32"):
+    train.setup(c)
+  c = _config(tmp_path, concept_store[0])
+  c.block = "up_blocks.1.attentions.0"
+  with pytest.raises(store.ManifestMismatchError, match="block"):
+    train.setup(c)
+
+
+def test_config_typo_is_an_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "saemnesia_jax.train", "--config", os.path.join(ROOT, "configs/tiny.py"),
+       f"--config.workdir={tmp_path}", "--config.sae.kk=3"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0 and "kk" in proc.stderr
+  assert not os.listdir(tmp_path)
