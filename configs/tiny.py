@@ -97,4 +97,24 @@ def get_config():
       sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
                       ("W_dec", ("model", None)), (".*", ())),
   ))
+  # Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
+  config.evaluate = ml_collections.ConfigDict(dict(
+      out_dir="",  # '' -> {workdir}/eval
+      methods=("none", "saeuron", "saemnesia"),
+      saeuron_sae="",  # '' -> {workdir}/sae_unsup/export
+      saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
+      saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
+      saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
+      objects=(),  # concepts to erase; () -> all
+      styles=(),
+      gammas=(-1.0, -10.0),
+      percentiles=(99.0,),  # SAeUron: keep latents above this per-step percentile of scores
+      sweep_seeds=(1,),
+      eval_seeds=(188,),
+      max_latents=32,  # clamp entries (one compile per size)
+      sequential=True,
+      sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
+      classifier="canvas_mini",
+      grids=True,
+  ))
   return config

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,20 +114,14 @@ class Pipeline:
                          truncation=True, return_tensors="np").input_ids
     return ids.astype(np.int32)
 
-  def encode_text(self, params: dict, ids: jax.Array) -> jax.Array:
-    """(B, L) token ids -> (B, L, cross_attention_dim) CLIP last hidden state."""
-    return self.text_encoder.module.apply(
-        {"params": params["text_encoder"]}, ids,
-        attention_mask=jnp.ones_like(ids),
-        position_ids=jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape),
-        deterministic=True)[0]
+  def encode_text(self, params: dict, ids: jax.Array) -> "TextCond":
+    """(B, L) token ids -> the UNet's text conditioning (see ``TextCond``)."""
+    return text_condition(self.text_encoder, params["text_encoder"], ids)
 
   def unet_apply(self, params: dict, latents_nchw: jax.Array, t: jax.Array,
-                 context: jax.Array, **apply_kwargs):
+                 context: "TextCond | jax.Array", **apply_kwargs):
     """One UNet call; extra kwargs (capture_intermediates, mutable) go to apply."""
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (latents_nchw.shape[0],))
-    return self.unet.apply({"params": params["unet"]}, latents_nchw, t,
-                           encoder_hidden_states=context, **apply_kwargs)
+    return unet_forward(self.unet, params["unet"], latents_nchw, t, context, **apply_kwargs)
 
   def decode(self, params: dict, latents_nchw: jax.Array) -> jax.Array:
     """Final latents -> (B, H, W, 3) float32 images in [0, 1]."""
@@ -141,6 +135,41 @@ class Pipeline:
     """SHA-256 of the weight files this pipeline was loaded from."""
     from saemnesia_jax.io_utils import hash_files
     return hash_files(list(self.weight_files))
+
+
+class TextCond(NamedTuple):
+  """The text conditioning of a UNet call.
+
+  ``hidden`` (B, L, D): CLIP's last hidden state, read by cross-attention (SD
+  v1.x). ``pooled`` (B, D): CLIP's pooled output (at the eos token), added to
+  the timestep embedding by UNets with ``addition_embed_type='text_time'``
+  (SDXL's global conditioning; CanvasMini uses it so that the object, a
+  global property of the image, reaches every ResNet block).
+  """
+  hidden: jax.Array
+  pooled: jax.Array
+
+
+def text_condition(text_encoder, text_params, ids: jax.Array) -> TextCond:
+  out = text_encoder.module.apply(
+      {"params": text_params}, ids, attention_mask=jnp.ones_like(ids),
+      position_ids=jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape), deterministic=True)
+  return TextCond(out[0], out[1])
+
+
+def unet_forward(unet, unet_params, latents_nchw: jax.Array, t: jax.Array, context, **apply_kwargs):
+  """One UNet call with SD-style (cross-attention) or SDXL-style (+ pooled text) conditioning."""
+  cond = context if isinstance(context, TextCond) else TextCond(context, None)
+  b = latents_nchw.shape[0]
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
+  if unet.addition_embed_type == "text_time":
+    if cond.pooled is None:
+      raise ValueError("this UNet (addition_embed_type='text_time') needs the pooled text embedding: "
+                       "pass a TextCond from encode_text")
+    n_ids = (unet.projection_class_embeddings_input_dim - cond.pooled.shape[-1]) // unet.addition_time_embed_dim
+    apply_kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled,
+                                         "time_ids": jnp.zeros((b, n_ids), cond.pooled.dtype)}
+  return unet.apply({"params": unet_params}, latents_nchw, t, encoder_hidden_states=cond.hidden, **apply_kwargs)
 
 
 def _parse_dtype(dtype) -> Any:

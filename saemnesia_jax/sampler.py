@@ -141,15 +141,15 @@ class Sampler:
       raise ValueError("no block given and this sampler captures none")
     b = 1
     x = jax.ShapeDtypeStruct((2 * b, *self.latent_shape), self.pipe.dtype)
-    ctx = jax.ShapeDtypeStruct((2 * b, self.pipe.max_length, self.pipe.unet.cross_attention_dim),
-                               self.pipe.dtype)
+    ids = jax.ShapeDtypeStruct((2 * b, self.pipe.max_length), jnp.int32)
 
-    def f(params, x, ctx):
+    def f(params, x, ids):
+      ctx = self.pipe.encode_text(params, ids)
       _, v = self.pipe.unet_apply(params, x, jnp.int32(1), ctx,
                                   capture_intermediates=hooks.capture_filter(path),
                                   mutable=["intermediates"])
       return hooks.captured_value(v["intermediates"], path)
-    return tuple(jax.eval_shape(f, self.pipe.params, x, ctx).shape[1:])
+    return tuple(jax.eval_shape(f, self.pipe.params, x, ids).shape[1:])
 
 
 def sample_prompts(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int],

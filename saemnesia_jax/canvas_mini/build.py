@@ -53,7 +53,12 @@ def build_components(config: ml_collections.ConfigDict):
       sample_size=config.data.image_size, in_channels=3, out_channels=3,
       down_block_types=tuple(m.down_block_types), up_block_types=tuple(m.up_block_types),
       block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
-      attention_head_dim=m.num_heads, cross_attention_dim=m.text_width)
+      attention_head_dim=m.num_heads, cross_attention_dim=m.text_width,
+      # SDXL's 'text_time' addition: the pooled text embedding is added to the
+      # timestep embedding, so the prompt reaches every ResNet block.
+      **(dict(addition_embed_type="text_time", addition_time_embed_dim=m.time_id_dim,
+              projection_class_embeddings_input_dim=m.text_width + m.time_id_dim)
+         if m.pooled_text_conditioning else {}))
   tokenizer = models.build_word_tokenizer(data.vocabulary(), m.max_length)
   text_config = models.CLIPTextConfig(
       vocab_size=len(tokenizer), hidden_size=m.text_width, intermediate_size=2 * m.text_width,
@@ -118,10 +123,8 @@ def make_train_step(components, tx, ema_decay: float):
     t = jax.random.randint(r_t, (x0.shape[0],), 0, scheduler.config.num_train_timesteps)
     noise = jax.random.normal(r_n, x0.shape)
     xt = scheduler.add_noise(sched_state, x0, noise, t)
-    ctx = text_encoder.module.apply(
-        {"params": params["text_encoder"]}, ids, attention_mask=jnp.ones_like(ids),
-        position_ids=jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), deterministic=True)[0]
-    eps = unet.apply({"params": params["unet"]}, xt, t, encoder_hidden_states=ctx).sample
+    cond = models.text_condition(text_encoder, params["text_encoder"], ids)
+    eps = models.unet_forward(unet, params["unet"], xt, t, cond).sample
     return jnp.mean((eps - noise) ** 2)
 
   @jax.jit

@@ -1,0 +1,378 @@
+"""Stage `evaluate`: concept erasure with the latent clamp, measured by UA / IRA / CRA.
+
+  python -m saemnesia_jax.evaluate --config configs/canvas_mini.py
+  launch/local.sh 2 python -m saemnesia_jax.evaluate --config configs/canvas_mini.py   # 2 processes
+
+For every concept to erase (objects and styles) and every method:
+
+* ``none``: no erasure (the base model; every concept's UA is its miss rate);
+* ``saeuron``: the unsupervised SAE, latents selected per timestep by
+  importance-score percentile, sweep over percentile x gamma;
+* ``saemnesia``: the supervised SAE, the concept's assigned latent, sweep over
+  gamma only.
+
+the answer set (every object x style prompt, ``seeds``) is sampled with the
+clamp inside the jitted sampler, classified by the style and object
+classifiers, and scored (METHOD.md section 6). The sweep picks, per concept,
+the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
+reports that setting on the held-out ``eval_seeds``. Sequential unlearning
+erases the first 1, 2, ..., n objects of ``sequential_objects`` at once,
+each with its chosen setting.
+
+Work is cut into units (method x concept x setting x seed set), each written
+atomically when done (``units.py``): a rerun after a crash does only what is
+missing, and several processes (``jax.distributed``; see launch/) split the
+units by ``jax.process_index()``. Process 0 merges: ``{out_dir}/`` gets
+``table.md`` / ``table.csv`` (Table 1 of METHOD.md), ``per_concept.csv``,
+``sequential.md`` / ``.csv`` / ``.png``, ``trials.json`` and image grids of
+the same prompts with and without erasure.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from saemnesia_jax import clamp, concepts, metrics
+from saemnesia_jax import units as units_lib
+from saemnesia_jax.io_utils import atomic_write_json
+
+METHODS = ("none", "saeuron", "saemnesia")
+
+
+# -------------------------------------------------------------- classifiers
+
+
+class CanvasMiniJudge:
+  """The CanvasMini classifiers behind the evaluation's interface.
+
+  ``predict(images (N, H, W, 3) in [0, 1]) -> (object ids, style ids)`` with
+  style -1 for the no-style class. Another benchmark plugs in an object with
+  the same method (e.g. the UnlearnCanvas ViT-L classifiers through torch).
+  """
+
+  def __init__(self, path: str | None = None):
+    from saemnesia_jax.canvas_mini import classifiers, data
+    self._lib, self._no_style = classifiers, data.NO_STYLE_ID
+    self.clfs = classifiers.load_classifiers(path)
+
+  def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    obj, sty = self._lib.predict(self.clfs, images)
+    return obj.astype(np.int32), np.where(sty == self._no_style, concepts.NO_STYLE, sty).astype(np.int32)
+
+
+def make_judge(config) -> Any:
+  kind = config.evaluate.classifier
+  if kind == "canvas_mini":
+    return CanvasMiniJudge()
+  raise ValueError(f"config.evaluate.classifier={kind!r}: only 'canvas_mini' is built in; pass an object "
+                   "with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
+
+
+# -------------------------------------------------------------- the context
+
+
+def _default(path: str, workdir: str, *parts: str) -> str:
+  return path or os.path.join(workdir, *parts)
+
+
+class Evaluation:
+  """Model, samplers, SAEs, scores and classifiers of one evaluation run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
+    from saemnesia_jax import common, scores
+    self.config, ev = config, config.evaluate
+    self.pipe = common.load_model(config)
+    self.judge = judge or make_judge(config)
+    grid = [p for p in concepts.prompt_grid(config.concepts, anchors=False)]
+    self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
+    self.prompts = [p.prompt for p in grid]
+    self.true_obj = np.array([p.object_id for p in grid], np.int32)
+    self.true_sty = np.array([p.style_id for p in grid], np.int32)
+    self.methods = {}
+    for m in ev.methods:
+      if m not in METHODS:
+        raise ValueError(f"unknown method {m!r} in config.evaluate.methods; known: {METHODS}")
+      if m == "none":
+        continue
+      run = "sae_unsup" if m == "saeuron" else "sae_sup"
+      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
+      params, cfg, _ = scores.load_sae(sae_dir)
+      tables = scores.load_scores(_default(ev.get(f"{m}_scores"), config.workdir, run, "scores"))
+      self.methods[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables)
+    if "saemnesia" in self.methods and "assignment" not in self.methods["saemnesia"]["scores"]:
+      raise ValueError("the SAEmnesia scores hold no assignment")
+    self._samplers: dict[int, Any] = {}
+    # Any SAE will do for the no-erasure runs: an empty clamp is exact.
+    any_sae = next(iter(self.methods.values()), None)
+    self._identity = any_sae
+
+  def sampler(self, k: int):
+    from saemnesia_jax import common
+    if k not in self._samplers:
+      self._samplers[k] = common.make_sampler(self.config, self.pipe, edit_fn=clamp.make_edit_fn(k))
+    return self._samplers[k]
+
+  # ---------------------------------------------------------------- specs
+
+  def concept_index(self, domain: str, name: str) -> int:
+    names = self.objects if domain == "object" else self.styles
+    return concepts.lookup(name, names, domain)
+
+  def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
+    s = self.methods[method]["scores"]
+    c = self.concept_index(domain, name)
+    key = "objects" if domain == "object" else "styles"
+    mu, thr = s[f"mu_{key}"][c], s[f"threshold_{key}"]
+    if method == "saemnesia":
+      a = s["assignment"]
+      latent = int(a[c] if domain == "object" else a[len(self.objects) + c])
+      return clamp.concept_entry(mu, thr, setting["gamma"], assigned=latent)
+    return clamp.concept_entry(mu, thr, setting["gamma"], scores_c=s[f"scores_{key}"][c],
+                               percentile=setting["percentile"])
+
+  def spec(self, method: str, erase: list[tuple[str, str, dict]], sampler) -> clamp.ClampSpec:
+    n_steps = len(sampler.timesteps)
+    if method == "none":
+      return clamp.empty_spec(n_steps, self.config.evaluate.max_latents)
+    entries = [self.entry(method, d, n, s) for d, n, s in erase]
+    return clamp.build_spec(entries, sampler.timesteps, self.methods[method]["scores"]["timesteps"],
+                            self.config.evaluate.max_latents)
+
+  # ---------------------------------------------------------------- units
+
+  def run_unit(self, unit: dict) -> dict:
+    """Samples and classifies the answer set of one unit."""
+    from saemnesia_jax.sampler import sample_prompts
+    t0 = time.perf_counter()
+    method = unit["method"]
+    sae_m = self.methods[method] if method != "none" else self._identity
+    if sae_m is None:
+      raise ValueError("evaluate needs at least one SAE method (saeuron or saemnesia) besides 'none'")
+    sampler = self.sampler(sae_m["k"])
+    erase = [(d, n, s) for d, n, s in unit.get("erase", [])]
+    spec = self.spec(method, erase, sampler)
+    seeds = list(unit["seeds"])
+    prompts = [p for p in self.prompts for _ in seeds]
+    seed_list = [s for _ in self.prompts for s in seeds]
+    imgs = sample_prompts(sampler, prompts, seed_list, self.config.sampler.guidance_scale,
+                          edit_params=(sae_m["params"], spec), progress=False)
+    pred_obj, pred_sty = self.judge.predict(imgs)
+    return {"pred_object": pred_obj.tolist(), "pred_style": pred_sty.tolist(),
+            "true_object": np.repeat(self.true_obj, len(seeds)).tolist(),
+            "true_style": np.repeat(self.true_sty, len(seeds)).tolist(),
+            "wall_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------- plan
+
+
+def settings(config, method: str) -> list[dict]:
+  ev = config.evaluate
+  if method == "saemnesia":
+    return [{"gamma": float(g)} for g in ev.gammas]
+  if method == "saeuron":
+    return [{"percentile": float(p), "gamma": float(g)} for p in ev.percentiles for g in ev.gammas]
+  return [{}]
+
+
+def targets(config) -> list[tuple[str, str]]:
+  ev = config.evaluate
+  objs = list(ev.objects) or list(config.concepts.objects)
+  stys = list(ev.styles) or list(config.concepts.styles)
+  for n in objs:
+    concepts.lookup(n, config.concepts.objects, "object")
+  for n in stys:
+    concepts.lookup(n, config.concepts.styles, "style")
+  return [("object", n) for n in objs] + [("style", n) for n in stys]
+
+
+def sweep_units(config) -> list[dict]:
+  ev = config.evaluate
+  out = [{"phase": "sweep", "method": "none", "seeds": list(ev.sweep_seeds)}] if "none" in ev.methods else []
+  for m in ev.methods:
+    if m == "none":
+      continue
+    for d, n in targets(config):
+      for s in settings(config, m):
+        out.append({"phase": "sweep", "method": m, "domain": d, "concept": n, "setting": s,
+                    "erase": [[d, n, s]], "seeds": list(ev.sweep_seeds)})
+  return out
+
+
+def _answer(result: dict):
+  return (np.asarray(result["true_object"]), np.asarray(result["true_style"]),
+          np.asarray(result["pred_object"]), np.asarray(result["pred_style"]))
+
+
+def _metrics(result: dict, domain: str, erased: list[str], config) -> dict:
+  return metrics.erasure_metrics(*_answer(result), erased, domain,
+                                 object_names=list(config.concepts.objects),
+                                 style_names=list(config.concepts.styles))
+
+
+def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
+  """Per (method, domain, concept): the sweep setting with the best (UA + IRA) / 2."""
+  best = {}
+  for u in sweep_units(config):
+    if u["method"] == "none":
+      continue
+    m = _metrics(results.read(u), u["domain"], [u["concept"]], config)
+    key = (u["method"], u["domain"], u["concept"])
+    score = metrics.sweep_score(m)
+    if key not in best or score > best[key][0]:
+      best[key] = (score, u["setting"])
+  return {k: v[1] for k, v in best.items()}
+
+
+def final_units(config, chosen) -> list[dict]:
+  ev = config.evaluate
+  out = [{"phase": "final", "method": "none", "seeds": list(ev.eval_seeds)}] if "none" in ev.methods else []
+  for (m, d, n), s in sorted(chosen.items()):
+    out.append({"phase": "final", "method": m, "domain": d, "concept": n, "setting": s,
+                "erase": [[d, n, s]], "seeds": list(ev.eval_seeds)})
+  return out
+
+
+def sequential_units(config, chosen) -> list[dict]:
+  ev = config.evaluate
+  order = list(ev.sequential_objects) or list(config.concepts.objects)
+  out = []
+  for m in ev.methods:
+    if m == "none" or not ev.sequential:
+      continue
+    for n in range(1, len(order)):  # IRA needs one object kept
+      erase = [["object", o, chosen[(m, "object", o)]] for o in order[:n] if (m, "object", o) in chosen]
+      out.append({"phase": "sequential", "method": m, "n": n, "objects": order[:n], "erase": erase,
+                  "seeds": list(ev.eval_seeds)})
+  return out
+
+
+# ------------------------------------------------------------------ report
+
+
+def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
+  ev = config.evaluate
+  rows, per_concept, wall = {}, [], {}
+  base = next((u for u in finals if u["method"] == "none"), None)
+  for m in ev.methods:
+    concept_rows = []
+    for d, n in targets(config):
+      if m == "none":
+        r = results.read(base)
+      else:
+        u = next(u for u in finals if u["method"] == m and u["domain"] == d and u["concept"] == n)
+        r = results.read(u)
+      met = _metrics(r, d, [n], config)
+      concept_rows.append({"domain": d, **met})
+      per_concept.append({"method": m, "domain": d, "concept": n, **met,
+                          "setting": chosen.get((m, d, n), {})})
+    rows[m] = metrics.average_table(concept_rows)
+  for u in sweep_units(config) + finals:
+    wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
+  n_concepts = len(targets(config))
+  trials = {m: len(settings(config, m)) for m in ev.methods if m != "none"}
+  metrics.write_table(os.path.join(out_dir, "table"), rows)
+  seq_rows = {}
+  for u in seqs:
+    met = _metrics(results.read(u), "object", u["objects"], config)
+    seq_rows.setdefault(u["method"], []).append({"n": u["n"], **met})
+  if seq_rows:
+    flat = {f"{m} n={r['n']}": r for m, rs in seq_rows.items() for r in rs}
+    metrics.write_table(os.path.join(out_dir, "sequential"), flat, columns=("UA", "IRA", "CRA"))
+    _plot_sequential(os.path.join(out_dir, "sequential.png"), seq_rows)
+  summary = {"table": rows, "per_concept": per_concept, "sequential": seq_rows,
+             "trials_per_concept": trials,
+             "trials_total": {m: t * n_concepts for m, t in trials.items()},
+             "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
+  atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  return summary
+
+
+def _plot_sequential(path, seq_rows):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  for ax, key in zip(axes, ("UA", "IRA", "CRA")):
+    for m, rs in seq_rows.items():
+      ax.plot([r["n"] for r in rs], [100 * r[key] for r in rs], marker="o", label=m)
+    ax.set_xlabel("objects erased at once")
+    ax.set_ylabel(f"{key} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle("Sequential unlearning")
+  fig.tight_layout()
+  metrics.atomic_write_bytes(path, metrics._png(fig))
+  plt.close(fig)
+
+
+def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, n_concepts: int = 4) -> str | None:
+  """The same prompts without and with erasure (rows), per method, for a few objects."""
+  from saemnesia_jax import images as img_utils
+  from saemnesia_jax.sampler import sample_prompts
+  config = ev_ctx.config
+  objs = list(config.concepts.objects)[:n_concepts]
+  style = config.concepts.styles[0]
+  prompts = [config.concepts.style_template.format(object=o, style=style) for o in objs]
+  seed = [int(config.evaluate.eval_seeds[0])] * len(prompts)
+  rows, labels = [], []
+  for m in ["none"] + [m for m in ev_ctx.methods]:
+    sae_m = ev_ctx.methods.get(m) or ev_ctx._identity
+    sampler = ev_ctx.sampler(sae_m["k"])
+    for o in objs if m != "none" else [None]:
+      erase = [] if o is None else [("object", o, chosen[(m, "object", o)])]
+      spec = ev_ctx.spec(m, erase, sampler)
+      rows.append(sample_prompts(sampler, prompts, seed, config.sampler.guidance_scale,
+                                 edit_params=(sae_m["params"], spec), progress=False))
+      labels.append("no erasure" if o is None else f"{m}: -{o}")
+  imgs = np.concatenate(rows)
+  g = img_utils.grid(imgs, len(rows), len(prompts), scale=4, row_labels=labels,
+                     col_labels=objs, label_width=120)
+  path = os.path.join(out_dir, "erasure_grid.png")
+  img_utils.save_image(path, g)
+  return path
+
+
+# -------------------------------------------------------------------- run
+
+
+def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict | None:
+  units_lib.initialize_distributed()
+  ev = config.evaluate
+  out_dir = _default(ev.out_dir, config.workdir, "eval")
+  targets(config)  # unknown concept names fail before any work
+  ctx = Evaluation(config, judge)
+  t0 = time.perf_counter()
+  root = os.path.join(out_dir, "units")
+  results = units_lib.UnitResults(root)
+  sweep = sweep_units(config)
+  units_lib.run_units(root, sweep, ctx.run_unit, progress=progress)
+  units_lib.barrier("evaluate-sweep")
+  chosen = choose(config, results)
+  finals = final_units(config, chosen)
+  units_lib.run_units(root, finals, ctx.run_unit, progress=progress)
+  seqs = sequential_units(config, chosen)
+  units_lib.run_units(root, seqs, ctx.run_unit, progress=progress)
+  units_lib.gather(root, sweep + finals + seqs)
+  if jax.process_index() != 0:
+    return None
+  summary = report(config, results, chosen, finals, seqs, out_dir)
+  if ev.grids and "none" in ev.methods and ctx.methods:
+    erasure_grid(ctx, chosen, out_dir)
+  summary["wall_s_total"] = time.perf_counter() - t0
+  print(metrics.format_markdown(summary["table"]))
+  print("trials per concept:", summary["trials_per_concept"], "total:", summary["trials_total"])
+  print(f"wrote {out_dir}")
+  return summary
+
+
+if __name__ == "__main__":
+  from saemnesia_jax import common
+  common.run_main(run)
