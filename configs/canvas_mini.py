@@ -32,6 +32,8 @@ finer text control than 8x8 cells. The hooked block, the analogue of SD's
 """
 import ml_collections
 
+from saemnesia_jax import config_defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -142,79 +144,13 @@ def get_config() -> ml_collections.ConfigDict:
       style_template="A {object} image in {style} style.",
       anchor_templates=("A {object} image.", "An image of a {object}.", "A photo of a {object}."),
   ))
-  config.collect = ml_collections.ConfigDict(dict(
-      store_path="",  # '' -> {workdir}/activations
-      dtype="bfloat16",
-      seeds=(0, 1, 2, 3),  # 130 prompts x 4 seeds x 25 steps = 13,000 maps of 64 tokens
-      process_index=-1,
-      process_count=0,
-      max_units=0,
-  ))
-  # The sparse autoencoder (stage train; METHOD.md sections 2-3).
-  config.sae = ml_collections.ConfigDict(dict(
-      mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
-      d_in=0,  # 0: the store's width; else it must match the store
-      expansion_factor=16,
-      n_latents=0,  # 0: d_in * expansion_factor
-      k=8,  # active latents per token
-      batch_topk=True,  # BatchTop8 in training (SAeUron); inference is per-token Top8
-      auxk_alpha=1 / 32,
-      k_aux=0,  # 0: d_in // 2
-      dead_tokens=1000000,  # a latent is dead after this many tokens without firing
-      sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
-      init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
-      assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
-      scores_dir="",  # '' -> {workdir}/sae_unsup/scores
-      sup_loss="bce",  # bce (released code) | softmax (per-domain cross-entropy)
-      w_sup=3.0,
-      w_l1=0.01,
-      w_decorr=0.1,
-  ))
-  # Its trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
-  config.train = ml_collections.ConfigDict(dict(
-      name="sae_unsup",  # run folder under workdir
-      steps=3000,
-      batch_size=4096,
-      learning_rate=0.0004,
-      lr_decay="linear",  # linear | constant
-      final_lr_fraction=0.0,
-      adam_eps=6.25e-10,
-      grad_clip=1.0,
-      seed=0,
-      val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
-      val_batches=20,
-      eval_every=250,
-      patience=5,  # early stopping, in evaluations without a gain
-      min_delta=0.0,
-      log_every=50,
-      ckpt_every=250,
-      keep_checkpoints=2,
-      stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
-      buffer_chunks=32,
-      init_tokens=4096,  # tokens for the geometric-median b_dec
-      check_model=True,  # refuse a store made by another model (weights hash)
-      mesh_shape=(-1, 1),  # (data, model); -1: the remaining devices
-      sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
-                      ("W_dec", ("model", None)), (".*", ())),
-  ))
-  # Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
-  config.evaluate = ml_collections.ConfigDict(dict(
-      out_dir="",  # '' -> {workdir}/eval
-      methods=("none", "saeuron", "saemnesia"),
-      saeuron_sae="",  # '' -> {workdir}/sae_unsup/export
-      saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
-      saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
-      saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
-      objects=(),  # concepts to erase; () -> all
-      styles=(),
-      gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),
-      percentiles=(99.7, 99.8, 99.9),  # SAeUron: per-step score percentile; about 3 / 2 / 1 of 1,024 latents
-      sweep_seeds=(1,),
-      eval_seeds=(188, 288),
-      max_latents=32,  # clamp entries (one compile per size)
-      sequential=True,
-      sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
-      classifier="canvas_mini",
-      grids=True,
-  ))
+  config_defaults.add_stage_sections(
+      config,
+      # 130 prompts x 4 seeds x 25 steps = 13,000 maps of 64 tokens.
+      collect=dict(seeds=(0, 1, 2, 3)),
+      sae=dict(expansion_factor=16, k=8, dead_tokens=1_000_000),
+      train=dict(steps=3000),
+      # 1,024 latents: the percentiles that keep about 3 / 2 / 1 of them.
+      evaluate=dict(percentiles=(99.7, 99.8, 99.9), eval_seeds=(188, 288)),
+  )
   return config

@@ -11,8 +11,27 @@ Settings of METHOD.md section 1: block ``up_blocks.1.attentions.1`` (output
 (16, 16, 1280) at 512x512: 256 tokens of d_in 1280), DDIM eta 0, 50 steps for
 collection (100 for evaluation), CFG 9.0, seeds of UnlearnCanvas.
 On one GPU expect seconds per image; on a 2-core CPU, minutes.
+
+The SAE stages at the published recipes (METHOD.md sections 2-3):
+
+  python -m saemnesia_jax.collect --config configs/sd15.py --config.model.path=...
+  python -m saemnesia_jax.train   --config configs/sd15.py --config.model.path=...   # SAeUron
+  python -m saemnesia_jax.scores  --config configs/sd15.py --config.model.path=...
+  python -m saemnesia_jax.train   --config configs/sd15.py --config.model.path=... \
+      --config.sae.mode=supervised --config.sae.init_from=runs/sd15/sae_unsup/export \
+      --config.train.name=sae_sup --config.train.learning_rate=5e-6 --config.train.batch_size=128 \
+      --config.train.lr_decay=constant --config.train.adam_eps=1e-8
+
+SAeUron: d_in 1280, 20,480 latents (expansion 16), k 32, BatchTopK, Adam
+4e-4 with linear decay, eps 6.25e-10, clip 1.0, 4,096 tokens per batch.
+SAEmnesia: fine-tune of that SAE, Adam 5e-6, 128 maps per batch, early
+stopping with patience 5 on a 20% validation split. The UnlearnCanvas style
+names are not listed here (they could not be checked offline): pass them
+with ``--config.concepts.styles="('Van_Gogh', ...)"``.
 """
 import ml_collections
+
+from saemnesia_jax import config_defaults
 
 
 def get_config():
@@ -34,4 +53,20 @@ def get_config():
   ))
   config.prompts = ("A Dogs image in Van_Gogh style.",)
   config.seeds = (188, 288, 588, 688, 888)
+  config.concepts = ml_collections.ConfigDict(dict(
+      objects=("Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame",
+               "Flowers", "Frogs", "Horses", "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea",
+               "Statues", "Towers", "Trees", "Waterfalls"),
+      styles=(),  # the 50 UnlearnCanvas styles: give them on the command line
+      style_template="A {object} image in {style} style.",
+      anchor_templates=("A {object} image.",),
+  ))
+  config_defaults.add_stage_sections(
+      config,
+      collect=dict(seeds=(188,)),
+      train=dict(steps=50_000, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),
+      evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
+                                        "Statues", "Sandwiches", "Waterfalls"),
+                    classifier="unlearncanvas"),
+  )
   return config

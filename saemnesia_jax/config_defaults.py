@@ -1,0 +1,105 @@
+"""Defaults of the stage sections shared by every config (collect, sae, train,
+evaluate), documented once; a config file takes them and overrides values.
+
+  from saemnesia_jax import config_defaults
+  config_defaults.add_stage_sections(config, sae=dict(k=8), train=dict(steps=3000))
+
+An override of a field that does not exist is an error (a typo, not a new key).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+COLLECT = dict(
+    store_path="",  # '' -> {workdir}/activations
+    dtype="bfloat16",  # stored activations: bfloat16 | float16
+    seeds=(1, 2),  # per prompt
+    process_index=-1,  # -1: jax.process_index()
+    process_count=0,  # 0: jax.process_count()
+    max_units=0,  # >0: stop after this many units (a partial run; rerun to finish)
+)
+
+# The sparse autoencoder (stage train; METHOD.md sections 2-3).
+SAE = dict(
+    mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
+    d_in=0,  # 0: the store's width; else it must match the store
+    expansion_factor=16,
+    n_latents=0,  # 0: d_in * expansion_factor
+    k=32,  # active latents per token
+    batch_topk=True,  # BatchTopK in training (SAeUron); the clamp uses per-token TopK
+    auxk_alpha=1 / 32,
+    k_aux=0,  # 0: d_in // 2
+    dead_tokens=10_000_000,  # a latent is dead after this many tokens without firing
+    sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
+    init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
+    assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
+    scores_dir="",  # '' -> {workdir}/sae_unsup/scores
+    sup_loss="bce",  # bce (released code) | softmax (per-domain cross-entropy)
+    w_sup=3.0,
+    w_l1=0.01,
+    w_decorr=0.1,
+)
+
+# The SAE trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
+TRAIN = dict(
+    name="sae_unsup",  # run folder under workdir
+    steps=10_000,
+    batch_size=4096,
+    learning_rate=4e-4,
+    lr_decay="linear",  # linear | constant
+    final_lr_fraction=0.0,
+    adam_eps=6.25e-10,
+    grad_clip=1.0,
+    seed=0,
+    val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
+    val_batches=20,
+    eval_every=250,
+    patience=5,  # early stopping, in evaluations without a gain
+    min_delta=0.0,
+    log_every=50,
+    ckpt_every=250,
+    keep_checkpoints=2,
+    stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+    buffer_chunks=32,
+    init_tokens=4096,  # tokens for the geometric-median b_dec
+    check_model=True,  # refuse a store made by another model (weights hash)
+    mesh_shape=(-1, 1),  # (data, model); -1: the remaining devices
+    sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
+                    ("W_dec", ("model", None)), (".*", ())),
+)
+
+# Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
+EVALUATE = dict(
+    out_dir="",  # '' -> {workdir}/eval
+    methods=("none", "saeuron", "saemnesia"),
+    saeuron_sae="",  # '' -> {workdir}/sae_unsup/export
+    saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
+    saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
+    saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
+    objects=(),  # concepts to erase; () -> all
+    styles=(),
+    gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)
+    percentiles=(99.99, 99.995, 99.999),  # SAeUron: per-step score percentile (3 / 2 / 1 of 20,480)
+    sweep_seeds=(1,),
+    eval_seeds=(188, 288, 588, 688, 888),
+    max_latents=32,  # clamp entries (one compile per size)
+    sequential=True,
+    sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
+    classifier="canvas_mini",
+    grids=True,
+)
+
+SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "evaluate": EVALUATE}
+
+
+def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> ml_collections.ConfigDict:
+  """Adds the collect / sae / train / evaluate sections, with ``overrides`` per section."""
+  unknown = set(overrides) - set(SECTIONS)
+  if unknown:
+    raise KeyError(f"unknown config sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
+  for name, defaults in SECTIONS.items():
+    extra = set(overrides.get(name, {})) - set(defaults)
+    if extra:
+      raise KeyError(f"config.{name} has no fields {sorted(extra)}; known: {sorted(defaults)}")
+    config[name] = ml_collections.ConfigDict({**defaults, **overrides.get(name, {})})
+  return config
