@@ -125,6 +125,8 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  from saemnesia_jax.units import initialize_distributed
+  initialize_distributed()  # several hosts (launch/): before anything touches a device
   c = config.collect
   col = prepare(config)
   pi = c.process_index if c.process_index >= 0 else jax.process_index()

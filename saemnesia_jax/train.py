@@ -316,6 +316,8 @@ def export(tr: Trainer, params, meta: dict) -> str:
 
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
+  from saemnesia_jax.units import initialize_distributed
+  initialize_distributed()  # several hosts (launch/): before anything touches a device
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   tr = setup(config)
   t = config.train
