@@ -29,7 +29,6 @@ the same prompts with and without erasure.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -89,7 +88,7 @@ class Evaluation:
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
     self.judge = judge or make_judge(config)
-    grid = [p for p in concepts.prompt_grid(config.concepts, anchors=False)]
+    grid = concepts.prompt_grid(config.concepts, anchors=False)
     self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
     self.prompts = [p.prompt for p in grid]
     self.true_obj = np.array([p.object_id for p in grid], np.int32)

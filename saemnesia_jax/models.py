@@ -36,7 +36,6 @@ warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 import diffusers  # noqa: E402
 from diffusers.utils import logging as _diffusers_logging  # noqa: E402
-import transformers  # noqa: E402
 from transformers.utils import logging as _transformers_logging  # noqa: E402
 
 _diffusers_logging.set_verbosity_error()

@@ -181,7 +181,7 @@ def check_sae_fits_store(sae_dir: str, cfg: Mapping[str, Any], meta: Mapping[str
   Checks d_in always; block and model weights hash when saemnesia.json
   records the identity of the store the SAE was trained on.
   """
-  fix = (f"Point --config.scores.sae_dir at an SAE trained on this store, or --config.collect.store_path "
+  fix = ("Point --config.scores.sae_dir at an SAE trained on this store, or --config.collect.store_path "
          f"at the store this SAE was trained on.")
   if int(cfg["d_in"]) != store.d_in:
     raise ScoresError(f"the SAE at {sae_dir} has d_in={cfg['d_in']}, but the activation store at "

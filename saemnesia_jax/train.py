@@ -50,7 +50,7 @@ from saemnesia_jax import common, models
 from saemnesia_jax import sae as sae_lib
 from saemnesia_jax import sharding as shard_lib
 from saemnesia_jax import sparsify_io, store, supervised
-from saemnesia_jax.io_utils import atomic_write_json, read_json
+from saemnesia_jax.io_utils import atomic_write_json
 
 MODES = ("unsupervised", "supervised")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
