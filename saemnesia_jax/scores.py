@@ -182,7 +182,7 @@ def check_sae_fits_store(sae_dir: str, cfg: Mapping[str, Any], meta: Mapping[str
   records the identity of the store the SAE was trained on.
   """
   fix = ("Point --config.scores.sae_dir at an SAE trained on this store, or --config.collect.store_path "
-         f"at the store this SAE was trained on.")
+         "at the store this SAE was trained on.")
   if int(cfg["d_in"]) != store.d_in:
     raise ScoresError(f"the SAE at {sae_dir} has d_in={cfg['d_in']}, but the activation store at "
                       f"{store.path} holds d_in={store.d_in} channels per token. {fix}")
