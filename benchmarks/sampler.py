@@ -1,6 +1,7 @@
 """Sampler speed: compile time apart from run time, images/s, and the run-time
-ratio of capture-on, identity-edit (and the latent clamp, once it exists) to
-plain sampling, measured side by side in one run.
+ratio of capture-on, identity-edit and the latent clamp (a random SAE of
+expansion 16, k 8, 3 latents clamped at every step) to plain sampling,
+measured side by side in one run.
 
   python benchmarks/sampler.py                      # tiny SD-like + CanvasMini (if built)
   python benchmarks/sampler.py --models tiny --steps 20 --batch 4 --repeats 5
@@ -24,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saemnesia_jax import models
+from saemnesia_jax import clamp, models
+from saemnesia_jax import sae as sae_lib
 from saemnesia_jax.sampler import Sampler, SamplerSpec
 
 
@@ -33,24 +35,35 @@ def identity_edit(p, x, step):
   return x * p["scale"]
 
 
-def variants(pipe, steps: int, batch: int, block: str) -> dict[str, tuple[Sampler, object]]:
+def variants(pipe, steps: int, batch: int, block: str, k: int, expansion: int,
+             n_clamped: int) -> dict[str, tuple[Sampler, object]]:
   spec = dict(num_steps=steps, batch_size=batch)
+  plain = Sampler(pipe, SamplerSpec(**spec))
+  d_in = plain.block_output_shape(block)[-1]
+  # The latent clamp with a random SAE (speed does not depend on its values):
+  # n_clamped latents edited at every step, threshold 0 (every firing token).
+  sae_params = sae_lib.init_params(jax.random.PRNGKey(0), d_in, d_in * expansion)
+  cs = clamp.empty_spec(steps, 32)
+  cs = cs._replace(latents=np.arange(32, dtype=np.int32), active=np.arange(32)[None].repeat(steps, 0) < n_clamped,
+                   scale=np.ones_like(cs.scale), gamma=np.full(32, -10.0, np.float32))
   out = {
-      "plain": (Sampler(pipe, SamplerSpec(**spec)), None),
+      "plain": (plain, None),
       "capture": (Sampler(pipe, SamplerSpec(**spec, capture_block=block)), None),
       "identity_edit": (Sampler(pipe, SamplerSpec(**spec, edit_block=block), identity_edit),
                         {"scale": jnp.float32(1.0)}),
+      "clamp": (Sampler(pipe, SamplerSpec(**spec, edit_block=block), clamp.make_edit_fn(k)), (sae_params, cs)),
   }
   return out
 
 
-def bench_model(name: str, pipe, steps: int, batch: int, repeats: int, block: str) -> dict:
+def bench_model(name: str, pipe, steps: int, batch: int, repeats: int, block: str, k: int = 8,
+                expansion: int = 16, n_clamped: int = 3) -> dict:
   cond = pipe.tokenize(["A Disk image in Neon style."] * batch)
   uncond = pipe.tokenize([""] * batch)
   seeds = np.arange(batch, dtype=np.uint32)
   g = np.float32(7.5)
   res = {}
-  runs = variants(pipe, steps, batch, block)
+  runs = variants(pipe, steps, batch, block, k, expansion, n_clamped)
   for v, (sampler, ep) in runs.items():
     t = time.perf_counter()
     compiled = sampler.fn.lower(pipe.params, cond, uncond, seeds, g, ep).compile()
@@ -68,6 +81,7 @@ def bench_model(name: str, pipe, steps: int, batch: int, repeats: int, block: st
     r["images_per_s"] = batch / r["run_s"]
     r["ratio_to_plain"] = r["run_s"] / base
   return {"model": name, "steps": steps, "batch": batch, "block": block,
+          "clamp": {"k": k, "expansion": expansion, "latents_clamped": n_clamped},
           "image_size": int(pipe.default_image_size), "variants": res}
 
 

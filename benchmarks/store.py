@@ -168,14 +168,15 @@ def collection_overhead(args: argparse.Namespace) -> dict | None:
   n_prompts = len(concepts.prompt_grid(config.concepts))
   config.collect.seeds = tuple(range(max(1, args.collect_units * 4 // n_prompts)))
   plain_t, collect_t = [], []
+  config.collect.store_path = os.path.join(root, "acts0")
+  col = collect.prepare(config)  # one model, one capturing sampler for every round
+  plain = Sampler(col.pipe, SamplerSpec(num_steps=args.collect_steps, batch_size=4))
+  collect.write_units(col, [0])  # compiles the capturing sampler
+  p, s, _ = collect.unit_batch(col, 0)
+  jax.block_until_ready(plain(col.pipe.params, col.cond_ids[p], col.uncond_ids, s, np.float32(9)))
   for r in range(args.collect_rounds):
-    config.collect.store_path = os.path.join(root, f"acts{r}")
-    col = collect.prepare(config)
-    if r == 0:
-      plain = Sampler(col.pipe, SamplerSpec(num_steps=args.collect_steps, batch_size=4))
-      collect.write_units(col, [0])  # compiles the capturing sampler
-      p, s, _ = collect.unit_batch(col, 0)
-      jax.block_until_ready(plain(col.pipe.params, col.cond_ids[p], col.uncond_ids, s, np.float32(9)))
+    if r:  # a fresh store per round, same manifest
+      col = col._replace(store=st.open_store(os.path.join(root, f"acts{r}"), col.store.manifest, create=True))
     units = list(range(1 if r == 0 else 0, col.store.n_units))
     t = time.perf_counter()
     for u in units:
