@@ -126,14 +126,16 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 110  # one object x style-class grid per batch
   ev.train_seeds = (7,)  # quick check during training
   ev.seeds = (188, 288, 588, 688, 888)  # the final evaluation (UnlearnCanvas' seeds)
-  ev.guidance_scales = (3.0, 6.0, 9.0)
+  # Pixel-space at 16 px saturates at the papers' CFG 9 (at 3,750 steps: objects
+  # 98% at CFG 1.5, 91% at 3, 29% at 6), so the build picks among low scales.
+  ev.guidance_scales = (1.5, 2.0, 3.0, 4.5)
 
   config.build = ml_collections.ConfigDict(dict(export_dir=""))  # '' -> the package's assets
 
   # --- what every pipeline stage reads ---
   config.block = "up_blocks.1.attentions.1"
   config.sampler = ml_collections.ConfigDict(dict(
-      num_steps=25, guidance_scale=6.0, height=0, width=0, batch_size=110))
+      num_steps=25, guidance_scale=1.5, height=0, width=0, batch_size=110))  # chosen by the build
   config.prompts = ("A Disk image in Neon style.", "A Plus image in Comic style.")
   config.seeds = (188, 288, 588)
   # The concepts of the prompt grid (collect, scores, evaluate): must equal
