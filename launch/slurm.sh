@@ -30,7 +30,9 @@ if [[ $# -lt 1 ]]; then
 fi
 : "${SLURM_JOB_NODELIST:?not inside a SLURM allocation: submit with sbatch (or run inside salloc)}"
 
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads all of its input: `head -n 1` can close the pipe early and,
+# under pipefail, fail the script with SIGPIPE.
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 PORT=${SAEMNESIA_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export SAEMNESIA_COORDINATOR=$HEAD:$PORT
 unset SAEMNESIA_AUTO_DISTRIBUTED
