@@ -88,8 +88,7 @@ class Sampler:
     pipe, spec = self.pipe, self.spec
     b = cond_ids.shape[0]
     context = pipe.encode_text(params, jnp.concatenate([uncond_ids, cond_ids]))
-    # One key per image: an image depends on its own seed only, not on its batch.
-    noise = jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), self.latent_shape))(seeds)
+    noise = self.initial_latents(seeds)
     state = self.scheduler_state
     latents = noise * state.init_noise_sigma
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
@@ -129,10 +128,12 @@ class Sampler:
     return self.fn(params, cond_ids, uncond_ids, seeds, guidance_scale, edit_params)
 
   def initial_latents(self, seeds: Sequence[int]) -> jax.Array:
-    """The starting noise for ``seeds``, before ``init_noise_sigma`` (as diffusers takes it)."""
+    """The starting noise for ``seeds``, before ``init_noise_sigma`` (as diffusers takes it).
+
+    One key per image: an image depends on its own seed only, not on its batch.
+    """
     seeds = jnp.asarray(seeds, jnp.uint32)
-    noise = jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), self.latent_shape))(seeds)
-    return noise
+    return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), self.latent_shape))(seeds)
 
   def block_output_shape(self, block: str | None = None) -> tuple[int, ...]:
     """(H, W, C) of a block's output at this sampler's image size (no compute)."""

@@ -148,6 +148,7 @@ class Trainer:
   eval_fn: Any
   init_fn: Any
   assignment: np.ndarray | None
+  assignment_on_mesh: Any = None  # the assignment, placed once (replicated)
 
 
 def _metrics_of(aux: dict, loss) -> dict:
@@ -222,7 +223,9 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
                     donate_argnums=0)
   eval_fn = jax.jit(evaluate, in_shardings=(param_sh, step_batch_sh), out_shardings=rep)
   init_jit = jax.jit(init_fn, out_shardings=state_sh)
-  return Trainer(config, st, mode, mesh, tx, state_sh, batch_sh, step_fn, eval_fn, init_jit, assignment)
+  placed = None if assignment is None else jax.device_put(jnp.asarray(assignment), rep)
+  return Trainer(config, st, mode, mesh, tx, state_sh, batch_sh, step_fn, eval_fn, init_jit, assignment,
+                 placed)
 
 
 # ----------------------------------------------------------------- data
@@ -248,7 +251,7 @@ def place(tr: Trainer, raw) -> dict:
     batch = {"x": x, "object": labels["object"], "style": labels["style"]}
   batch = store.to_global(batch, tr.batch_sharding)
   if tr.mode == "supervised":
-    batch["assignment"] = jax.device_put(jnp.asarray(tr.assignment), shard_lib.replicated(tr.mesh))
+    batch["assignment"] = tr.assignment_on_mesh
   return batch
 
 
