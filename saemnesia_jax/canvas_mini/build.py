@@ -67,7 +67,8 @@ def build_components(config: ml_collections.ConfigDict):
   text_encoder = models.FlaxCLIPTextModel(text_config, seed=config.base_train.seed, _do_init=False)
   scheduler = models.FlaxDDIMScheduler(
       beta_start=m.beta_start, beta_end=m.beta_end, beta_schedule=m.beta_schedule,
-      clip_sample=True, set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+      clip_sample=True, set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
+      prediction_type=m.prediction_type)
   return unet, text_encoder, tokenizer, scheduler
 
 
@@ -86,11 +87,24 @@ def init_params(components, rng) -> dict:
 # ----------------------------------------------------------------- training
 
 
+def _cosine(peak: float, warmup: int, steps: int, final_fraction: float) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), peak * final_fraction)
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """A warm-up + cosine schedule; with ``epsilon_steps`` > 0 two of them: one
+  over the epsilon phase and one (``finetune_*``) over the rest."""
+  schedule = _cosine(t.learning_rate, t.warmup_steps, t.epsilon_steps or t.steps, t.final_lr_fraction)
+  if 0 < t.epsilon_steps < t.steps:
+    schedule = optax.join_schedules(
+        [schedule, _cosine(t.finetune_learning_rate, t.finetune_warmup_steps, t.steps - t.epsilon_steps,
+                           t.final_lr_fraction)], [t.epsilon_steps])
+  return schedule
+
+
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.learning_rate * t.final_lr_fraction)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                     optax.adamw(schedule, b2=0.99, weight_decay=t.weight_decay))
+                     optax.adamw(learning_rate_schedule(t), b2=0.99, weight_decay=t.weight_decay))
 
 
 class Batches:
@@ -113,28 +127,48 @@ class Batches:
     return (imgs.transpose(0, 3, 1, 2) * 2 - 1).astype(np.float32), ids.astype(np.int32)
 
 
-def make_train_step(components, tx, ema_decay: float):
+def training_target(x0, noise, alpha_bar, step, epsilon_steps: int, prediction_type: str):
+  """What the UNet learns to output: the noise before ``epsilon_steps``, then
+  ``prediction_type``'s target (v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0).
+  ``alpha_bar`` broadcasts against x0 (one value per image)."""
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type != "v_prediction":
+    raise ValueError(f"model.prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+  v = jnp.sqrt(alpha_bar) * noise - jnp.sqrt(1 - alpha_bar) * x0
+  return jnp.where(step >= epsilon_steps, v, noise)
+
+
+def make_train_step(components, tx, ema_decay: float, epsilon_steps: int = 0):
+  """The jitted step: the UNet's target is the noise (epsilon) for the first
+  ``epsilon_steps`` steps and the scheduler's ``prediction_type`` after."""
   unet, text_encoder, _, scheduler = components
   sched_state = scheduler.create_state()
+  alphas_cumprod = sched_state.common.alphas_cumprod
+  prediction_type = scheduler.config.prediction_type
 
-  def loss_fn(params, x0, ids, rng):
+  def loss_fn(params, x0, ids, rng, step):
     r_t, r_n = jax.random.split(rng)
     t = jax.random.randint(r_t, (x0.shape[0],), 0, scheduler.config.num_train_timesteps)
     noise = jax.random.normal(r_n, x0.shape)
     xt = scheduler.add_noise(sched_state, x0, noise, t)
     cond = models.text_condition(text_encoder, params["text_encoder"], ids)
-    eps = models.unet_forward(unet, params["unet"], xt, t, cond).sample
-    return jnp.mean((eps - noise) ** 2)
+    out = models.unet_forward(unet, params["unet"], xt, t, cond).sample
+    target = training_target(x0, noise, alphas_cumprod[t][:, None, None, None], step, epsilon_steps,
+                             prediction_type)
+    return jnp.mean((out - target) ** 2)
 
   @jax.jit
   def train_step(state, x0, ids):
     rng, sub = jax.random.split(state["rng"])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], x0, ids, sub)
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], x0, ids, sub, state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1
-    # EMA with a warm-up so early averages are not dominated by the init.
-    d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    # EMA with a warm-up so early averages are not dominated by the init; it
+    # restarts with the second phase so the average holds no epsilon-era weights.
+    phase_step = jnp.where(step > epsilon_steps, step - epsilon_steps, step)
+    d = jnp.minimum(ema_decay, (1.0 + phase_step) / (10.0 + phase_step))
     ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
     return dict(params=params, opt_state=opt_state, ema=ema, step=step, rng=rng), loss
 
@@ -216,7 +250,7 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
     print(f"resuming from checkpoint step {latest}")
   else:
     state = jax.jit(init)()
-  train_step = make_train_step(components, tx, t.ema_decay)
+  train_step = make_train_step(components, tx, t.ema_decay, t.epsilon_steps)
   log_path = os.path.join(config.workdir, "train_log.jsonl")
   start = int(state["step"])
   eval_sampler = None
