@@ -1,5 +1,5 @@
 """Defaults of the stage sections shared by every config (collect, sae, train,
-evaluate), documented once; a config file takes them and overrides values.
+scores, evaluate), documented once; a config file takes them and overrides values.
 
   from saemnesia_jax import config_defaults
   config_defaults.add_stage_sections(config, sae=dict(k=8), train=dict(steps=3000))
@@ -68,6 +68,17 @@ TRAIN = dict(
                     ("W_dec", ("model", None)), (".*", ())),
 )
 
+# Importance scores and the concept -> latent assignment (stage scores; METHOD.md section 3).
+SCORES = dict(
+    sae_dir="",  # '' -> {workdir}/sae_unsup/export; the supervised run: {workdir}/sae_sup/export
+    out_dir="",  # '' -> {sae_dir}/../scores (beside the SAE run)
+    batch_size=256,  # maps per device batch
+    split="all",  # all | train | val (the store reader's split)
+    val_fraction=0.0,  # with split train / val: the trainer's value
+    split_seed=0,
+    mass_fraction=0.9,  # the association report's "latents to reach this share of the score mass"
+)
+
 # Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
 EVALUATE = dict(
     out_dir="",  # '' -> {workdir}/eval
@@ -85,11 +96,12 @@ EVALUATE = dict(
     max_latents=32,  # clamp entries (one compile per size)
     sequential=True,
     sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
-    classifier="canvas_mini",
+    classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)
+    classifier_dir="",  # unlearncanvas: the folder with style_classifier.pth and object_classifier.pth
     grids=True,
 )
 
-SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "evaluate": EVALUATE}
+SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "evaluate": EVALUATE}
 
 
 def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> ml_collections.ConfigDict:
@@ -102,4 +114,25 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
     if extra:
       raise KeyError(f"config.{name} has no fields {sorted(extra)}; known: {sorted(defaults)}")
     config[name] = ml_collections.ConfigDict({**defaults, **overrides.get(name, {})})
+  return config
+
+
+def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_collections.ConfigDict:
+  """Turns a config into its SAEmnesia fine-tune: supervised mode started from
+  the unsupervised run's export, run folder ``sae_sup``, and the scores stage
+  pointed at it; ``train`` overrides fields of the train section.
+
+  The paths follow ``workdir`` (field references), so ``--config.workdir=...``
+  moves them too.
+  """
+  workdir = config.get_ref("workdir")
+  config.sae.mode = "supervised"
+  config.sae.init_from = workdir + "/sae_unsup/export"
+  config.sae.scores_dir = workdir + "/sae_unsup/scores"
+  config.scores.sae_dir = workdir + "/sae_sup/export"
+  config.train.name = "sae_sup"
+  extra = set(train) - set(TRAIN)
+  if extra:
+    raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")
+  config.train.update(train)
   return config

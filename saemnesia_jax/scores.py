@@ -95,6 +95,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from saemnesia_jax import config_defaults
 from saemnesia_jax import importance as imp
 from saemnesia_jax import sae as sae_lib
 from saemnesia_jax import sparsify_io
@@ -111,15 +112,7 @@ REPORT_FILE = "report.json"
 PLOT_FILE = "report.png"
 MANIFEST_FILE = "manifest.json"
 
-DEFAULTS = {
-    "sae_dir": "",
-    "out_dir": "",
-    "batch_size": 256,
-    "split": "all",
-    "val_fraction": 0.0,
-    "split_seed": 0,
-    "mass_fraction": 0.9,
-}
+DEFAULTS = config_defaults.SCORES
 AGGREGATION = "mean over steps of max(score, 0)"
 DOMAINS = ("objects", "styles")
 
