@@ -69,8 +69,11 @@ def make_judge(config) -> Any:
   kind = config.evaluate.classifier
   if kind == "canvas_mini":
     return CanvasMiniJudge()
-  raise ValueError(f"config.evaluate.classifier={kind!r}: only 'canvas_mini' is built in; pass an object "
-                   "with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
+  if kind == "unlearncanvas":
+    from saemnesia_jax import unlearncanvas
+    return unlearncanvas.unlearncanvas_judge(config)
+  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini' and 'unlearncanvas'; or "
+                   "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
 
 
 # -------------------------------------------------------------- the context
@@ -312,31 +315,58 @@ def _plot_sequential(path, seq_rows):
   plt.close(fig)
 
 
-def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, n_concepts: int = 4) -> str | None:
-  """The same prompts without and with erasure (rows), per method, for a few objects."""
+def _grid_prompts(config, domain: str, name: str, n_with: int = 3, n_without: int = 2) -> list[str]:
+  """Prompts for one erased concept: ``n_with`` that contain it, then ``n_without`` that do not."""
+  objs, stys = list(config.concepts.objects), list(config.concepts.styles)
+  fmt = config.concepts.style_template.format
+  if domain == "object":
+    other = objs[(objs.index(name) + 1) % len(objs)]
+    return ([fmt(object=name, style=s) for s in stys[:n_with]] +
+            [fmt(object=other, style=s) for s in stys[:n_without]])
+  other = stys[(stys.index(name) + 1) % len(stys)]
+  return ([fmt(object=o, style=name) for o in objs[:n_with]] +
+          [fmt(object=o, style=other) for o in objs[:n_without]])
+
+
+def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) -> dict:
+  """Rows: for a few erased concepts (``per_domain`` objects and styles), the
+  same five prompts without erasure and with each method's chosen erasure;
+  the first three prompts contain the concept (they should lose it), the last
+  two do not (they should not change)."""
   from saemnesia_jax import images as img_utils
   from saemnesia_jax.sampler import sample_prompts
   config = ev_ctx.config
-  objs = list(config.concepts.objects)[:n_concepts]
-  style = config.concepts.styles[0]
-  prompts = [config.concepts.style_template.format(object=o, style=style) for o in objs]
-  seed = [int(config.evaluate.eval_seeds[0])] * len(prompts)
+  chosen_targets = targets(config)
+  shown = ([t for t in chosen_targets if t[0] == "object"][:per_domain] +
+           [t for t in chosen_targets if t[0] == "style"][:per_domain])
+  seed = int(config.evaluate.eval_seeds[0])
+  prompts = {t: _grid_prompts(config, *t) for t in shown}
+  identity = ev_ctx._identity
+  sampler = ev_ctx.sampler(identity["k"])
+  # No erasure: every concept's prompts in one batch.
+  flat = [p for t in shown for p in prompts[t]]
+  plain = sample_prompts(sampler, flat, [seed] * len(flat), config.sampler.guidance_scale,
+                         edit_params=(identity["params"], ev_ctx.spec("none", [], sampler)), progress=False)
+  plain = plain.reshape(len(shown), -1, *plain.shape[1:])
   rows, labels = [], []
-  for m in ["none"] + [m for m in ev_ctx.methods]:
-    sae_m = ev_ctx.methods.get(m) or ev_ctx._identity
-    sampler = ev_ctx.sampler(sae_m["k"])
-    for o in objs if m != "none" else [None]:
-      erase = [] if o is None else [("object", o, chosen[(m, "object", o)])]
-      spec = ev_ctx.spec(m, erase, sampler)
-      rows.append(sample_prompts(sampler, prompts, seed, config.sampler.guidance_scale,
-                                 edit_params=(sae_m["params"], spec), progress=False))
-      labels.append("no erasure" if o is None else f"{m}: -{o}")
+  for i, (domain, name) in enumerate(shown):
+    rows.append(plain[i])
+    labels.append(f"{name}: no erasure")
+    for m, sae_m in ev_ctx.methods.items():
+      s = ev_ctx.sampler(sae_m["k"])
+      spec = ev_ctx.spec(m, [(domain, name, chosen[(m, domain, name)])], s)
+      rows.append(sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
+                                 config.sampler.guidance_scale, edit_params=(sae_m["params"], spec),
+                                 progress=False))
+      labels.append(f"{name}: {m}")
   imgs = np.concatenate(rows)
-  g = img_utils.grid(imgs, len(rows), len(prompts), scale=4, row_labels=labels,
-                     col_labels=objs, label_width=120)
+  n_cols = imgs.shape[0] // len(rows)
+  g = img_utils.grid(imgs, len(rows), n_cols, scale=4, row_labels=labels,
+                     col_labels=["with 1", "with 2", "with 3", "without 1", "without 2"][:n_cols],
+                     label_width=150)
   path = os.path.join(out_dir, "erasure_grid.png")
   img_utils.save_image(path, g)
-  return path
+  return {"path": path, "rows": labels}
 
 
 # -------------------------------------------------------------------- run
@@ -364,7 +394,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
     return None
   summary = report(config, results, chosen, finals, seqs, out_dir)
   if ev.grids and "none" in ev.methods and ctx.methods:
-    erasure_grid(ctx, chosen, out_dir)
+    summary["erasure_grid"] = erasure_grid(ctx, chosen, out_dir)
   summary["wall_s_total"] = time.perf_counter() - t0
   print(metrics.format_markdown(summary["table"]))
   print("trials per concept:", summary["trials_per_concept"], "total:", summary["trials_total"])

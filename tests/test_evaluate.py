@@ -84,6 +84,20 @@ def test_evaluation_tables_trials_and_resume(prepared):
   assert again["table"] == summary["table"]
 
 
+def test_erasing_a_subset_draws_its_grid(prepared, tmp_path):
+  """Erasing only the second object and style (not the config's first ones):
+  the grid shows those, with a no-erasure row and one row per method each."""
+  work, model_dir = prepared
+  c = _config(work, model_dir)
+  c.evaluate.update(dict(objects=("dog",), styles=("pastel",), sequential=False,
+                         out_dir=str(tmp_path / "eval_subset")))
+  summary = evaluate.run(c, judge=StubJudge(), progress=False)
+  assert summary["erasure_grid"]["rows"] == [
+      "dog: no erasure", "dog: saeuron", "dog: saemnesia",
+      "pastel: no erasure", "pastel: saeuron", "pastel: saemnesia"]
+  assert (tmp_path / "eval_subset" / "erasure_grid.png").exists()
+
+
 def test_a_sweep_compiles_the_sampler_once(prepared):
   work, model_dir = prepared
   ctx = evaluate.Evaluation(_config(work, model_dir), judge=StubJudge())
