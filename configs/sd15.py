@@ -25,13 +25,18 @@ The SAE stages at the published recipes (METHOD.md sections 2-3):
 SAeUron: d_in 1280, 20,480 latents (expansion 16), k 32, BatchTopK, Adam
 4e-4 with linear decay, eps 6.25e-10, clip 1.0, 4,096 tokens per batch.
 SAEmnesia: fine-tune of that SAE, Adam 5e-6, 128 maps per batch, early
-stopping with patience 5 on a 20% validation split. The UnlearnCanvas style
-names are not listed here (they could not be checked offline): pass them
-with ``--config.concepts.styles="('Van_Gogh', ...)"``.
+stopping with patience 5 on a 20% validation split. configs/sd15_sup.py
+holds that fine-tune's settings.
+
+Evaluation judges with UnlearnCanvas' ViT-L classifiers (run in JAX, read with
+torch): --config.evaluate.classifier_dir=<folder with style_classifier.pth and
+object_classifier.pth>. The 50 style and 20 object names are the
+classifiers' class names (saemnesia_jax/unlearncanvas.py, from the public
+UnlearnCanvas evaluation code).
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax import config_defaults, unlearncanvas
 
 
 def get_config():
@@ -54,10 +59,8 @@ def get_config():
   config.prompts = ("A Dogs image in Van_Gogh style.",)
   config.seeds = (188, 288, 588, 688, 888)
   config.concepts = ml_collections.ConfigDict(dict(
-      objects=("Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame",
-               "Flowers", "Frogs", "Horses", "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea",
-               "Statues", "Towers", "Trees", "Waterfalls"),
-      styles=(),  # the 50 UnlearnCanvas styles: give them on the command line
+      objects=unlearncanvas.OBJECT_CLASSES,
+      styles=unlearncanvas.STYLES,  # the 50 UnlearnCanvas styles (Seed_Images is the no-style class)
       style_template="A {object} image in {style} style.",
       anchor_templates=("A {object} image.",),
   ))
