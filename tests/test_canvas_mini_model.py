@@ -35,11 +35,10 @@ def test_shipped_model_draws_every_concept(config):
   po, ps = classifiers.predict(classifiers.load_classifiers(), imgs)
   obj = np.array([p.object_id for p in grid])
   sty = np.array([data.NO_STYLE_ID if p.style_id < 0 else p.style_id for p in grid])
-  # Objects meet issue 3's bar (90%); styles do not yet (bar 85%; the build
-  # measured 70.9% over five seeds: Neon, Pastel, Sunset and Blueprint are
-  # drawn with colours the classifier rejects), so this guards what holds now.
+  # Issue 3's bar: objects 90%, styles 85% (the build measured 100% / 98.4%
+  # over five seeds at the shipped guidance scale).
   assert np.mean(po == obj) >= 0.90, f"object accuracy {np.mean(po == obj):.3f}"
-  assert np.mean(ps == sty) >= 0.60, f"style accuracy {np.mean(ps == sty):.3f}"
+  assert np.mean(ps == sty) >= 0.85, f"style accuracy {np.mean(ps == sty):.3f}"
 
 
 def test_build_report_records_the_evaluation():
@@ -47,4 +46,6 @@ def test_build_report_records_the_evaluation():
   best = next(r for r in report["evaluations"] if r["guidance_scale"] == report["chosen_guidance_scale"])
   assert best["n"] == 550  # every object x style-class pair, five seeds
   assert best["object_accuracy"] >= 0.90 and min(best["object_per_class"].values()) >= 0.75
+  assert best["style_accuracy"] >= 0.85 and min(best["style_per_class"].values()) >= 0.75
   assert set(best["style_per_class"]) == set(data.STYLE_CLASSES)
+  assert set(best["object_per_class"]) == set(data.OBJECTS)
