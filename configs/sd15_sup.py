@@ -6,24 +6,14 @@ stopping (patience 5) on a 20% validation split.
   python -m saemnesia_jax.train  --config configs/sd15_sup.py --config.model.path=...
   python -m saemnesia_jax.scores --config configs/sd15_sup.py --config.model.path=...
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from saemnesia_jax import config_defaults
 
 
-def _base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py")
-  spec = importlib.util.spec_from_file_location("sd15_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config() -> ml_collections.ConfigDict:
   # 150 epochs of the 80% train split: 83,200 prompts x 50 steps x 0.8 / 128 maps.
+  base = config_defaults.sibling_config(__file__, "sd15.py")
   return config_defaults.make_supervised(
-      _base(), steps=150 * 83_200 * 50 * 8 // 10 // 128, batch_size=128, learning_rate=5e-6,
+      base, steps=150 * 83_200 * 50 * 8 // 10 // 128, batch_size=128, learning_rate=5e-6,
       lr_decay="constant", adam_eps=1e-8, eval_every=1000, patience=5)

@@ -136,3 +136,15 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
     raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")
   config.train.update(train)
   return config
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file ``name`` beside ``config_file`` (a
+  config built on another, loaded by path: configs/ is not a package)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"_saemnesia_config_{os.path.splitext(name)[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
