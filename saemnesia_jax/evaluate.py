@@ -39,7 +39,7 @@ import numpy as np
 
 from saemnesia_jax import clamp, concepts, metrics
 from saemnesia_jax import units as units_lib
-from saemnesia_jax.io_utils import atomic_write_json
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json
 
 METHODS = ("none", "saeuron", "saemnesia")
 
@@ -280,6 +280,11 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   n_concepts = len(targets(config))
   trials = {m: len(settings(config, m)) for m in ev.methods if m != "none"}
   metrics.write_table(os.path.join(out_dir, "table"), rows)
+  # What each method cost: sweep trials (per concept and in all) and sampling + judging time.
+  cost = ["| method | trials per concept | trials | wall (min) |", "|---|---|---|---|"]
+  cost += [f"| {m} | {trials.get(m, 0)} | {trials.get(m, 0) * n_concepts} | {wall.get(m, 0.0) / 60:.1f} |"
+           for m in ev.methods]
+  atomic_write_bytes(os.path.join(out_dir, "cost.md"), ("\n".join(cost) + "\n").encode())
   seq_rows = {}
   for u in seqs:
     met = _metrics(results.read(u), "object", u["objects"], config)
@@ -311,7 +316,7 @@ def _plot_sequential(path, seq_rows):
   axes[0].legend()
   fig.suptitle("Sequential unlearning")
   fig.tight_layout()
-  metrics.atomic_write_bytes(path, metrics._png(fig))
+  atomic_write_bytes(path, metrics._png(fig))
   plt.close(fig)
 
 

@@ -66,6 +66,8 @@ def test_evaluation_tables_trials_and_resume(prepared):
   out = work / "eval"
   for name in ("table.md", "table.csv", "sequential.md", "sequential.png", "summary.json", "erasure_grid.png"):
     assert (out / name).exists(), name
+  cost = (out / "cost.md").read_text()
+  assert "| saeuron | 2 | 8 |" in cost and "| saemnesia | 2 | 8 |" in cost, cost
   table = (out / "table.md").read_text()
   assert "| saemnesia |" in table and "| saeuron |" in table and "| none |" in table
   # Trials: SAEmnesia sweeps gamma only, SAeUron percentile x gamma.
