@@ -110,6 +110,7 @@ class Evaluation:
     if "saemnesia" in self.methods and "assignment" not in self.methods["saemnesia"]["scores"]:
       raise ValueError("the SAEmnesia scores hold no assignment")
     self._samplers: dict[int, Any] = {}
+    self.max_latents = int(ev.max_latents)  # clamp entries; grows if a unit selects more
     # Any SAE will do for the no-erasure runs: an empty clamp is exact.
     any_sae = next(iter(self.methods.values()), None)
     self._identity = any_sae
@@ -141,10 +142,17 @@ class Evaluation:
   def spec(self, method: str, erase: list[tuple[str, str, dict]], sampler) -> clamp.ClampSpec:
     n_steps = len(sampler.timesteps)
     if method == "none":
-      return clamp.empty_spec(n_steps, self.config.evaluate.max_latents)
+      return clamp.empty_spec(n_steps, self.max_latents)
     entries = [self.entry(method, d, n, s) for d, n, s in erase]
+    m = sum(len(e.latents) for e in entries)
+    if m > self.max_latents:
+      # Sequential unlearning of many concepts can select more latents than
+      # the sweep did: grow the spec (one more compile) rather than fail late.
+      grown = 1 << (m - 1).bit_length()
+      print(f"the clamp selects {m} latents; max_latents {self.max_latents} -> {grown} (one more compile)")
+      self.max_latents = grown
     return clamp.build_spec(entries, sampler.timesteps, self.methods[method]["scores"]["timesteps"],
-                            self.config.evaluate.max_latents)
+                            self.max_latents)
 
   # ---------------------------------------------------------------- units
 

@@ -110,6 +110,21 @@ def test_a_sweep_compiles_the_sampler_once(prepared):
   assert sampler.n_traces == 1
 
 
+def test_spec_grows_when_a_unit_selects_more_latents(prepared):
+  """Sequential unlearning can select more latents than max_latents: the spec
+  grows to the next power of two instead of failing after the sweep."""
+  work, model_dir = prepared
+  c = _config(work, model_dir)
+  c.evaluate.max_latents = 1
+  ctx = evaluate.Evaluation(c, judge=StubJudge())
+  sampler = ctx.sampler(ctx.methods["saemnesia"]["k"])
+  erase = [("object", "cat", {"gamma": -5.0}), ("object", "dog", {"gamma": -5.0}),
+           ("style", "neon", {"gamma": -5.0})]
+  spec = ctx.spec("saemnesia", erase, sampler)
+  assert ctx.max_latents == 4 and spec.latents.shape == (4,)
+  assert spec.active[:, :3].all() and not spec.active[:, 3].any()  # three assigned latents, one padding
+
+
 def test_unknown_concept_lists_the_known_ones(prepared):
   work, model_dir = prepared
   c = _config(work, model_dir)
