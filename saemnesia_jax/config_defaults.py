@@ -128,7 +128,6 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
   workdir = config.get_ref("workdir")
   config.sae.mode = "supervised"
   config.sae.init_from = workdir + "/sae_unsup/export"
-  config.sae.scores_dir = workdir + "/sae_unsup/scores"
   config.scores.sae_dir = workdir + "/sae_sup/export"
   config.train.name = "sae_sup"
   extra = set(train) - set(TRAIN)

@@ -328,7 +328,7 @@ def _plot_sequential(path, seq_rows):
   plt.close(fig)
 
 
-def _grid_prompts(config, domain: str, name: str, n_with: int = 3, n_without: int = 2) -> list[str]:
+def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
   """Prompts for one erased concept: ``n_with`` that contain it, then ``n_without`` that do not."""
   objs, stys = list(config.concepts.objects), list(config.concepts.styles)
   fmt = config.concepts.style_template.format
@@ -343,9 +343,9 @@ def _grid_prompts(config, domain: str, name: str, n_with: int = 3, n_without: in
 
 def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) -> dict:
   """Rows: for a few erased concepts (``per_domain`` objects and styles), the
-  same five prompts without erasure and with each method's chosen erasure;
-  the first three prompts contain the concept (they should lose it), the last
-  two do not (they should not change)."""
+  same prompts without erasure and with each method's chosen erasure; the
+  first (up to three) prompts contain the concept (they should lose it), the
+  last (up to two) do not (they should not change)."""
   from saemnesia_jax import images as img_utils
   from saemnesia_jax.sampler import sample_prompts
   config = ev_ctx.config
@@ -353,7 +353,10 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   shown = ([t for t in chosen_targets if t[0] == "object"][:per_domain] +
            [t for t in chosen_targets if t[0] == "style"][:per_domain])
   seed = int(config.evaluate.eval_seeds[0])
-  prompts = {t: _grid_prompts(config, *t) for t in shown}
+  # Every row the same width, also with fewer than three concepts in a domain.
+  n_with = min(3, len(config.concepts.objects), len(config.concepts.styles))
+  n_without = min(2, n_with)
+  prompts = {t: _grid_prompts(config, *t, n_with, n_without) for t in shown}
   identity = ev_ctx._identity
   sampler = ev_ctx.sampler(identity["k"])
   # No erasure: every concept's prompts in one batch.
@@ -373,13 +376,12 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
                                  progress=False))
       labels.append(f"{name}: {m}")
   imgs = np.concatenate(rows)
-  n_cols = imgs.shape[0] // len(rows)
-  g = img_utils.grid(imgs, len(rows), n_cols, scale=4, row_labels=labels,
-                     col_labels=["with 1", "with 2", "with 3", "without 1", "without 2"][:n_cols],
+  cols = [f"with {i + 1}" for i in range(n_with)] + [f"without {i + 1}" for i in range(n_without)]
+  g = img_utils.grid(imgs, len(rows), len(cols), scale=4, row_labels=labels, col_labels=cols,
                      label_width=150)
   path = os.path.join(out_dir, "erasure_grid.png")
   img_utils.save_image(path, g)
-  return {"path": path, "rows": labels}
+  return {"path": path, "rows": labels, "columns": cols}
 
 
 # -------------------------------------------------------------------- run

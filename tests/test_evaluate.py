@@ -97,6 +97,8 @@ def test_erasing_a_subset_draws_its_grid(prepared, tmp_path):
   assert summary["erasure_grid"]["rows"] == [
       "dog: no erasure", "dog: saeuron", "dog: saemnesia",
       "pastel: no erasure", "pastel: saeuron", "pastel: saemnesia"]
+  # tiny has 2 objects and 2 styles: 2 prompts with the concept and 2 without.
+  assert summary["erasure_grid"]["columns"] == ["with 1", "with 2", "without 1", "without 2"]
   assert (tmp_path / "eval_subset" / "erasure_grid.png").exists()
 
 
