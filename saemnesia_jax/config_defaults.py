@@ -1,5 +1,5 @@
 """Defaults of the stage sections shared by every config (collect, sae, train,
-scores, evaluate), documented once; a config file takes them and overrides values.
+scores, probe, evaluate), documented once; a config file takes them and overrides values.
 
   from saemnesia_jax import config_defaults
   config_defaults.add_stage_sections(config, sae=dict(k=8), train=dict(steps=3000))
@@ -79,6 +79,17 @@ SCORES = dict(
     mass_fraction=0.9,  # the association report's "latents to reach this share of the score mass"
 )
 
+# The linear probe of a block's map-mean activations (stage probe): does the block carry the concepts?
+PROBE = dict(
+    steps=1500,  # Adam steps of the softmax regression
+    batch_size=256,  # maps
+    learning_rate=3e-3,
+    val_fraction=0.2,  # held out by (prompt, seed), as the trainer's split
+    split_seed=0,
+    seed=0,
+    out_dir="",  # '' -> {workdir}/probe
+)
+
 # Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
 EVALUATE = dict(
     out_dir="",  # '' -> {workdir}/eval
@@ -101,7 +112,8 @@ EVALUATE = dict(
     grids=True,
 )
 
-SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "evaluate": EVALUATE}
+SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "probe": PROBE,
+            "evaluate": EVALUATE}
 
 
 def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> ml_collections.ConfigDict:

@@ -1,0 +1,159 @@
+"""Does the hooked block carry the concepts? A linear probe on map-mean activations.
+
+SAEmnesia supervises each assigned latent's *map mean* (METHOD.md section 3)
+and SAeUron's importance scores are map means of TopK codes (section 4): both
+presuppose that a concept moves the map-averaged activation of the hooked
+block along some direction. This stage measures that premise on a collected
+store before any SAE is trained: the held-out accuracy of a softmax
+regression from a map's mean activation (d_in numbers) to its object and to
+its style. A probe near chance says no map-mean latent of any SAE on this
+block can single the concept out; pick a block where the probe is high.
+
+  python -m saemnesia_jax.collect --config configs/canvas_mini.py --config.block=up_blocks.1.attentions.0 \\
+      --config.workdir=runs/probe_up10
+  python -m saemnesia_jax.probe   --config configs/canvas_mini.py --config.block=up_blocks.1.attentions.0 \\
+      --config.workdir=runs/probe_up10
+
+Settings (``config.probe``): steps, batch_size (maps), learning_rate (Adam),
+val_fraction / split_seed (the held-out maps: split by (prompt, seed) with the
+store reader's hash, so no image is on both sides), seed, out_dir ('' ->
+{workdir}/probe). Writes probe.json: per domain the number of classes,
+chance (the majority class's share of the held-out maps), the held-out
+accuracy overall and per sampling step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from saemnesia_jax import common
+from saemnesia_jax import io_utils
+from saemnesia_jax import store as store_lib
+
+
+class ProbeError(ValueError):
+  """The store or the settings of the probe stage do not fit together."""
+
+
+def map_means(store: store_lib.Store, batch_size: int = 256, progress: bool = True
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Every stored map's mean over its tokens, streamed: ((n_maps, d_in) float32, labels field -> (n_maps,)).
+
+  Only d_in numbers per map stay in memory, so SD-sized stores fit too.
+  """
+  reader = store_lib.MapBatches(store, 1, seed=0, split="all", shuffle=False, drop_remainder=False,
+                                num_epochs=1, dtype=None, process_index=0, process_count=1)
+  n = len(reader.rows)
+  b = min(batch_size, n)
+  reader = store_lib.MapBatches(store, b, seed=0, split="all", shuffle=False, drop_remainder=False,
+                                num_epochs=1, dtype=None, process_index=0, process_count=1)
+  means, labels = [], {f: [] for f in store.label_fields}
+  for x, lab in tqdm(reader, total=reader.batches_per_epoch(), desc="map means", unit="batch",
+                     disable=not progress):
+    means.append(np.asarray(x, np.float32).mean(axis=1))
+    for f in store.label_fields:
+      labels[f].append(np.asarray(lab[f]))
+  return np.concatenate(means), {f: np.concatenate(v) for f, v in labels.items()}
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int = 1500, batch_size: int = 256,
+              learning_rate: float = 3e-3, seed: int = 0) -> dict[str, jax.Array]:
+  """Softmax regression on standardised features; rows with y < 0 are ignored.
+
+  Returns {"W" (d, C), "b" (C,), "mean" (d,), "scale" (d,)}; ``predict`` applies it.
+  """
+  keep = y >= 0
+  x, y = np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
+  if len(x) == 0:
+    raise ProbeError("fit_probe: no labelled rows to fit")
+  mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6  # activations span orders of magnitude per channel
+  xs = jnp.asarray((x - mean) / scale)
+  params = {"W": jnp.zeros((x.shape[1], n_classes)), "b": jnp.zeros((n_classes,))}
+  opt = optax.adam(learning_rate)
+
+  @jax.jit
+  def step(params, opt_state, idx):
+    def loss(p):
+      logits = xs[idx] @ p["W"] + p["b"]
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]))
+    grads = jax.grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = opt.init(params)
+  y = jnp.asarray(y)
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state, jnp.asarray(rng.integers(0, len(x), min(batch_size, len(x)))))
+  return {**params, "mean": jnp.asarray(mean), "scale": jnp.asarray(scale)}
+
+
+def predict(probe: dict[str, jax.Array], x: np.ndarray) -> np.ndarray:
+  z = (jnp.asarray(x, jnp.float32) - probe["mean"]) / probe["scale"]
+  return np.asarray(jnp.argmax(z @ probe["W"] + probe["b"], axis=-1))
+
+
+def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is_val: np.ndarray,
+                 n_classes: int, **fit_kw: Any) -> dict[str, Any]:
+  """Fits on the training maps and scores the held-out ones (maps with y < 0 are left out)."""
+  train, val = (~is_val) & (y >= 0), is_val & (y >= 0)
+  if not train.any() or not val.any():
+    raise ProbeError(f"the split leaves {int(train.sum())} training and {int(val.sum())} held-out maps; "
+                     "both must be non-empty (raise probe.val_fraction or collect more seeds)")
+  probe = fit_probe(means[train], y[train], n_classes, **fit_kw)
+  hit = predict(probe, means[val]) == y[val]
+  counts = np.bincount(y[val], minlength=n_classes)
+  per_step = {int(s): float(hit[steps_of_maps[val] == s].mean()) for s in np.unique(steps_of_maps[val])}
+  return {"n_classes": int(n_classes), "n_train": int(train.sum()), "n_val": int(val.sum()),
+          "chance": float(counts.max() / counts.sum()), "accuracy": float(hit.mean()),
+          "worst_step_accuracy": float(min(per_step.values())), "per_step": per_step}
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  p = config.probe
+  path = config.collect.store_path or os.path.join(config.workdir, "activations")
+  st = store_lib.open_store(path)
+  if st.manifest["identity"].get("block") != config.block:
+    raise ProbeError(f"the store at {path} holds {st.manifest['identity'].get('block')!r}, the config asks for "
+                     f"{config.block!r}: collect this block first (python -m saemnesia_jax.collect with the "
+                     "same --config.block and --config.workdir)")
+  grid = st.manifest["identity"].get("prompt_grid", {})
+  names = {"object": list(grid.get("objects", [])), "style": list(grid.get("styles", []))}
+  means, labels = map_means(st)
+  fields = st.label_fields
+  keys = np.stack([labels[f] for f in ("prompt", "seed")], axis=1)
+  is_val = store_lib.split_hash(keys, p.split_seed) < p.val_fraction
+  report: dict[str, Any] = {"block": config.block, "store": os.path.abspath(path), "d_in": st.d_in,
+                            "tokens_per_map": st.tokens_per_map, "n_maps": int(len(means)), "domains": {}}
+  fit_kw = dict(steps=p.steps, batch_size=p.batch_size, learning_rate=p.learning_rate, seed=p.seed)
+  for field in ("object", "style"):
+    if field not in fields or not names[field]:
+      continue
+    report["domains"][field] = probe_domain(means, labels[field], labels["step"], is_val, len(names[field]),
+                                            **fit_kw)
+  out_dir = p.out_dir or os.path.join(config.workdir, "probe")
+  os.makedirs(out_dir, exist_ok=True)
+  io_utils.atomic_write_json(os.path.join(out_dir, "probe.json"), report)
+  print(format_report(report))
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  lines = [f"linear probe on map-mean activations of {report['block']} "
+           f"({report['n_maps']} maps, d_in {report['d_in']}, {report['tokens_per_map']} tokens per map)",
+           f"{'domain':8s} {'classes':>7s} {'chance':>7s} {'held-out acc':>12s} {'worst step':>10s}"]
+  for name, d in report["domains"].items():
+    lines.append(f"{name:8s} {d['n_classes']:7d} {d['chance']:7.3f} {d['accuracy']:12.3f} "
+                 f"{d['worst_step_accuracy']:10.3f}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  common.run_main(run)
