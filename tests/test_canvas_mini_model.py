@@ -26,8 +26,8 @@ def test_shipped_model_draws_every_concept(config):
   pipe = common.load_model(config)  # the ordinary model layer, as for any SD checkpoint
   assert pipe.path == os.path.abspath(PIPELINE_DIR) and pipe.vae is None
   sampler = common.make_sampler(config, pipe, capture=True)
-  # The hooked block of the config: 8 x 8 tokens of d_in 64.
-  assert sampler.block_output_shape() == (8, 8, 64)
+  # The hooked block of the config (mid_block.attentions.0): 4 x 4 tokens of d_in 64.
+  assert sampler.block_output_shape() == (4, 4, 64)
   grid = [p for p in concepts.prompt_grid(config.concepts) if p.variant == 0]  # 100 styled + 10 plain
   assert len(grid) == data.N_OBJECTS * data.N_STYLE_CLASSES
   imgs = sample_prompts(sampler, [p.prompt for p in grid], [188] * len(grid),
