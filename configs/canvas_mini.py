@@ -34,9 +34,8 @@ The hooked block is the mid block's cross-attention transformer,
 the block that matches the papers' ``up_blocks.1.attentions.1`` (the same
 name here, 8x8 = 64 tokens), because there this model does not carry its
 objects in the map mean, which SAeUron's scores and SAEmnesia's supervision
-both read. The
-probe stage measured it (softmax regression from a map's mean activation,
-held-out prompts, 4 seeds; 2 seeds for the blocks marked *):
+both read. The probe stage measured it (softmax regression from a map's mean
+activation, held-out prompts, 4 seeds; 2 seeds for the blocks marked *):
 
   block                        object acc  style acc   (chance 0.11-0.16)
   down_blocks.1.attentions.0*     0.756      1.000

@@ -48,12 +48,10 @@ def map_means(store: store_lib.Store, batch_size: int = 256, progress: bool = Tr
 
   Only d_in numbers per map stay in memory, so SD-sized stores fit too.
   """
-  reader = store_lib.MapBatches(store, 1, seed=0, split="all", shuffle=False, drop_remainder=False,
-                                num_epochs=1, dtype=None, process_index=0, process_count=1)
-  n = len(reader.rows)
-  b = min(batch_size, n)
-  reader = store_lib.MapBatches(store, b, seed=0, split="all", shuffle=False, drop_remainder=False,
-                                num_epochs=1, dtype=None, process_index=0, process_count=1)
+  # The reader refuses an incomplete store, so every one of its n_maps is read.
+  reader = store_lib.MapBatches(store, min(batch_size, store.n_maps), seed=0, split="all", shuffle=False,
+                                drop_remainder=False, num_epochs=1, dtype=None, process_index=0,
+                                process_count=1)
   means, labels = [], {f: [] for f in store.label_fields}
   for x, lab in tqdm(reader, total=reader.batches_per_epoch(), desc="map means", unit="batch",
                      disable=not progress):
@@ -78,20 +76,22 @@ def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int = 1500
   params = {"W": jnp.zeros((x.shape[1], n_classes)), "b": jnp.zeros((n_classes,))}
   opt = optax.adam(learning_rate)
 
+  # The data are arguments, not closed over: a closure would bake them into the program as constants.
   @jax.jit
-  def step(params, opt_state, idx):
+  def step(params, opt_state, xs, ys, idx):
     def loss(p):
       logits = xs[idx] @ p["W"] + p["b"]
-      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]))
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ys[idx]))
     grads = jax.grad(loss)(params)
     updates, opt_state = opt.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state
 
   opt_state = opt.init(params)
-  y = jnp.asarray(y)
+  ys = jnp.asarray(y)
   rng = np.random.default_rng(seed)
   for _ in range(steps):
-    params, opt_state = step(params, opt_state, jnp.asarray(rng.integers(0, len(x), min(batch_size, len(x)))))
+    idx = jnp.asarray(rng.integers(0, len(x), min(batch_size, len(x))))
+    params, opt_state = step(params, opt_state, xs, ys, idx)
   return {**params, "mean": jnp.asarray(mean), "scale": jnp.asarray(scale)}
 
 
