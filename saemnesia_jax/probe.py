@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from saemnesia_jax import collect
 from saemnesia_jax import common
 from saemnesia_jax import io_utils
 from saemnesia_jax import store as store_lib
@@ -118,7 +119,7 @@ def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   p = config.probe
-  path = config.collect.store_path or os.path.join(config.workdir, "activations")
+  path = collect.store_path(config)
   st = store_lib.open_store(path)
   if st.manifest["identity"].get("block") != config.block:
     raise ProbeError(f"the store at {path} holds {st.manifest['identity'].get('block')!r}, the config asks for "
