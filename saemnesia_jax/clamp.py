@@ -16,10 +16,13 @@ A ``ClampSpec`` is a pytree of arrays with a fixed number ``M`` of entries
 (padding entries are inactive), passed to the jitted sampler as the edit's
 parameters: a sweep over gamma, over concepts or over selections reuses one
 compiled sampler. Entry m is latent ``latents[m]``, active at sampler step s
-when ``active[s, m]``, with multiplier ``gamma[m]``, scale
-``mu_target = scale[s, m]`` and threshold ``threshold[s, m]`` (both in the
-SAE's activation units). Several concepts erased at once simply contribute
-several entries (sequential unlearning: the union of their latents).
+when ``active[s, m]``, with multiplier ``multiplier[s, m] = gamma *
+mu_target(i, t)`` (gamma is unitless; mu_target and the threshold
+``threshold[s, m]`` are in the SAE's activation units, so the multiplier is
+too). Several concepts erased at once (sequential unlearning) edit the union
+of their latents, each latent once: where several concepts select the same
+latent at a step, the most negative of their multipliers applies (the
+strongest erasure among them), not the sum of their edits.
 """
 from __future__ import annotations
 
@@ -33,17 +36,16 @@ from saemnesia_jax import sae as sae_lib
 
 
 class ClampSpec(NamedTuple):
-  latents: jax.Array  # (M,) int32 latent ids
+  latents: jax.Array  # (M,) int32 latent ids, each at most once
   active: jax.Array  # (n_steps, M) bool: entry m applies at sampler step s
-  scale: jax.Array  # (n_steps, M) float32: mu_target(i, t)
+  multiplier: jax.Array  # (n_steps, M) float32: gamma * mu_target(i, t)
   threshold: jax.Array  # (n_steps, M) float32
-  gamma: jax.Array  # (M,) float32 multipliers (negative)
 
 
 def empty_spec(n_steps: int, m: int) -> ClampSpec:
   """A spec with M inactive entries: the identity edit."""
   return ClampSpec(np.zeros(m, np.int32), np.zeros((n_steps, m), bool), np.zeros((n_steps, m), np.float32),
-                   np.zeros((n_steps, m), np.float32), np.zeros(m, np.float32))
+                   np.zeros((n_steps, m), np.float32))
 
 
 def clamp(sae_params: dict, spec: ClampSpec, x: jax.Array, step: jax.Array, k: int) -> jax.Array:
@@ -55,7 +57,7 @@ def clamp(sae_params: dict, spec: ClampSpec, x: jax.Array, step: jax.Array, k: i
   hit = indices[:, :, None] == spec.latents[None, None, :]  # (N, k, M)
   z_sel = jnp.einsum("nk,nkm->nm", values, hit.astype(values.dtype))
   on = spec.active[step][None] & (z_sel > spec.threshold[step][None])
-  delta = jnp.where(on, (spec.gamma[None] * spec.scale[step][None] - 1.0) * z_sel, 0.0)  # z_edit - z
+  delta = jnp.where(on, (spec.multiplier[step][None] - 1.0) * z_sel, 0.0)  # z_edit - z
   w = jnp.take(sae_params["W_dec"], spec.latents, axis=0)  # (M, d_in)
   return (tokens + delta @ w).reshape(shape).astype(dtype)
 
@@ -115,26 +117,36 @@ def concept_entry(mu_c: np.ndarray, threshold: np.ndarray, gamma: float, *,
 
 def build_spec(entries: Sequence[Entry], sampler_timesteps: Sequence[int], score_timesteps: Sequence[int],
                max_latents: int) -> ClampSpec:
-  """The union of ``entries`` as a ClampSpec of ``max_latents`` entries, per sampler step."""
+  """The union of ``entries`` as a ClampSpec of ``max_latents`` entries, per sampler step.
+
+  A latent selected by several entries gets one spec entry: active where any
+  of them is, with the most negative of their multipliers at each step.
+  """
   smap = step_map(sampler_timesteps, score_timesteps)
   n = len(smap)
-  lat, act, scale, thr, gam = [], [], [], [], []
-  for e in entries:
-    lat.append(e.latents)
-    act.append(e.active[smap])
-    scale.append(e.mu[smap][:, e.latents])
-    thr.append(e.threshold[smap][:, e.latents])
-    gam.append(np.full(len(e.latents), e.gamma, np.float32))
-  m = sum(len(x) for x in lat)
+  latents = sorted({int(i) for e in entries for i in e.latents}, key=[int(i) for e in entries
+                                                                       for i in e.latents].index)
+  m = len(latents)
   if m > max_latents:
     raise ValueError(f"the clamp selects {m} latents but the spec holds max_latents={max_latents}: "
                      "raise config.evaluate.max_latents (one compile per size) or select fewer")
   spec = empty_spec(n, max_latents)
+  act = np.zeros((n, m), bool)
+  mult = np.full((n, m), np.inf, np.float32)
+  thr = np.zeros((n, m), np.float32)
+  col = {lat: j for j, lat in enumerate(latents)}
+  for e in entries:
+    js = np.array([col[int(i)] for i in e.latents], np.int64)
+    on = e.active[smap]  # (n, len(e.latents))
+    mu = e.mu[smap][:, e.latents] * np.float32(e.gamma)
+    act[:, js] |= on
+    mult[:, js] = np.where(on, np.minimum(mult[:, js], mu), mult[:, js])
+    thr[:, js] = e.threshold[smap][:, e.latents]  # the same for every concept: mean over all of them
+  mult[~act] = 0.0
   if m:
     spec = ClampSpec(
-        np.concatenate([np.concatenate(lat), spec.latents[m:]]).astype(np.int32),
-        np.concatenate([np.concatenate(act, 1), spec.active[:, m:]], 1),
-        np.concatenate([np.concatenate(scale, 1), spec.scale[:, m:]], 1).astype(np.float32),
-        np.concatenate([np.concatenate(thr, 1), spec.threshold[:, m:]], 1).astype(np.float32),
-        np.concatenate([np.concatenate(gam), spec.gamma[m:]]).astype(np.float32))
+        np.concatenate([np.asarray(latents, np.int32), spec.latents[m:]]),
+        np.concatenate([act, spec.active[:, m:]], 1),
+        np.concatenate([mult, spec.multiplier[:, m:]], 1).astype(np.float32),
+        np.concatenate([thr, spec.threshold[:, m:]], 1).astype(np.float32))
   return spec

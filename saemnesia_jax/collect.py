@@ -18,7 +18,13 @@ u % count == p, all writing one store.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("collect")
+
+import json
 import os
+import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -27,7 +33,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from saemnesia_jax import common, concepts, store
+from saemnesia_jax import common, concepts, runs, store
+from saemnesia_jax.errors import RunMismatchError
+from saemnesia_jax.io_utils import read_json
 
 
 def store_path(config: ml_collections.ConfigDict) -> str:
@@ -88,9 +96,39 @@ def prepare(config: ml_collections.ConfigDict) -> Collection:
       dtype=c.dtype,
       info={"model_dir": pipe.path, "model_dtype": config.model.dtype,
             "timesteps": sampler.timesteps.tolist(), "block_shape": [h, w, d_in]})
+  _check_existing(store_path(config), manifest, config.overwrite)
   st = store.open_store(store_path(config), manifest, create=True)
   return Collection(config, pipe, sampler, st, grid, trajs,
                     pipe.tokenize([p.prompt for p in grid]), pipe.tokenize([""] * bs))
+
+
+def _check_existing(path: str, manifest: dict, overwrite: bool) -> None:
+  """An existing store must be this collection's (its manifest is the
+  fingerprint): else refuse, naming each difference, or with ``overwrite``
+  delete it."""
+  mpath = os.path.join(path, "manifest.json")
+  if not os.path.isfile(mpath):
+    return
+  found = read_json(mpath)
+  diffs = runs.differences({"settings": _identity(found)}, {"settings": _identity(manifest)})
+  if not diffs:
+    return
+  if jax.process_index() == 0 and overwrite:
+    print(f"overwrite: deleting the activation store {path} (made with {runs.describe(diffs)})")
+    shutil.rmtree(path)
+    return
+  if not overwrite:
+    raise RunMismatchError(
+        f"the activation store {path} was collected with other settings: {runs.describe(diffs)}.\n"
+        "Collect into another --config.collect.store_path (or --config.workdir), or add "
+        "--config.overwrite=True to delete it and collect again.")
+
+
+def _identity(manifest: dict) -> dict:
+  """A manifest's identity and layout as flat fields (what a store is)."""
+  from saemnesia_jax.config_docs import flat_fields
+  m = json.loads(json.dumps({"identity": manifest["identity"], "layout": manifest["layout"]}))
+  return flat_fields(m)
 
 
 def unit_batch(col: Collection, unit: int):
@@ -143,5 +181,3 @@ def run(config: ml_collections.ConfigDict) -> dict:
   return {"path": col.store.path, "units_written": len(todo), "wall_s": wall, "summary": s}
 
 
-if __name__ == "__main__":
-  common.run_main(run)

@@ -1,10 +1,9 @@
-"""What every stage's entry point shares: loading the model a config names,
-and recording the config that produced an output."""
+"""What every stage shares: loading the model a config names, building its
+sampler, and recording the config that produced an output. (The command
+line itself is ``cli.py``.)"""
 from __future__ import annotations
 
 import os
-
-from typing import Any, Callable
 
 import ml_collections
 
@@ -29,6 +28,7 @@ def model_path(config: ml_collections.ConfigDict, create: bool = True) -> str:
   elif not path:
     path = os.path.join(config.workdir, "tiny_pipeline")
     if create and not os.path.isdir(path):
+      print(f"writing a tiny random SD-like pipeline to {path} (first use only; about a minute)", flush=True)
       models.write_tiny_pipeline(path, seed=config.model.seed)
   return path
 
@@ -41,7 +41,8 @@ def from_pt(config: ml_collections.ConfigDict) -> bool | None:
 
 def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
   """The pipeline of ``config.model`` (see ``model_path``)."""
-  return models.load_pipeline(model_path(config), dtype=config.model.dtype, from_pt=from_pt(config))
+  print(f"loading the model {model_path(config)} ({config.model.dtype})", flush=True)
+  return models.load_pipeline(model_path(config, create=False), dtype=config.model.dtype, from_pt=from_pt(config))
 
 
 def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,
@@ -52,25 +53,6 @@ def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, captu
                      batch_size=s.batch_size, capture_block=config.block if capture else None,
                      edit_block=config.block if edit_fn is not None else None)
   return Sampler(pipe, spec, edit_fn)
-
-
-def run_main(run: Callable[[ml_collections.ConfigDict], Any]) -> None:
-  """``python -m saemnesia_jax.<stage> --config configs/x.py --config.a.b=v``.
-
-  The flag is defined here, when a stage runs as the main program, so that
-  stages can import each other.
-  """
-  from absl import app, flags
-  from ml_collections import config_flags
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                    lock_config=True)
-    flags.mark_flag_as_required("config")
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<field>=<value>")
-    run(flags.FLAGS.config)  # app.run would print a returned value and exit 1
-  app.run(main)
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:

@@ -1,5 +1,10 @@
-"""Defaults of the stage sections shared by every config (collect, sae, train,
-scores, probe, evaluate), documented once; a config file takes them and overrides values.
+"""Defaults of the sections shared by every config (model, sampler, collect, sae,
+train, scores, probe, evaluate), documented once; a config file takes them and
+overrides values.
+
+Each field's documentation is the comment at the end of its line: every
+stage's ``--help`` prints it (``config_docs.py`` reads this file), so a new
+field needs one.
 
   from saemnesia_jax import config_defaults
   config_defaults.add_stage_sections(config, sae=dict(k=8), train=dict(steps=3000))
@@ -9,6 +14,40 @@ An override of a field that does not exist is an error (a typo, not a new key).
 from __future__ import annotations
 
 import ml_collections
+
+# Top-level fields of every config.
+TOP = dict(
+    workdir="runs/default",  # folder of every stage's outputs
+    block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it
+    overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
+    prompts=(),  # stage sample: the prompts to draw
+    seeds=(),  # stage sample: seeds per prompt
+)
+
+# The diffusion model (a diffusers-format directory).
+MODEL = dict(
+    path="",  # a diffusers directory; 'canvas_mini': the shipped model; '': a tiny random pipeline in workdir
+    dtype="float32",  # float32 | bfloat16 | float16: parameters and activations
+    weights="auto",  # auto (Flax if present, else PyTorch) | flax | pt
+    seed=0,  # seed of the tiny random pipeline (path '')
+)
+
+# DDIM (eta 0) with classifier-free guidance.
+SAMPLER = dict(
+    num_steps=50,  # DDIM steps
+    guidance_scale=9.0,  # classifier-free guidance scale
+    height=0,  # pixels; 0 -> the model's default size
+    width=0,  # pixels; 0 -> the model's default size
+    batch_size=4,  # prompts per jitted sampler call (each is 2 UNet rows with CFG)
+)
+
+# The prompt grid: every object x style, plus anchor prompts without a style.
+CONCEPTS = dict(
+    objects=(),  # object names (ids are positions)
+    styles=(),  # style names (ids are positions)
+    style_template="A {object} image in {style} style.",  # prompt of an (object, style) pair
+    anchor_templates=("A {object} image.",),  # prompts of an object without a style
+)
 
 COLLECT = dict(
     store_path="",  # '' -> {workdir}/activations
@@ -23,11 +62,11 @@ COLLECT = dict(
 SAE = dict(
     mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
     d_in=0,  # 0: the store's width; else it must match the store
-    expansion_factor=16,
+    expansion_factor=16,  # latents per input dimension (n_latents = d_in * this)
     n_latents=0,  # 0: d_in * expansion_factor
     k=32,  # active latents per token
     batch_topk=True,  # BatchTopK in training (SAeUron); the clamp uses per-token TopK
-    auxk_alpha=1 / 32,
+    auxk_alpha=1 / 32,  # weight of the AuxK loss (dead latents reconstruct the residual)
     k_aux=0,  # 0: d_in // 2
     dead_tokens=10_000_000,  # a latent is dead after this many tokens without firing
     sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
@@ -35,37 +74,37 @@ SAE = dict(
     assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
     scores_dir="",  # '' -> {workdir}/sae_unsup/scores
     sup_loss="bce",  # bce (released code) | softmax (per-domain cross-entropy)
-    w_sup=3.0,
-    w_l1=0.01,
-    w_decorr=0.1,
+    w_sup=3.0,  # supervised: weight of the concept loss
+    w_l1=0.01,  # supervised: weight of mean |z| (sparsity)
+    w_decorr=0.1,  # supervised: weight of the object-style latent decorrelation
 )
 
 # The SAE trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
 TRAIN = dict(
     name="sae_unsup",  # run folder under workdir
-    steps=10_000,
-    batch_size=4096,
-    learning_rate=4e-4,
+    steps=10_000,  # optimizer steps (a finished run continues to a larger value)
+    batch_size=4096,  # tokens per step (unsupervised) or maps per step (supervised)
+    learning_rate=4e-4,  # Adam's peak learning rate
     lr_decay="linear",  # linear | constant
-    final_lr_fraction=0.0,
-    adam_eps=6.25e-10,
-    grad_clip=1.0,
-    seed=0,
+    final_lr_fraction=0.0,  # linear decay ends at learning_rate * this
+    adam_eps=6.25e-10,  # Adam's epsilon
+    grad_clip=1.0,  # clip the global gradient norm to this
+    seed=0,  # parameter init, data order and the train/validation split
     val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
-    val_batches=20,
-    eval_every=250,
+    val_batches=20,  # batches per validation
+    eval_every=250,  # steps between validations (early stopping, best export)
     patience=5,  # early stopping, in evaluations without a gain
-    min_delta=0.0,
-    log_every=50,
-    ckpt_every=250,
-    keep_checkpoints=2,
+    min_delta=0.0,  # a validation loss must drop by more than this to count as a gain
+    log_every=50,  # steps between metrics.jsonl lines
+    ckpt_every=250,  # steps between checkpoints
+    keep_checkpoints=2,  # checkpoints kept on disk
     stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
-    buffer_chunks=32,
+    buffer_chunks=32,  # store chunks mixed in the reader's shuffle buffer
     init_tokens=4096,  # tokens for the geometric-median b_dec
     check_model=True,  # refuse a store made by another model (weights hash)
     mesh_shape=(-1, 1),  # (data, model); -1: the remaining devices
     sharding_rules=(("W_enc", (None, "model")), ("b_enc", ("model",)),
-                    ("W_dec", ("model", None)), (".*", ())),
+                    ("W_dec", ("model", None)), (".*", ())),  # (name regex, partition); first match wins
 )
 
 # Importance scores and the concept -> latent assignment (stage scores; METHOD.md section 3).
@@ -75,7 +114,7 @@ SCORES = dict(
     batch_size=256,  # maps per device batch
     split="all",  # all | train | val (the store reader's split)
     val_fraction=0.0,  # with split train / val: the trainer's value
-    split_seed=0,
+    split_seed=0,  # with split train / val: the trainer's seed
     mass_fraction=0.9,  # the association report's "latents to reach this share of the score mass"
 )
 
@@ -83,41 +122,53 @@ SCORES = dict(
 PROBE = dict(
     steps=1500,  # Adam steps of the softmax regression
     batch_size=256,  # maps
-    learning_rate=3e-3,
+    learning_rate=3e-3,  # Adam's learning rate
     val_fraction=0.2,  # held out by (prompt, seed), as the trainer's split
-    split_seed=0,
-    seed=0,
+    split_seed=0,  # seed of the held-out split
+    seed=0,  # parameter init and batch order
     out_dir="",  # '' -> {workdir}/probe
 )
 
 # Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
 EVALUATE = dict(
     out_dir="",  # '' -> {workdir}/eval
-    methods=("none", "saeuron", "saemnesia"),
+    methods=("none", "saeuron", "saemnesia"),  # none (no erasure) | saeuron | saemnesia
     saeuron_sae="",  # '' -> {workdir}/sae_unsup/export
     saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
     saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
     saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
     objects=(),  # concepts to erase; () -> all
-    styles=(),
+    styles=(),  # styles to erase; () -> all
     gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)
     percentiles=(99.99, 99.995, 99.999),  # SAeUron: per-step score percentile (3 / 2 / 1 of 20,480)
-    sweep_seeds=(1,),
-    eval_seeds=(188, 288, 588, 688, 888),
+    sweep_seeds=(1,),  # seeds of the answer sets that choose each concept's setting
+    eval_seeds=(188, 288, 588, 688, 888),  # held-out seeds of the reported tables
     max_latents=32,  # clamp entries (one compile per size)
-    sequential=True,
+    sequential=True,  # also erase the first 1, 2, ... objects at once
     sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
     classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)
     classifier_dir="",  # unlearncanvas: the folder with style_classifier.pth and object_classifier.pth
-    grids=True,
+    grids=True,  # write before/after image grids
 )
 
 SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "probe": PROBE,
             "evaluate": EVALUATE}
 
 
+SHARED = {"model": MODEL, "sampler": SAMPLER, "concepts": CONCEPTS}
+
+
 def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> ml_collections.ConfigDict:
-  """Adds the collect / sae / train / evaluate sections, with ``overrides`` per section."""
+  """Adds the collect / sae / train / evaluate sections, with ``overrides`` per
+  section, the top-level ``overwrite`` field, and the defaults of any model /
+  sampler / concepts field the config does not set."""
+  if "overwrite" not in config:
+    config.overwrite = TOP["overwrite"]
+  for name, defaults in SHARED.items():
+    if name in config:
+      for field, value in defaults.items():
+        if field not in config[name]:
+          config[name][field] = value
   unknown = set(overrides) - set(SECTIONS)
   if unknown:
     raise KeyError(f"unknown config sections {sorted(unknown)}; known: {sorted(SECTIONS)}")

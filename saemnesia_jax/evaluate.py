@@ -29,6 +29,10 @@ the same prompts with and without erasure.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("evaluate")
+
 import os
 import time
 from typing import Any
@@ -37,11 +41,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import clamp, concepts, metrics
+from saemnesia_jax import clamp, concepts, metrics, runs
 from saemnesia_jax import units as units_lib
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files
 
 METHODS = ("none", "saeuron", "saemnesia")
+# Fields that cannot change a unit's result: paths (their contents are
+# fingerprinted as inputs), batching, output options.
+NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scores", "evaluate.saemnesia_sae",
+              "evaluate.saemnesia_scores", "evaluate.classifier_dir", "evaluate.grids", "evaluate.max_latents",
+              "sampler.batch_size", "model.path", "model.weights", "model.seed")
+# Units are keyed by their concept, setting and seeds: a changed grid adds units.
+CONTINUABLE = ("evaluate.methods", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
+               "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.sequential",
+               "evaluate.sequential_objects")
 
 
 # -------------------------------------------------------------- classifiers
@@ -59,6 +72,8 @@ class CanvasMiniJudge:
     from saemnesia_jax.canvas_mini import classifiers, data
     self._lib, self._no_style = classifiers, data.NO_STYLE_ID
     self.clfs = classifiers.load_classifiers(path)
+    folder = classifiers.default_path() if path is None else path
+    self.identity = "canvas_mini:" + hash_files([os.path.join(folder, classifiers.PARAMS_FILE)])[:16]
 
   def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     obj, sty = self._lib.predict(self.clfs, images)
@@ -177,6 +192,21 @@ class Evaluation:
             "true_object": np.repeat(self.true_obj, len(seeds)).tolist(),
             "true_style": np.repeat(self.true_sty, len(seeds)).tolist(),
             "wall_s": time.perf_counter() - t0}
+
+
+def fingerprint(config, ctx: Evaluation) -> dict:
+  """What determines every unit's result (see runs.py): the settings, the
+  model's weights, each method's SAE and scores, and the judge."""
+  ev = config.evaluate
+  inputs = {"weights": ctx.pipe.weights_hash(),
+            "judge": getattr(ctx.judge, "identity", type(ctx.judge).__name__)}
+  for m in ctx.methods:
+    run = "sae_unsup" if m == "saeuron" else "sae_sup"
+    inputs[f"{m}_sae"] = runs.sae_hash(_default(ev.get(f"{m}_sae"), config.workdir, run, "export"))
+    inputs[f"{m}_scores"] = hash_files([os.path.join(
+        _default(ev.get(f"{m}_scores"), config.workdir, run, "scores"), "scores.npz")])
+  return runs.make(config, ("model", "block", "sampler", "concepts", "evaluate"), NOT_RESULT, inputs,
+                   stage="evaluate")
 
 
 # ------------------------------------------------------------------- plan
@@ -393,6 +423,9 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   out_dir = _default(ev.out_dir, config.workdir, "eval")
   targets(config)  # unknown concept names fail before any work
   ctx = Evaluation(config, judge)
+  runs.begin(out_dir, fingerprint(config, ctx), overwrite=config.overwrite, continuable=CONTINUABLE,
+             fresh="--config.evaluate.out_dir=<new folder>", write=jax.process_index() == 0)
+  units_lib.barrier("evaluate-fingerprint")  # process 0 may have deleted the old outputs
   t0 = time.perf_counter()
   root = os.path.join(out_dir, "units")
   results = units_lib.UnitResults(root)
@@ -416,7 +449,3 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   print(f"wrote {out_dir}")
   return summary
 
-
-if __name__ == "__main__":
-  from saemnesia_jax import common
-  common.run_main(run)

@@ -18,11 +18,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from saemnesia_jax.errors import UserError
+
 _BLOCK_RE = re.compile(r"^(down_blocks_\d+|up_blocks_\d+|mid_block)$")
 _PART_RE = re.compile(r"^(attentions|resnets)_\d+$")
 
 
-class UnknownBlockError(KeyError):
+class UnknownBlockError(UserError, KeyError):
   def __str__(self):  # KeyError quotes its message; this one is prose
     return str(self.args[0])
 

@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from saemnesia_jax.concepts import NO_STYLE
+from saemnesia_jax.errors import UserError
 from saemnesia_jax.io_utils import atomic_write_bytes
 
 DOMAINS = ("object", "style")
@@ -64,7 +65,7 @@ PUBLISHED_TABLE1 = {
 }
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
   """Bad input to a metric: unknown concept, mismatched arrays, empty set."""
 
 

@@ -38,6 +38,8 @@ import diffusers  # noqa: E402
 from diffusers.utils import logging as _diffusers_logging  # noqa: E402
 from transformers.utils import logging as _transformers_logging  # noqa: E402
 
+from saemnesia_jax.errors import UserError  # noqa: E402
+
 _diffusers_logging.set_verbosity_error()
 _transformers_logging.set_verbosity_error()
 
@@ -66,7 +68,7 @@ VAE_FLAX_WEIGHTS = UNET_FLAX_WEIGHTS
 VAE_PT_WEIGHTS = UNET_PT_WEIGHTS
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
   """A pipeline directory is missing something or holds the wrong thing."""
 
 
@@ -484,8 +486,38 @@ def save_pipeline(path: str, unet, unet_params, text_encoder, text_params, token
   return path
 
 
+def _poison(model) -> None:
+  """Fills every float tensor of a torch model with NaN, so that a weight the
+  conversion does not fill is found afterwards (``_unfilled``)."""
+  import torch
+  with torch.no_grad():
+    for t in model.state_dict().values():
+      if t.is_floating_point():
+        t.fill_(float("nan"))
+
+
+def _unfilled(model) -> list[str]:
+  import torch
+  return [k for k, t in model.state_dict().items() if t.is_floating_point() and bool(torch.isnan(t).any())]
+
+
+def _load_linear_pairs(module, state: dict) -> None:
+  """Flax Dense weights {(name, 'kernel'|'bias'): array} into torch Linear layers of ``module``."""
+  import torch
+  sd = module.state_dict()
+  with torch.no_grad():
+    for (name, leaf), v in state.items():
+      key = f"{name}.{'weight' if leaf == 'kernel' else 'bias'}"
+      sd[key].copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32).T if leaf == "kernel" else v)))
+
+
 def _convert_to_pytorch(folder: str, safetensors: bool) -> None:
-  """Replaces the Flax weights in ``folder`` by PyTorch ones (same values)."""
+  """Replaces the Flax weights in ``folder`` by PyTorch ones (same values).
+
+  Every weight of the torch model must be filled: a name the library
+  converters do not map raises ``ModelLoadError`` instead of leaving torch's
+  random initial values in the export.
+  """
   try:
     import torch  # noqa: F401
   except ImportError as e:
@@ -504,7 +536,9 @@ def _convert_to_pytorch(folder: str, safetensors: bool) -> None:
     if sub == "text_encoder":
       from transformers import CLIPTextConfig as _Config
       from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model as _load
-      model = _load(cls(_Config.from_pretrained(d)), os.path.join(d, flax_name))
+      model = cls(_Config.from_pretrained(d))
+      _poison(model)
+      model = _load(model, os.path.join(d, flax_name))
     else:
       from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
       from flax.serialization import msgpack_restore
@@ -513,7 +547,19 @@ def _convert_to_pytorch(folder: str, safetensors: bool) -> None:
         state = flatten_dict(msgpack_restore(f.read()))
       if sub == "vae":
         state = {tuple(_VAE_ATTN_FLAX_TO_PT.get(p, p) for p in k): v for k, v in state.items()}
-      model = load_flax_weights_in_pytorch_model(cls.from_config(cls.load_config(d)), unflatten_dict(state))
+      # diffusers' converter turns 'linear_1' into 'linear.1' outside
+      # time_embedding, so SDXL's text_time add_embedding is loaded here.
+      add = {k[1:]: state.pop(k) for k in list(state) if k[0] == "add_embedding"}
+      model = cls.from_config(cls.load_config(d))
+      _poison(model)
+      model = load_flax_weights_in_pytorch_model(model, unflatten_dict(state))
+      if add:
+        _load_linear_pairs(model.add_embedding, add)
+    missing = _unfilled(model)
+    if missing:
+      raise ModelLoadError(f"exporting {d} to PyTorch left {len(missing)} weights unset "
+                           f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): the Flax and "
+                           "PyTorch names do not map; nothing was written")
     os.remove(os.path.join(d, flax_name))
     model.save_pretrained(d, safe_serialization=safetensors or sub == "text_encoder")
 

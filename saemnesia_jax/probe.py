@@ -23,6 +23,10 @@ accuracy overall and per sampling step.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("probe")
+
 import os
 from typing import Any
 
@@ -35,11 +39,12 @@ from tqdm import tqdm
 
 from saemnesia_jax import collect
 from saemnesia_jax import common
-from saemnesia_jax import io_utils
+from saemnesia_jax import io_utils, runs
 from saemnesia_jax import store as store_lib
+from saemnesia_jax.errors import UserError
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
   """The store or the settings of the probe stage do not fit together."""
 
 
@@ -125,6 +130,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ProbeError(f"the store at {path} holds {st.manifest['identity'].get('block')!r}, the config asks for "
                      f"{config.block!r}: collect this block first (python -m saemnesia_jax.collect with the "
                      "same --config.block and --config.workdir)")
+  out_dir = p.out_dir or os.path.join(config.workdir, "probe")
+  fp = runs.make(config, ("block", "probe"), ("probe.out_dir",),
+                 runs.store_identity(st.manifest, len(store_lib.done_units(st))), stage="probe")
+  runs.begin(out_dir, fp, overwrite=config.overwrite, fresh="--config.probe.out_dir=<new folder>")
   grid = st.manifest["identity"].get("prompt_grid", {})
   names = {"object": list(grid.get("objects", [])), "style": list(grid.get("styles", []))}
   means, labels = map_means(st)
@@ -139,8 +148,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       continue
     report["domains"][field] = probe_domain(means, labels[field], labels["step"], is_val, len(names[field]),
                                             **fit_kw)
-  out_dir = p.out_dir or os.path.join(config.workdir, "probe")
-  os.makedirs(out_dir, exist_ok=True)
   io_utils.atomic_write_json(os.path.join(out_dir, "probe.json"), report)
   print(format_report(report))
   return report
@@ -155,6 +162,3 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{d['worst_step_accuracy']:10.3f}")
   return "\n".join(lines)
 
-
-if __name__ == "__main__":
-  common.run_main(run)

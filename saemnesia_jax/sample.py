@@ -8,6 +8,10 @@ prompts, columns: seeds) and ``manifest.json`` (config, model, timings).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("sample")
+
 import os
 import time
 
@@ -49,6 +53,3 @@ def run(config: ml_collections.ConfigDict) -> dict:
   print(f"wrote {len(imgs)} images and grid.png to {out_dir} in {wall:.1f} s")
   return manifest
 
-
-if __name__ == "__main__":
-  common.run_main(run)

@@ -82,6 +82,10 @@ process 0 writes.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("scores")
+
 import functools
 import io
 import os
@@ -100,7 +104,8 @@ from saemnesia_jax import importance as imp
 from saemnesia_jax import sae as sae_lib
 from saemnesia_jax import sparsify_io
 from saemnesia_jax import store as store_lib
-from saemnesia_jax import supervised
+from saemnesia_jax import runs, supervised
+from saemnesia_jax.errors import UserError
 from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 FORMAT = "saemnesia_jax.scores"
@@ -117,7 +122,7 @@ AGGREGATION = "mean over steps of max(score, 0)"
 DOMAINS = ("objects", "styles")
 
 
-class ScoresError(ValueError):
+class ScoresError(UserError):
   """The SAE, the store or the settings of the scores stage do not fit together."""
 
 
@@ -640,6 +645,11 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   params, cfg, meta = load_sae(sae_dir)
   st = store_lib.open_store(s["store_path"])
   check_sae_fits_store(sae_dir, cfg, meta, st)
+  fp = runs.make(config, ("scores",), ("scores.out_dir", "scores.sae_dir", "scores.batch_size"),
+                 {"sae": runs.sae_hash(sae_dir), **runs.store_identity(st.manifest, len(store_lib.done_units(st)))},
+                 stage="scores")
+  runs.begin(out_dir, fp, overwrite=config.overwrite, fresh="--config.scores.out_dir=<new folder>",
+             write=jax.process_index() == 0)
   objects, styles = _concept_names(st, meta, config)
   k, n_latents = int(cfg["k"]), int(cfg["num_latents"])
   mode = (meta or {}).get("mode", "unsupervised")
@@ -701,6 +711,3 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
           "n_maps": int(sums["n_maps"]), "wall_s": time.perf_counter() - t0}
 
 
-if __name__ == "__main__":
-  from saemnesia_jax import common
-  common.run_main(run)

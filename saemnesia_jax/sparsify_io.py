@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from saemnesia_jax.errors import UserError
 from saemnesia_jax.io_utils import atomic_write_json, read_json
 
 CFG_FILE = "cfg.json"
@@ -36,6 +37,7 @@ _TENSORS = {
 }
 
 _DEFAULT_CFG = {
+    "activation": "topk",
     "expansion_factor": 32,
     "normalize_decoder": True,
     "num_latents": 0,
@@ -60,7 +62,7 @@ _TRAINING_ONLY = {
 }
 
 
-class SparsifyFormatError(ValueError):
+class SparsifyFormatError(UserError):
   """A folder that is not a sparsify SAE we can read, with what is wrong."""
 
 
@@ -105,6 +107,11 @@ def load_sparsify(folder: str, dtype: Any = None,
   for key, why in _UNSUPPORTED.items():
     if cfg.get(key):
       raise SparsifyFormatError(f"{cfg_path}: {why}.")
+  if cfg["activation"] != "topk":
+    # sparsify's 'groupmax' keeps the largest latent of each of k groups: other
+    # latents fire, so running it as TopK would give other codes and decodes.
+    raise SparsifyFormatError(f"{cfg_path}: activation {cfg['activation']!r} is not supported; saemnesia_jax "
+                              "runs TopK SAEs only (activation 'topk').")
   for key, why in _TRAINING_ONLY.items():
     if cfg.get(key) and not allow_training_only_options:
       raise SparsifyFormatError(f"{cfg_path}: {why}; the weights are usable for inference: pass "
@@ -164,6 +171,8 @@ def save_sparsify(params: dict[str, Any], cfg: dict[str, Any], folder: str, over
   for key in _UNSUPPORTED:
     if cfg.get(key):
       raise ValueError(f"save_sparsify: {_UNSUPPORTED[key]}.")
+  if out_cfg["activation"] != "topk":
+    raise ValueError(f"save_sparsify: activation {out_cfg['activation']!r}; these parameters are a TopK SAE.")
 
   tensors = {}
   for name, (ours, transpose) in _TENSORS.items():

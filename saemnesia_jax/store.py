@@ -103,6 +103,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from saemnesia_jax.errors import UserError
 from saemnesia_jax.io_utils import atomic_write_json, read_json
 
 FORMAT = "saemnesia_jax.activation_store"
@@ -129,7 +130,7 @@ COMPRESSIONS = {
 }
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
   """An activation store is missing, inconsistent, corrupt, or misused."""
 
 

@@ -30,6 +30,10 @@ over the assigned latents + w_l1 * mean|z| + w_decorr * decorrelation.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("train")
+
 import dataclasses
 import json
 import os
@@ -46,13 +50,19 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from saemnesia_jax import common, models
+from saemnesia_jax import common, models, runs
 from saemnesia_jax import sae as sae_lib
 from saemnesia_jax import sharding as shard_lib
 from saemnesia_jax import sparsify_io, store, supervised
-from saemnesia_jax.io_utils import atomic_write_json
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json
 
 MODES = ("unsupervised", "supervised")
+# Train fields that cannot change the trained SAE: where it goes, how often it
+# logs and saves, how it is placed on devices.
+NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+              "train.stop_after", "train.mesh_shape", "train.sharding_rules", "train.check_model",
+              "sae.scores_dir", "sae.init_from")
+CONTINUABLE = ("train.steps",)  # a finished run trains on to the new step count
 
 
 def run_dir(config: ml_collections.ConfigDict) -> str:
@@ -314,6 +324,29 @@ def export(tr: Trainer, params, meta: dict) -> str:
   return out
 
 
+def fingerprint(tr: Trainer) -> dict:
+  """The settings and inputs that determine this run's SAE (see runs.py)."""
+  c = tr.config
+  inputs = runs.store_identity(tr.store.manifest, len(store.done_units(tr.store)))
+  if c.sae.init_from:
+    inputs["init_from"] = runs.sae_hash(c.sae.init_from)
+  if tr.assignment is not None:
+    inputs["assignment"] = [int(i) for i in tr.assignment]
+  return runs.make(c, ("block", "sae", "train"), NOT_RESULT, inputs, stage="train")
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+  """Drops the metrics lines past ``step`` (logged after the checkpoint a
+  resumed run restarts from), so that every step appears once."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
+  if len(keep) != len(lines):
+    atomic_write_bytes(path, "".join(keep).encode())
+
+
 # ------------------------------------------------------------------ loop
 
 
@@ -325,7 +358,8 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   tr = setup(config)
   t = config.train
   out_dir = run_dir(config)
-  os.makedirs(out_dir, exist_ok=True)
+  runs.begin(out_dir, fingerprint(tr), overwrite=config.overwrite, continuable=CONTINUABLE,
+             fresh="--config.train.name=<new name>", write=jax.process_index() == 0)
   mngr = checkpoint_manager(config)
   reader = None
   x0 = jax.ShapeDtypeStruct((t.batch_size, tr.store.d_in), jnp.float32)
@@ -333,7 +367,13 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   if restored is not None:
     state, reader_state, meta = restored
     reader = make_reader(tr, "train", state=reader_state)
-    print(f"resumed {out_dir} at step {meta['step']}")
+    if meta["stopped_early"] or meta["step"] >= t.steps:
+      print(f"{out_dir} is complete (step {meta['step']}"
+            f"{', stopped early' if meta['stopped_early'] else ''}): nothing to train")
+    else:
+      print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
+    if jax.process_index() == 0:
+      _keep_metrics_until(os.path.join(out_dir, "metrics.jsonl"), int(meta["step"]))
   else:
     reader = make_reader(tr, "train")
     first = next(make_reader(tr, "train"))  # geometric-median init of b_dec from a first batch
@@ -341,7 +381,8 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     state = tr.init_fn(jnp.asarray(sample[: t.init_tokens]))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
             "stopped_early": False, "config": config.to_dict()}
-  atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+  if jax.process_index() == 0:
+    atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
   tokens_per_step = t.batch_size * (1 if tr.mode == "unsupervised" else tr.store.tokens_per_map)
   log_f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
   start = int(meta["step"])
@@ -406,5 +447,3 @@ def run(config: ml_collections.ConfigDict) -> dict:
   return result
 
 
-if __name__ == "__main__":
-  common.run_main(run)

@@ -36,6 +36,7 @@ import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+from saemnesia_jax.errors import UserError
 from saemnesia_jax.io_utils import atomic_write_json, read_json
 
 ENV_COORDINATOR = "SAEMNESIA_COORDINATOR"
@@ -51,7 +52,7 @@ _HASH_CHARS = 12
 _PREFIX_CHARS = 48
 
 
-class UnitsError(ValueError):
+class UnitsError(UserError):
   """Bad unit fields, a damaged result file, or missing results."""
 
 

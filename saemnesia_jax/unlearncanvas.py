@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saemnesia_jax import concepts
+from saemnesia_jax.io_utils import hash_files
 
 NO_STYLE_CLASS = "Seed_Images"
 STYLE_CLASSES = (
@@ -122,4 +123,7 @@ def unlearncanvas_judge(config) -> ViTJudge:
   if not d:
     raise ValueError("config.evaluate.classifier='unlearncanvas' needs config.evaluate.classifier_dir: "
                      "the folder with style_classifier.pth and object_classifier.pth")
-  return ViTJudge(_find(d, "object"), _find(d, "style"), config.concepts.objects, config.concepts.styles)
+  files = _find(d, "object"), _find(d, "style")
+  judge = ViTJudge(*files, config.concepts.objects, config.concepts.styles)
+  judge.identity = "unlearncanvas:" + hash_files(list(files))[:16]  # the run fingerprint's record
+  return judge

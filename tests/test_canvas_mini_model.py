@@ -5,8 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
-from saemnesia_jax import common, concepts
+from saemnesia_jax import common, concepts, models
 from saemnesia_jax.canvas_mini import PIPELINE_DIR, classifiers, data
 from saemnesia_jax.sampler import sample_prompts
 
@@ -49,3 +50,24 @@ def test_build_report_records_the_evaluation():
   assert best["style_accuracy"] >= 0.85 and min(best["style_per_class"].values()) >= 0.75
   assert set(best["style_per_class"]) == set(data.STYLE_CLASSES)
   assert set(best["object_per_class"]) == set(data.OBJECTS)
+
+
+def test_pytorch_export_round_trips_every_parameter_and_image(config, tmp_path):
+  """CanvasMini (with the pooled-text ``text_time`` add_embedding) exported to
+  PyTorch safetensors and read back: every parameter and every image equal."""
+  pipe = common.load_model(config)
+  out = models.save_pipeline(str(tmp_path / "pt"), pipe.unet, pipe.params["unet"], pipe.text_encoder,
+                             pipe.params["text_encoder"], pipe.tokenizer, pipe.scheduler, fmt="safetensors")
+  back = models.load_pipeline(out, from_pt=True)
+  flat = lambda p: {"/".join(map(str, k)): np.asarray(v) for k, v in flatten_dict(p).items()}
+  for part in ("unet", "text_encoder"):
+    a, b = flat(pipe.params[part]), flat(back.params[part])
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{part}/{k}")
+  config = config.copy_and_resolve_references()
+  config.sampler.batch_size, config.sampler.num_steps = 4, 5
+  prompts = ["A Disk image in Neon style.", "A Plus image in Comic style.", "A Ring image.", "A Tee image."]
+  imgs = [sample_prompts(common.make_sampler(config, p), prompts, [188] * 4, config.sampler.guidance_scale,
+                         progress=False) for p in (pipe, back)]
+  np.testing.assert_array_equal(imgs[0], imgs[1])

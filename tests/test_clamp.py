@@ -14,9 +14,10 @@ def _identity_sae(d=4):
 
 
 def _spec(latents, active, scale, threshold, gamma):
-  return clamp.ClampSpec(np.asarray(latents, np.int32), np.asarray(active, bool),
-                         np.asarray(scale, np.float32), np.asarray(threshold, np.float32),
-                         np.asarray(gamma, np.float32))
+  """A spec from mu_target (``scale``, per step and entry) and gamma (per entry)."""
+  multiplier = np.asarray(gamma, np.float32)[None] * np.asarray(scale, np.float32)
+  return clamp.ClampSpec(np.asarray(latents, np.int32), np.asarray(active, bool), multiplier,
+                         np.asarray(threshold, np.float32))
 
 
 def test_empty_clamp_is_exact():
@@ -56,7 +57,7 @@ def test_clamp_equals_dense_formula_and_gates_by_step():
   z_edit = z_np.copy()
   for m, i in enumerate(lat):
     on = z_np[:, i] > spec.threshold[0, m]
-    z_edit[on, i] = spec.gamma[m] * spec.scale[0, m] * z_np[on, i]
+    z_edit[on, i] = spec.multiplier[0, m] * z_np[on, i]
   dec = lambda c: c @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
   ref = np.asarray(x) + dec(z_edit) - dec(z_np)
   np.testing.assert_allclose(out, ref, atol=1e-5)
@@ -81,10 +82,30 @@ def test_build_spec_union_padding_and_step_map():
   np.testing.assert_array_equal(spec.latents, [4, 1, 2, 0, 0])
   np.testing.assert_array_equal(spec.active[:, 3:], False)
   np.testing.assert_array_equal(spec.active[:, 2], [False, False, False, False, True, True])
-  np.testing.assert_allclose(spec.gamma, [-10, -5, -5, 0, 0])
-  np.testing.assert_allclose(spec.scale[4], [mu[2, 4], mu[2, 1] + 100, mu[2, 2] + 100, 0, 0])
+  np.testing.assert_allclose(spec.multiplier[4], [-10 * mu[2, 4], -5 * (mu[2, 1] + 100), -5 * (mu[2, 2] + 100), 0, 0])
   with pytest.raises(ValueError, match="max_latents=2"):
     clamp.build_spec([a, b], [950], [900, 500, 100], max_latents=2)
+
+
+def test_a_latent_selected_by_two_concepts_is_edited_once():
+  """Sequential unlearning: the union of the latents, one edit each (the most
+  negative multiplier), not the sum of both concepts' edits."""
+  S, L = 2, 4
+  thr = np.zeros((S, L), np.float32)
+  mu_a = np.full((S, L), 2.0, np.float32)
+  mu_b = np.full((S, L), 3.0, np.float32)
+  a = clamp.concept_entry(mu_a, thr, -1.0, assigned=1)  # multiplier -2
+  b = clamp.concept_entry(mu_b, thr, -5.0, assigned=1)  # multiplier -15
+  c = clamp.concept_entry(mu_b, thr, -0.5, assigned=2)
+  spec = clamp.build_spec([a, b, c], [900, 100], [900, 100], max_latents=4)
+  np.testing.assert_array_equal(spec.latents[:2], [1, 2])
+  np.testing.assert_array_equal(spec.active[:, 2:], False)
+  np.testing.assert_allclose(spec.multiplier[:, :2], [[-15.0, -1.5], [-15.0, -1.5]])
+  # The edit: z_1 -> -15 z_1 once; x + (z_edit - z) W_dec with the identity SAE.
+  params = _identity_sae(L)
+  x = jnp.asarray([[0.0, 1.0, 1.0, 0.0]])
+  out = np.asarray(clamp.clamp(params, spec, x, jnp.int32(0), k=2))
+  np.testing.assert_allclose(out, [[0.0, -15.0, -1.5, 0.0]], atol=1e-6)
 
 
 def test_gamma_and_concept_sweep_compiles_the_sampler_once(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from saemnesia_jax import collect, models, store
+from saemnesia_jax.errors import RunMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -89,11 +90,18 @@ def test_two_processes_write_the_same_store_as_one(model_dir, reference, tmp_pat
   np.testing.assert_array_equal(la, lb)
 
 
-def test_store_of_another_model_is_refused(tmp_path_factory, reference):
+def test_store_of_another_model_or_block_is_refused(tmp_path_factory, model_dir, reference):
+  """Collect never appends to a store made by another model or at another
+  block: one message names each differing field (the store is untouched)."""
   other = models.write_tiny_pipeline(str(tmp_path_factory.mktemp("other") / "tiny"), seed=5)
   before = sorted(os.listdir(os.path.join(reference[0], "units")))
-  with pytest.raises(store.ManifestMismatchError, match="weights_sha256"):
+  with pytest.raises(RunMismatchError, match=r"identity\.weights_sha256 .*overwrite=True"):
     collect.run(_config(other, reference[0]))
+  config = _config(model_dir, reference[0])
+  config.block = "up_blocks.1.attentions.0"
+  with pytest.raises(RunMismatchError, match=r"identity\.block \"up_blocks\.1\.attentions\.1\" -> "
+                                             r"\"up_blocks\.1\.attentions\.0\""):
+    collect.run(config)
   assert sorted(os.listdir(os.path.join(reference[0], "units"))) == before
 
 

@@ -141,6 +141,8 @@ def test_bad_folders_give_clear_errors(tmp_path):
       "unit_norm": ({"input_unit_norm": True}, None, "input_unit_norm=True .* not implemented"),
       "multi_topk": ({"multi_topk": True}, None, "multi_topk=True .*allow_training_only_options=True"),
       "no_d_in": ({"d_in": None}, None, "no 'd_in'"),
+      # EleutherAI sparsify's other activation: one latent per group, not TopK.
+      "groupmax": ({"activation": "groupmax"}, None, "activation 'groupmax' is not supported"),
   }
   for name, (cfg_over, tensors_over, pattern) in cases.items():
     folder = str(tmp_path / name)
@@ -158,3 +160,14 @@ def test_bad_folders_give_clear_errors(tmp_path):
   (corrupt / "sae.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(sio.SparsifyFormatError, match="cannot read as safetensors"):
     sio.load_sparsify(str(corrupt))
+
+
+def test_activation_topk_loads_and_is_written(tmp_path):
+  folder = str(tmp_path / "topk")
+  _numpy_folder(folder, {"activation": "topk"})
+  _, cfg = sio.load_sparsify(folder)
+  assert cfg["activation"] == "topk"
+  out = str(tmp_path / "out")
+  sio.save_sparsify(_random_params(), {"k": K}, out)
+  with open(os.path.join(out, "cfg.json")) as f:
+    assert json.load(f)["activation"] == "topk"

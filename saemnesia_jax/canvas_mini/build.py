@@ -20,6 +20,10 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("canvas_mini.build")
+
 import json
 import os
 import time
@@ -32,7 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from saemnesia_jax import common, models
+from saemnesia_jax import common, models, runs
 from saemnesia_jax import images as img_utils
 from saemnesia_jax.canvas_mini import PIPELINE_DIR
 from saemnesia_jax.canvas_mini import classifiers as clf_lib
@@ -240,6 +244,12 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
   tx = make_optimizer(t)
   init = _state_target(components, tx, t.seed)
   ckpt_dir = os.path.abspath(os.path.join(config.workdir, "checkpoints"))
+  # The base model's identity: everything but where it goes and how often it logs.
+  fp = runs.make(config, ("data", "model", "base_train"), (
+      "base_train.log_every", "base_train.eval_every", "base_train.ckpt_every", "model.path",
+      "model.weights", "model.dtype"), stage="canvas_mini.build")
+  runs.begin(ckpt_dir, fp, overwrite=config.overwrite, continuable=("base_train.steps",),
+             fresh="a new --config.workdir")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   latest = mngr.latest_step()
   if latest is not None:
@@ -336,6 +346,3 @@ def run(config: ml_collections.ConfigDict) -> dict:
   print(f"wrote {out_dir}")
   return report
 
-
-if __name__ == "__main__":
-  common.run_main(run)
