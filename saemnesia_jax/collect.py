@@ -96,7 +96,7 @@ def prepare(config: ml_collections.ConfigDict) -> Collection:
       dtype=c.dtype,
       info={"model_dir": pipe.path, "model_dtype": config.model.dtype,
             "timesteps": sampler.timesteps.tolist(), "block_shape": [h, w, d_in]})
-  _check_existing(store_path(config), manifest, config.overwrite)
+  _check_existing(store_path(config), manifest, runs.overwrite(config))
   st = store.open_store(store_path(config), manifest, create=True)
   return Collection(config, pipe, sampler, st, grid, trajs,
                     pipe.tokenize([p.prompt for p in grid]), pipe.tokenize([""] * bs))

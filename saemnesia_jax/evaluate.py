@@ -423,7 +423,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   out_dir = _default(ev.out_dir, config.workdir, "eval")
   targets(config)  # unknown concept names fail before any work
   ctx = Evaluation(config, judge)
-  runs.begin(out_dir, fingerprint(config, ctx), overwrite=config.overwrite, continuable=CONTINUABLE,
+  runs.begin(out_dir, fingerprint(config, ctx), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
              fresh="--config.evaluate.out_dir=<new folder>", write=jax.process_index() == 0)
   units_lib.barrier("evaluate-fingerprint")  # process 0 may have deleted the old outputs
   t0 = time.perf_counter()

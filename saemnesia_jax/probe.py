@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   out_dir = p.out_dir or os.path.join(config.workdir, "probe")
   fp = runs.make(config, ("block", "probe"), ("probe.out_dir",),
                  runs.store_identity(st.manifest, len(store_lib.done_units(st))), stage="probe")
-  runs.begin(out_dir, fp, overwrite=config.overwrite, fresh="--config.probe.out_dir=<new folder>")
+  runs.begin(out_dir, fp, overwrite=runs.overwrite(config), fresh="--config.probe.out_dir=<new folder>")
   grid = st.manifest["identity"].get("prompt_grid", {})
   names = {"object": list(grid.get("objects", [])), "style": list(grid.get("styles", []))}
   means, labels = map_means(st)

@@ -31,6 +31,11 @@ from saemnesia_jax.io_utils import atomic_write_json, hash_files, read_json
 FILE = "fingerprint.json"
 
 
+def overwrite(config: Any) -> bool:
+  """``config.overwrite`` (False where a hand-built config has no such field)."""
+  return bool(config.get("overwrite", False))
+
+
 def _plain(v: Any) -> Any:
   return json.loads(json.dumps(v, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 

@@ -648,7 +648,7 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   fp = runs.make(config, ("scores",), ("scores.out_dir", "scores.sae_dir", "scores.batch_size"),
                  {"sae": runs.sae_hash(sae_dir), **runs.store_identity(st.manifest, len(store_lib.done_units(st)))},
                  stage="scores")
-  runs.begin(out_dir, fp, overwrite=config.overwrite, fresh="--config.scores.out_dir=<new folder>",
+  runs.begin(out_dir, fp, overwrite=runs.overwrite(config), fresh="--config.scores.out_dir=<new folder>",
              write=jax.process_index() == 0)
   objects, styles = _concept_names(st, meta, config)
   k, n_latents = int(cfg["k"]), int(cfg["num_latents"])

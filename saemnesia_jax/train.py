@@ -358,7 +358,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   tr = setup(config)
   t = config.train
   out_dir = run_dir(config)
-  runs.begin(out_dir, fingerprint(tr), overwrite=config.overwrite, continuable=CONTINUABLE,
+  runs.begin(out_dir, fingerprint(tr), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
              fresh="--config.train.name=<new name>", write=jax.process_index() == 0)
   mngr = checkpoint_manager(config)
   reader = None

@@ -18,12 +18,9 @@ exports of the same state dicts load without it).
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from saemnesia_jax import concepts
@@ -81,7 +78,9 @@ class ViTJudge:
                object_classes: Sequence[str] = OBJECT_CLASSES, style_classes: Sequence[str] = STYLE_CLASSES,
                no_style_class: str = NO_STYLE_CLASS, batch_size: int = 32, dtype: str = "float32",
                num_heads: int = 0):
-    from saemnesia_jax import models  # diffusers / transformers: only when judging
+    import jax  # JAX, diffusers, transformers: only when judging (configs import the names above)
+    from saemnesia_jax import models
+    self._logits = jax.jit(self._logits_fn, static_argnums=(0,))
     self.batch_size = batch_size
     self.models = {}
     for task, file, classes in (("object", object_file, object_classes), ("style", style_file, style_classes)):
@@ -93,8 +92,9 @@ class ViTJudge:
     self.object_map = class_map(object_classes, objects, "object")
     self.style_map = class_map(style_classes, styles, "style", no_style=no_style_class)
 
-  @functools.partial(jax.jit, static_argnums=(0, 1))
-  def _logits(self, task: str, params, images):
+  def _logits_fn(self, task: str, params, images):
+    import jax
+    import jax.numpy as jnp
     model, _ = self.models[task]
     size = model.config.image_size
     x = jax.image.resize(images, (images.shape[0], size, size, 3), "linear", antialias=True)
@@ -102,6 +102,7 @@ class ViTJudge:
     return model(jnp.transpose(x, (0, 3, 1, 2)), params=params).logits
 
   def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
+    import jax.numpy as jnp
     images = np.asarray(images, np.float32)
     out = {"object": [], "style": []}
     for i in range(0, len(images), self.batch_size):

@@ -95,7 +95,7 @@ def test_store_of_another_model_or_block_is_refused(tmp_path_factory, model_dir,
   block: one message names each differing field (the store is untouched)."""
   other = models.write_tiny_pipeline(str(tmp_path_factory.mktemp("other") / "tiny"), seed=5)
   before = sorted(os.listdir(os.path.join(reference[0], "units")))
-  with pytest.raises(RunMismatchError, match=r"identity\.weights_sha256 .*overwrite=True"):
+  with pytest.raises(RunMismatchError, match=r"(?s)identity\.weights_sha256 .*overwrite=True"):
     collect.run(_config(other, reference[0]))
   config = _config(model_dir, reference[0])
   config.block = "up_blocks.1.attentions.0"

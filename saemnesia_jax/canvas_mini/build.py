@@ -248,7 +248,7 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
   fp = runs.make(config, ("data", "model", "base_train"), (
       "base_train.log_every", "base_train.eval_every", "base_train.ckpt_every", "model.path",
       "model.weights", "model.dtype"), stage="canvas_mini.build")
-  runs.begin(ckpt_dir, fp, overwrite=config.overwrite, continuable=("base_train.steps",),
+  runs.begin(ckpt_dir, fp, overwrite=runs.overwrite(config), continuable=("base_train.steps",),
              fresh="a new --config.workdir")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   latest = mngr.latest_step()
