@@ -1,0 +1,375 @@
+"""Shuffled batches from an activation store, for the trainer.
+
+Reader (``TokenBatches``, ``MapBatches``): for epoch ``e`` the chunks holding
+selected maps are put in a random order drawn from ``(seed, e)``; consecutive
+groups of ``buffer_chunks * process_count`` chunks form a *buffer*; process
+``p`` takes the ``p``-th contiguous share of the buffer's maps (so it reads
+only about 1/process_count of each buffer), shuffles its items (tokens or
+maps) with ``(seed, e, buffer, p)`` and cuts its stream into local batches of
+``batch_size / process_count``; batches run across buffer boundaries. Every
+process computes the same number of batches per epoch from metadata alone
+(the minimum over processes). With one process every selected item appears
+exactly once per epoch (the last partial batch is dropped unless
+``drop_remainder=False``); with several, shares differ by at most one map per
+buffer and those few surplus items are dropped for that epoch. A background
+thread reads and shuffles the next buffer while the current one is consumed
+(``prefetch``). ``state()`` is ``{epoch, batch}`` plus a fingerprint of the
+configuration and of the selected rows; a reader built with ``state=`` resumes
+at that batch and yields the same sequence. ``dtype=None`` yields the store
+dtype (half the bytes to move to an accelerator; cast there).
+
+Train/validation split: by trajectory. Each map's ``(prompt, seed)`` is hashed
+(splitmix64 with ``split_seed``) to u in [0, 1); maps with u < val_fraction are
+validation. All steps of one image land in the same split (adjacent steps are
+near-duplicates, so a per-map split would leak). With the natural row order
+and ``maps_per_chunk`` dividing the number of steps, no chunk straddles the
+split, so neither split reads data it throws away.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from saemnesia_jax.store_format import Store, StoreError, _normalise
+from saemnesia_jax.store_units import _read_error, done_units, read_labels
+
+# --------------------------------------------------------------------------
+# Reader
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.uint64)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def split_hash(keys: np.ndarray, split_seed: int) -> np.ndarray:
+  """Uniform u in [0, 1) per row of integer ``keys`` (n, k), from ``split_seed``."""
+  h = np.full((keys.shape[0],), (split_seed + 0x9E3779B97F4A7C15) % (1 << 64), np.uint64)
+  for j in range(keys.shape[1]):
+    h = _splitmix(h ^ keys[:, j].astype(np.int64).view(np.uint64))
+  return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _Batches:
+  """Shared machinery of TokenBatches and MapBatches (see the module docstring)."""
+  _items_per_map: int
+
+  def __init__(
+      self,
+      store: Store,
+      batch_size: int,
+      *,
+      seed: int = 0,
+      split: str = "train",
+      val_fraction: float = 0.0,
+      split_seed: int = 0,
+      split_by: Sequence[str] = ("prompt", "seed"),
+      step_range: tuple[int, int] | None = None,
+      timestep_range: tuple[int, int] | None = None,
+      buffer_chunks: int = 32,
+      shuffle: bool = True,
+      drop_remainder: bool = True,
+      num_epochs: int | None = None,
+      dtype: Any = np.float32,
+      process_index: int | None = None,
+      process_count: int | None = None,
+      require_complete: bool = True,
+      prefetch: bool = True,
+      state: Mapping[str, Any] | None = None,
+  ):
+    if process_index is None or process_count is None:
+      import jax
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if split not in ("train", "val", "all"):
+      raise StoreError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+      raise StoreError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split == "val" and val_fraction == 0.0:
+      raise StoreError("split='val' with val_fraction=0 selects nothing; set val_fraction")
+    if batch_size < 1 or batch_size % process_count:
+      raise StoreError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+    if not drop_remainder and process_count > 1:
+      raise StoreError("drop_remainder=False needs process_count == 1 (global batches must have equal shares)")
+    if buffer_chunks < 1:
+      raise StoreError(f"buffer_chunks must be >= 1, got {buffer_chunks}")
+    self.store = store
+    self.batch_size = batch_size
+    self.local_batch_size = batch_size // process_count
+    self.seed, self.shuffle, self.drop_remainder = seed, shuffle, drop_remainder
+    self.num_epochs, self.prefetch = num_epochs, prefetch
+    self.dtype = np.dtype(dtype) if dtype is not None else store.dtype
+    self.process_index, self.process_count = process_index, process_count
+    self.buffer_chunks = buffer_chunks
+
+    units = done_units(store)
+    if require_complete and len(units) < store.n_units:
+      raise StoreError(
+          f"activation store {store.path} is incomplete: {store.n_units - len(units)} of {store.n_units} units "
+          "are missing. Run the collection again to finish it, or pass require_complete=False to read the "
+          "completed units only.")
+    self.labels, mask = read_labels(store)
+    fields = store.label_fields
+    if split != "all" and val_fraction > 0:
+      missing = [f for f in split_by if f not in fields]
+      if missing:
+        raise StoreError(f"split_by fields {missing} are not label fields {list(fields)}")
+      u = split_hash(self.labels[:, [fields.index(f) for f in split_by]], split_seed)
+      mask &= (u < val_fraction) if split == "val" else (u >= val_fraction)
+    for name, rng in (("step", step_range), ("timestep", timestep_range)):
+      if rng is not None:
+        if name not in fields:
+          raise StoreError(f"{name}_range needs a {name!r} label field; the store has {list(fields)}")
+        col = self.labels[:, fields.index(name)]
+        mask &= (col >= rng[0]) & (col <= rng[1])  # closed interval
+    self.rows = np.flatnonzero(mask)
+    if len(self.rows) == 0:
+      raise StoreError(
+          f"no maps selected from {store.path} (done units {len(units)}, split={split!r}, "
+          f"val_fraction={val_fraction}, step_range={step_range}, timestep_range={timestep_range})")
+    # Selected rows are sorted, so each chunk's rows are one run of self.rows.
+    _, self._chunk_starts, self._chunk_lengths = np.unique(
+        self.rows // store.maps_per_chunk, return_index=True, return_counts=True)
+    config = dict(mode=type(self).__name__, batch_size=batch_size, seed=seed, split=split,
+                  val_fraction=val_fraction, split_seed=split_seed, split_by=list(split_by),
+                  step_range=step_range, timestep_range=timestep_range, buffer_chunks=buffer_chunks,
+                  shuffle=shuffle, drop_remainder=drop_remainder, process_count=process_count)
+    h = hashlib.sha256(json.dumps(_normalise(config), sort_keys=True).encode())
+    h.update(self.rows.astype("<i8").tobytes())
+    self._fingerprint = h.hexdigest()[:16]
+    self._config = config
+    self._epoch, self._batch = 0, 0
+    if state is not None:
+      if state.get("fingerprint") != self._fingerprint:
+        raise StoreError(
+            "cannot resume the reader: the saved state was made with a different configuration or store "
+            f"content (saved {dict(state)}, now {config} with {len(self.rows)} maps). Use the same "
+            "reader settings and store, or start from epoch 0.")
+      self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+    self._gen = None
+    self._executor = None
+    self._plan_cache: tuple[int, Any] = (-1, None)
+
+  # -- plan (metadata only) --
+
+  def _plan(self, epoch: int) -> tuple[list[np.ndarray], int]:
+    """This process's rows per buffer for ``epoch``, and the epoch's batch count.
+
+    Vectorised over chunks: at SD scale an epoch has millions of chunks.
+    """
+    if self._plan_cache[0] == epoch:
+      return self._plan_cache[1]
+    n_chunks = len(self._chunk_starts)
+    order = (np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle
+             else np.arange(n_chunks))
+    lengths = self._chunk_lengths[order]
+    ends = np.cumsum(lengths)
+    pos = np.repeat(self._chunk_starts[order] - (ends - lengths), lengths) + np.arange(ends[-1])
+    rows = self.rows[pos]  # selected rows, chunk by chunk in the epoch's order
+    g = self.buffer_chunks * self.process_count
+    buf_ends = ends[np.minimum(np.arange(g - 1, n_chunks + g - 1, g), n_chunks - 1)]
+    buf_starts = np.r_[0, buf_ends[:-1]]
+    n = buf_ends - buf_starts
+    pc, p = self.process_count, self.process_index
+    share = lambda q: buf_starts + (q * n) // pc  # noqa: E731  (start of process q's share)
+    totals = np.array([(share(q + 1) - share(q)).sum() for q in range(pc)]) * self._items_per_map
+    lo, hi = share(p), share(p + 1)
+    mine = [rows[a:b] for a, b in zip(lo.tolist(), hi.tolist())]
+    b = self.local_batch_size
+    nb = int(totals.min() // b) if self.drop_remainder else int(-(-totals[0] // b))
+    self._plan_cache = (epoch, (mine, nb))
+    return mine, nb
+
+  def batches_per_epoch(self, epoch: int = 0) -> int:
+    return self._plan(epoch)[1]
+
+  # -- reading --
+
+  def _segments(self, rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, stop, chunk) of the runs of ``rows`` that lie in one chunk.
+
+    A buffer's rows are its chunks' rows concatenated, so each chunk is one run.
+    """
+    if len(rows) == 0:
+      return []
+    cid = rows // self.store.maps_per_chunk
+    starts = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1]])
+    stops = np.r_[starts[1:], len(rows)]
+    return [(int(a), int(b), int(cid[a])) for a, b in zip(starts, stops)]
+
+  def _fetch(self, rows: np.ndarray, rng_key: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a buffer's chunks; returns its items (shuffled, ``dtype``) and their ids."""
+    s = self.store
+    mpc = s.maps_per_chunk
+    segments = self._segments(rows)
+    futures = [s.acts[c * mpc:min((c + 1) * mpc, s.n_maps)].read() for _, _, c in segments]
+    data = np.empty((len(rows), s.tokens_per_map, s.d_in), s.dtype)
+    for (a, b, c), fut in zip(segments, futures):
+      r0 = c * mpc
+      try:
+        block = fut.result()
+      except ValueError as e:
+        raise _read_error(s, "acts", r0, min(r0 + mpc, s.n_maps), e) from e
+      lo, hi = int(rows[a]) - r0, int(rows[b - 1]) - r0 + 1
+      data[a:b] = block[lo:hi] if hi - lo == b - a else block[rows[a:b] - r0]
+    finite = np.isfinite(data).reshape(len(rows), -1).all(axis=1)
+    if not finite.all():
+      r = int(rows[np.flatnonzero(~finite)[0]])
+      raise _read_error(s, "acts", r, r + 1, StoreError(
+          "non-finite values (NaN/Inf; a missing file reads as NaN)"))
+    if self._items_per_map > 1:
+      t = s.tokens_per_map
+      data = data.reshape(len(rows) * t, s.d_in)
+      ids = (rows[:, None] * t + np.arange(t)[None, :]).reshape(-1)
+    else:
+      ids = rows
+    if self.shuffle:  # permute in the (narrow) store dtype, then cast once
+      perm = np.random.default_rng(rng_key).permutation(len(ids))
+      data, ids = data[perm], ids[perm]
+    return data.astype(self.dtype, copy=False), ids
+
+  def _epoch_batches(self, epoch: int, start: int, plan: tuple[list[np.ndarray], int]
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    bufs, nb = plan
+    if start >= nb:
+      return
+    b = self.local_batch_size
+    ends = np.cumsum([len(r) * self._items_per_map for r in bufs])
+    k = int(np.searchsorted(ends, start * b, side="right"))  # buffer holding the first item
+    skip = start * b - (int(ends[k - 1]) if k else 0)
+
+    def fetch(j: int):
+      return self._fetch(bufs[j], [self.seed, epoch, j, self.process_index])
+
+    pending = None  # the next buffer, read by a background thread
+    cur_x, cur_i, pos = None, np.zeros((0,), np.int64), 0
+    for i in range(start, nb):
+      want = b if (i < nb - 1 or self.drop_remainder) else int(ends[-1]) - i * b
+      xs, ids = [], []
+      while want:
+        if pos == len(cur_i):
+          cur_x, cur_i = pending.result() if pending is not None else fetch(k)
+          cur_x, cur_i, pos, skip = cur_x[skip:], cur_i[skip:], 0, 0
+          k += 1
+          pending = self._pool().submit(fetch, k) if self.prefetch and k < len(bufs) else None
+        take = min(want, len(cur_i) - pos)
+        xs.append(cur_x[pos:pos + take])
+        ids.append(cur_i[pos:pos + take])
+        pos += take
+        want -= take
+      # Views into the buffer when the batch lies in one buffer; else one small copy.
+      yield (xs[0], ids[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ids))
+
+  def _pool(self):
+    if self._executor is None:
+      from concurrent.futures import ThreadPoolExecutor
+      self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prefetch")
+    return self._executor
+
+  def _item_shape(self) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def _stream(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    epoch, batch = self._epoch, self._batch
+    while self.num_epochs is None or epoch < self.num_epochs:
+      plan = self._plan(epoch)
+      nb = plan[1]
+      if nb == 0:
+        raise StoreError(
+            f"batch_size {self.batch_size} is larger than the selected data ({len(self.rows)} maps): "
+            "use a smaller batch or select more maps")
+      for x, ids in self._epoch_batches(epoch, batch, plan):
+        batch += 1
+        self._epoch, self._batch = (epoch + 1, 0) if batch >= nb else (epoch, batch)
+        yield x, ids
+      epoch, batch = epoch + 1, 0
+
+  def state(self) -> dict:
+    """Position of the next batch, JSON-able; pass as ``state=`` to resume."""
+    return {"epoch": self._epoch, "batch": self._batch, "fingerprint": self._fingerprint,
+            "seed": self.seed, "batch_size": self.batch_size}
+
+  @property
+  def epoch(self) -> int:
+    return self._epoch
+
+  def __iter__(self):
+    return self
+
+  def _next_raw(self) -> tuple[np.ndarray, np.ndarray]:
+    if self._gen is None:
+      self._gen = self._stream()
+    return next(self._gen)
+
+
+class TokenBatches(_Batches):
+  """Shuffled batches of tokens: (local_batch, d_in) arrays (``dtype``).
+
+  With ``return_index`` each batch is ``(x, ids)`` with ids (local_batch, 2)
+  int64 = (row, token). ``batch_size`` is global; each process gets
+  ``batch_size / process_count`` rows of it (see ``to_global``).
+  """
+  _items_per_map = 0  # set per store in __init__
+
+  def __init__(self, store: Store, batch_size: int, *, return_index: bool = False, **kw):
+    self._items_per_map = store.tokens_per_map
+    self.return_index = return_index
+    super().__init__(store, batch_size, **kw)
+
+  def _item_shape(self) -> tuple[int, ...]:
+    return (self.store.d_in,)
+
+  def __next__(self):
+    x, ids = self._next_raw()
+    if not self.return_index:
+      return x
+    t = self.store.tokens_per_map
+    return x, np.stack([ids // t, ids % t], axis=1)
+
+
+class MapBatches(_Batches):
+  """Shuffled batches of whole maps with labels, for the supervised loss.
+
+  Yields ``(x, labels)``: x (local_batch, tokens_per_map, d_in) (``dtype``),
+  labels a dict field -> (local_batch,) int32, plus ``"row"``, the map's row.
+  """
+  _items_per_map = 1
+
+  def _item_shape(self) -> tuple[int, ...]:
+    return (self.store.tokens_per_map, self.store.d_in)
+
+  def __next__(self):
+    x, rows = self._next_raw()
+    lab = self.labels[rows]
+    out = {f: lab[:, j] for j, f in enumerate(self.store.label_fields)}
+    out["row"] = rows.astype(np.int32)  # int32: what jax keeps without x64
+    return x, out
+
+
+def to_global(batch: Any, sharding: Any) -> Any:
+  """Places each process's local batch on the mesh as one global jax.Array.
+
+  ``sharding``: the trainer's ``NamedSharding`` for batches (leading axis over
+  the data axis); for leaves of lower rank than its spec, the spec is cut to
+  the leaf's rank (labels (B,) with a spec P('data', None) -> P('data')).
+  Uses ``jax.make_array_from_process_local_data``: the global batch is the
+  processes' local batches in the order of the mesh's data axis (process
+  order for a mesh built from ``jax.devices()``).
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def put(x):
+    x = np.asarray(x)
+    s = sharding
+    if isinstance(s, NamedSharding) and len(s.spec) > x.ndim:
+      s = NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[:x.ndim]))
+    return jax.make_array_from_process_local_data(s, x)
+
+  return jax.tree.map(put, batch)
