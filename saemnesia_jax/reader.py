@@ -27,14 +27,18 @@ split, so neither split reads data it throws away.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 
-from saemnesia_jax.store_format import Store, StoreError, _normalise
+from saemnesia_jax.store_format import DTYPES, Store, StoreError, _normalise
 from saemnesia_jax.store_units import _read_error, done_units, read_labels
 
 # --------------------------------------------------------------------------
@@ -54,6 +58,48 @@ def split_hash(keys: np.ndarray, split_seed: int) -> np.ndarray:
   for j in range(keys.shape[1]):
     h = _splitmix(h ^ keys[:, j].astype(np.int64).view(np.uint64))
   return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# Batches assembled ahead by the prefetch threads (``prefetch=True``), and
+# buffers whose reads start before the batches that need them are planned.
+_PREFETCH = 3
+_READ_AHEAD = 1
+_WORKERS = min(4, os.cpu_count() or 1)
+_BF16 = DTYPES["bfloat16"]
+
+
+class _Buffer:
+  """A buffer in flight: its array, the tensorstore reads filling it, and the
+  buffer position and id of each of its items in shuffled order."""
+
+  def __init__(self, data: np.ndarray, reads: list, pos: np.ndarray, ids: np.ndarray):
+    self.data, self.pos, self.ids = data, pos, ids
+    self._reads = reads
+    self._lock = threading.Lock()
+
+  def wait(self, store: Store) -> None:
+    with self._lock:
+      for r0, r1, fut in self._reads:
+        try:
+          fut.result()
+        except ValueError as e:
+          raise _read_error(store, "acts", r0, r1, e) from e
+      self._reads = []
+
+
+def _gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+  """``out[:] = src[idx]`` cast to ``out.dtype``, with GIL-free numpy loops.
+
+  bfloat16 -> float32 is exact as a 16-bit shift of the bits (ml_dtypes'
+  cast is slower and holds the GIL).
+  """
+  bits = np.dtype(f"u{src.dtype.itemsize}")
+  if out.dtype == src.dtype:
+    np.take(src.view(bits), idx, axis=0, out=out.view(bits), mode="clip")
+  elif src.dtype == _BF16 and out.dtype == np.float32:
+    np.left_shift(np.take(src.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
+  else:
+    out[...] = np.take(src, idx, axis=0)
 
 
 class _Batches:
@@ -203,92 +249,124 @@ class _Batches:
     stops = np.r_[starts[1:], len(rows)]
     return [(int(a), int(b), int(cid[a])) for a, b in zip(starts, stops)]
 
-  def _fetch(self, rows: np.ndarray, rng_key: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a buffer's chunks; returns its items (shuffled, ``dtype``) and their ids."""
+  def _load(self, rows: np.ndarray, rng_key: list[int]) -> _Buffer:
+    """Starts reading a buffer (returns at once) and shuffles its item order.
+
+    One tensorstore read per chunk, all in flight together: tensorstore reads,
+    checks and decompresses them in its own threads, straight into the
+    buffer's array. Each read covers the chunk's selected rows from the first
+    to the last, so the buffer holds at most ``buffer_chunks`` chunks.
+    """
     s = self.store
-    mpc = s.maps_per_chunk
     segments = self._segments(rows)
-    futures = [s.acts[c * mpc:min((c + 1) * mpc, s.n_maps)].read() for _, _, c in segments]
-    data = np.empty((len(rows), s.tokens_per_map, s.d_in), s.dtype)
-    for (a, b, c), fut in zip(segments, futures):
-      r0 = c * mpc
-      try:
-        block = fut.result()
-      except ValueError as e:
-        raise _read_error(s, "acts", r0, min(r0 + mpc, s.n_maps), e) from e
-      lo, hi = int(rows[a]) - r0, int(rows[b - 1]) - r0 + 1
-      data[a:b] = block[lo:hi] if hi - lo == b - a else block[rows[a:b] - r0]
-    finite = np.isfinite(data).reshape(len(rows), -1).all(axis=1)
-    if not finite.all():
-      r = int(rows[np.flatnonzero(~finite)[0]])
-      raise _read_error(s, "acts", r, r + 1, StoreError(
-          "non-finite values (NaN/Inf; a missing file reads as NaN)"))
+    starts = np.array([a for a, _, _ in segments], np.int64)
+    stops = np.array([b for _, b, _ in segments], np.int64)
+    lo, hi = rows[starts], rows[stops - 1] + 1  # store rows read per chunk
+    offset = np.r_[0, np.cumsum(hi - lo)]  # where each chunk lands in the buffer
+    data = np.empty((int(offset[-1]), s.tokens_per_map, s.d_in), s.dtype)
+    reads = []
+    for k, (r0, r1) in enumerate(zip(lo.tolist(), hi.tolist())):
+      dst = ts.array(data[offset[k]:offset[k + 1]], copy=False, write=True)
+      reads.append((r0, r1, dst.write(s.acts[r0:r1])))
+    seg = np.repeat(np.arange(len(segments)), stops - starts)
+    pos = offset[seg] + rows - lo[seg]  # buffer row of each selected row
     if self._items_per_map > 1:
-      t = s.tokens_per_map
-      data = data.reshape(len(rows) * t, s.d_in)
-      ids = (rows[:, None] * t + np.arange(t)[None, :]).reshape(-1)
+      t = np.arange(s.tokens_per_map)
+      pos = (pos[:, None] * s.tokens_per_map + t).reshape(-1)
+      ids = (rows[:, None] * s.tokens_per_map + t).reshape(-1)
     else:
       ids = rows
-    if self.shuffle:  # permute in the (narrow) store dtype, then cast once
+    if self.shuffle:
       perm = np.random.default_rng(rng_key).permutation(len(ids))
-      data, ids = data[perm], ids[perm]
-    return data.astype(self.dtype, copy=False), ids
+      pos, ids = pos[perm], ids[perm]
+    return _Buffer(data, reads, pos, ids)
 
-  def _epoch_batches(self, epoch: int, start: int, plan: tuple[list[np.ndarray], int]
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    bufs, nb = plan
-    if start >= nb:
-      return
+  def _assemble(self, pieces: list[tuple[_Buffer, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch: items ``[lo, hi)`` of each buffer in ``pieces``, gathered and cast.
+
+    Runs in a prefetch thread: numpy's take, shift and isfinite release the
+    GIL, so batches are gathered while the trainer's step runs.
+    """
+    s = self.store
+    out = np.empty((n, *self._item_shape()), self.dtype)
+    ids, k = [], 0
+    for buf, lo, hi in pieces:
+      buf.wait(s)
+      src = buf.data.reshape(-1, s.d_in) if self._items_per_map > 1 else buf.data
+      _gather_cast(src, buf.pos[lo:hi], out[k:k + hi - lo])
+      ids.append(buf.ids[lo:hi])
+      k += hi - lo
+    ids = ids[0] if len(ids) == 1 else np.concatenate(ids)
+    finite = np.isfinite(out).reshape(n, -1).all(axis=1)
+    if not finite.all():
+      r = int(ids[np.flatnonzero(~finite)[0]]) // max(1, self._items_per_map)
+      raise _read_error(s, "acts", r, r + 1, StoreError(
+          "non-finite values (NaN/Inf; a missing file reads as NaN)"))
+    return out, ids
+
+  def _jobs(self) -> Iterator[tuple[int, int, int, list, int]]:
+    """(epoch, batch, batches in the epoch, pieces, size) of every batch from
+    the saved position on; a buffer's reads start when its first batch is
+    planned, and the next buffer's ``_READ_AHEAD`` buffers later."""
+    epoch, start = self._epoch, self._batch
     b = self.local_batch_size
-    ends = np.cumsum([len(r) * self._items_per_map for r in bufs])
-    k = int(np.searchsorted(ends, start * b, side="right"))  # buffer holding the first item
-    skip = start * b - (int(ends[k - 1]) if k else 0)
+    while self.num_epochs is None or epoch < self.num_epochs:
+      bufs, nb = self._plan(epoch)
+      if nb == 0:
+        raise StoreError(
+            f"batch_size {self.batch_size} is larger than the selected data ({len(self.rows)} maps): "
+            "use a smaller batch or select more maps")
+      ends = np.cumsum([len(r) * self._items_per_map for r in bufs])
+      loaded: dict[int, _Buffer] = {}
 
-    def fetch(j: int):
-      return self._fetch(bufs[j], [self.seed, epoch, j, self.process_index])
+      def buffer(j: int, epoch=epoch, bufs=bufs, loaded=loaded) -> _Buffer:
+        if j not in loaded:
+          loaded[j] = self._load(bufs[j], [self.seed, epoch, j, self.process_index])
+        return loaded[j]
 
-    pending = None  # the next buffer, read by a background thread
-    cur_x, cur_i, pos = None, np.zeros((0,), np.int64), 0
-    for i in range(start, nb):
-      want = b if (i < nb - 1 or self.drop_remainder) else int(ends[-1]) - i * b
-      xs, ids = [], []
-      while want:
-        if pos == len(cur_i):
-          cur_x, cur_i = pending.result() if pending is not None else fetch(k)
-          cur_x, cur_i, pos, skip = cur_x[skip:], cur_i[skip:], 0, 0
-          k += 1
-          pending = self._pool().submit(fetch, k) if self.prefetch and k < len(bufs) else None
-        take = min(want, len(cur_i) - pos)
-        xs.append(cur_x[pos:pos + take])
-        ids.append(cur_i[pos:pos + take])
-        pos += take
-        want -= take
-      # Views into the buffer when the batch lies in one buffer; else one small copy.
-      yield (xs[0], ids[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ids))
+      for i in range(start, nb):
+        lo = i * b
+        hi = lo + b if (i < nb - 1 or self.drop_remainder) else int(ends[-1])
+        j0 = int(np.searchsorted(ends, lo, side="right"))
+        j1 = int(np.searchsorted(ends, hi - 1, side="right"))
+        for j in [j for j in loaded if j < j0]:
+          del loaded[j]  # pending batches keep what they still need
+        pieces = []
+        for j in range(j0, j1 + 1):
+          base = int(ends[j - 1]) if j else 0
+          pieces.append((buffer(j), max(lo, base) - base, min(hi, int(ends[j])) - base))
+        if self.prefetch:
+          for j in range(j1 + 1, min(j1 + 1 + _READ_AHEAD, len(bufs))):
+            buffer(j)
+        yield epoch, i, nb, pieces, hi - lo
+      epoch, start = epoch + 1, 0
 
   def _pool(self):
     if self._executor is None:
       from concurrent.futures import ThreadPoolExecutor
-      self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prefetch")
+      self._executor = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="store-prefetch")
     return self._executor
 
   def _item_shape(self) -> tuple[int, ...]:
     raise NotImplementedError
 
   def _stream(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    epoch, batch = self._epoch, self._batch
-    while self.num_epochs is None or epoch < self.num_epochs:
-      plan = self._plan(epoch)
-      nb = plan[1]
-      if nb == 0:
-        raise StoreError(
-            f"batch_size {self.batch_size} is larger than the selected data ({len(self.rows)} maps): "
-            "use a smaller batch or select more maps")
-      for x, ids in self._epoch_batches(epoch, batch, plan):
-        batch += 1
-        self._epoch, self._batch = (epoch + 1, 0) if batch >= nb else (epoch, batch)
-        yield x, ids
-      epoch, batch = epoch + 1, 0
+    jobs = self._jobs()
+    depth = 0 if not self.prefetch else (_PREFETCH if self.prefetch is True else int(self.prefetch))
+    pending: collections.deque = collections.deque()
+    while True:
+      while len(pending) <= depth:
+        job = next(jobs, None)
+        if job is None:
+          break
+        task = self._pool().submit(self._assemble, job[3], job[4]) if depth else None
+        pending.append((job, task))
+      if not pending:
+        return
+      (epoch, i, nb, pieces, n), task = pending.popleft()
+      x, ids = task.result() if task is not None else self._assemble(pieces, n)
+      self._epoch, self._batch = (epoch + 1, 0) if i + 1 >= nb else (epoch, i + 1)
+      yield x, ids
 
   def state(self) -> dict:
     """Position of the next batch, JSON-able; pass as ``state=`` to resume."""

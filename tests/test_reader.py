@@ -119,8 +119,9 @@ def test_each_process_reads_its_share_of_every_global_batch(ref):
   assert nbs[0] == nbs[1] == N_MAPS // 8
   issued = [[], []]
   for p, r in enumerate(readers):
-    real = r._fetch
-    r._fetch = lambda rows, key, real=real, p=p: (issued[p].append(np.unique(rows // MPC)), real(rows, key))[1]
+    real = r._load
+    r._load = lambda rows, key, real=real, p=p: (  # key = (seed, epoch, buffer, process)
+        key[1] == 0 and issued[p].append(np.unique(rows // MPC)), real(rows, key))[1]
   seen = []
   for _ in range(nbs[0]):
     (x0, l0), (x1, l1) = next(readers[0]), next(readers[1])
