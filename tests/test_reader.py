@@ -176,3 +176,54 @@ def test_partial_store_reads_done_units_only(tmp_path):
   rows = np.concatenate([lab["row"] for _, lab in _epoch(reader, reader.batches_per_epoch())])
   np.testing.assert_array_equal(np.sort(rows), np.r_[0:12, 36:40])
   assert st.summary(store)["units_done"] == 2
+
+
+def test_each_batch_mixes_tokens_of_every_chunk_of_its_buffer(ref):
+  """The shuffle-quality bound of the module docstring: a batch of 32 tokens
+  drawn from a buffer of 4 chunks (16 maps, 128 tokens) holds tokens of all 4
+  chunks and of at least 12 of its 16 maps (expected 14.0); the last buffer
+  holds the 2 remaining chunks."""
+  store = st.open_store(ref)
+  for seed in range(3):
+    reader = st.TokenBatches(store, 32, seed=seed, split="all", buffer_chunks=4, return_index=True,
+                             process_index=0, process_count=1, num_epochs=1)
+    nb = reader.batches_per_epoch()
+    assert nb == N_MAPS * T // 32
+    batches = [ids[:, 0] for _, ids in reader]
+    for i in range(0, nb, 4):  # 4 batches per full buffer; they cover its maps exactly
+      buf_maps = np.unique(np.concatenate(batches[i:i + 4]))
+      chunks = np.unique(buf_maps // MPC)
+      assert len(buf_maps) == len(chunks) * MPC
+      for rows in batches[i:i + 4]:
+        np.testing.assert_array_equal(np.unique(rows // MPC), chunks)
+        assert len(np.unique(rows)) >= (12 if len(chunks) == 4 else 6), (seed, i)
+
+
+def test_prefetch_reads_ahead_boundedly_and_yields_the_same_batches(ref):
+  """With prefetch=3 and buffers of 1 chunk (32 tokens, 2 batches of 16), the
+  first next() has queued batches 0-3 (buffers 0-1) and started reading
+  buffer 2, no more; without prefetch, only buffer 0. Batches and states are
+  identical either way, and each batch is its own array (not a view of a
+  buffer that later batches reuse)."""
+  store = st.open_store(ref)
+  kw = dict(seed=1, split="all", buffer_chunks=1, return_index=True, process_index=0, process_count=1)
+  runs = {}
+  for prefetch in (3, False):
+    reader = st.TokenBatches(store, 16, prefetch=prefetch, **kw)
+    loads = []
+    real = reader._load
+    reader._load = lambda rows, key, real=real: (loads.append((key[1], key[2])), real(rows, key))[1]
+    first = next(reader)
+    assert loads == ([(0, 0), (0, 1), (0, 2)] if prefetch else [(0, 0)])
+    out = [first] + _epoch(reader, 2 * reader.batches_per_epoch() + 3)
+    runs[prefetch] = (out, reader.state())
+    assert max(b for _, b in loads) < reader.batches_per_epoch() // 2 + 1
+    assert all(x.flags.owndata or x.base is None or x.base.size == x.size for x, _ in out)
+  (a, sa), (b, sb) = runs[3], runs[False]
+  assert sa == sb
+  for (x0, i0), (x1, i1) in zip(a, b):
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_array_equal(x0, x1)
+  data = map_data(np.arange(N_MAPS)).astype(store.dtype).astype(np.float32)
+  for x, ids in a:
+    np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
