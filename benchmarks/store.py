@@ -108,11 +108,11 @@ def _files(path: str) -> list[str]:
   return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
 
 
-def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0) -> dict:
+def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0, dtype=np.float32) -> dict:
   """One epoch of TokenBatches. ``step_s``: a simulated trainer step per batch
   (a sleep: the host thread idles while an accelerator computes)."""
   reader = st.TokenBatches(store, batch, split="all", process_index=0, process_count=1, prefetch=prefetch,
-                           require_complete=False, num_epochs=1)
+                           require_complete=False, num_epochs=1, dtype=dtype)
   nb = reader.batches_per_epoch()
   _drop_cache(os.path.join(store.path, "acts"))
   t, c = time.perf_counter(), time.process_time()
@@ -125,6 +125,35 @@ def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0)
   stored = tokens * store.d_in * store.dtype.itemsize
   return {"s": dt, "tokens": tokens, "read_MBps": stored / dt / 1e6, "read_tokens_per_s": tokens / dt,
           "cpu_s_per_GB": cpu / stored * 1e9, "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3}
+
+
+def compare_reads(store: st.Store, args: argparse.Namespace) -> dict:
+  """Raw sequential reads of the store's acts files and shuffled reader epochs
+  (float32, and the store dtype), rounds interleaved; medians and each round."""
+  files, rounds = _files(os.path.join(store.path, "acts")), []
+  n_tokens = int(st.read_labels(store)[1].sum()) * store.tokens_per_map
+  for _ in range(args.rounds):
+    raw = raw_read(files)
+    f32 = bench_read(store, args.batch, prefetch=True)
+    half = bench_read(store, args.batch, prefetch=True, dtype=None)
+    raw_tps = n_tokens / raw["s"]
+    rounds.append({"raw_file_MBps": raw["file_MBps"], "raw_tokens_per_s": raw_tps,
+                   **{k: f32[k] for k in ("read_MBps", "read_tokens_per_s", "cpu_s_per_GB")},
+                   "shuffled_over_raw": f32["read_tokens_per_s"] / raw_tps,
+                   "store_dtype_read_MBps": half["read_MBps"], "store_dtype_cpu_s_per_GB": half["cpu_s_per_GB"],
+                   "store_dtype_shuffled_over_raw": half["read_tokens_per_s"] / raw_tps})
+  out = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
+  out["rounds"] = rounds
+  return out
+
+
+def _print_compare(r: dict, rounds: int) -> None:
+  print(f"  {'':16s} raw sequential read of its files {r['raw_file_MBps']:.0f} MB/s of file bytes "
+        f"({r['raw_tokens_per_s']:,.0f} tokens/s); shuffled float32 / raw {r['shuffled_over_raw']:.2f} "
+        f"(rounds: " + ", ".join(f"{x['shuffled_over_raw']:.2f}" for x in r["rounds"]) + "); "
+        f"shuffled store dtype: {r['store_dtype_read_MBps']:.0f} MB/s, "
+        f"{r['store_dtype_cpu_s_per_GB']:.2f} CPU s/GB, / raw {r['store_dtype_shuffled_over_raw']:.2f} "
+        f"(medians of {rounds} rounds)")
 
 
 def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dict:
@@ -154,19 +183,7 @@ def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dic
       "write_MBps": stored / t_write / 1e6, "write_tokens_per_s": args.maps * args.tokens / t_write,
       "ratio": on_disk / stored, "bytes_per_token": on_disk / (args.maps * args.tokens),
   }
-  # Raw and shuffled reads of the same content, rounds interleaved.
-  files, rounds = _files(os.path.join(path, "acts")), []
-  for _ in range(args.rounds):
-    raw = raw_read(files)
-    r = bench_read(store, args.batch, prefetch=True)
-    rounds.append({"raw_s": raw["s"], "raw_file_MBps": raw["file_MBps"], "reader_s": r["s"],
-                   "reader_tokens": r["tokens"], "ratio": raw["s"] / r["s"] * (r["tokens"] / (args.maps * args.tokens)),
-                   **{k: r[k] for k in ("read_MBps", "read_tokens_per_s", "cpu_s_per_GB")}})
-  med = lambda k: float(np.median([x[k] for x in rounds]))  # noqa: E731
-  out.update({"rounds": rounds, "read_MBps": med("read_MBps"), "read_tokens_per_s": med("read_tokens_per_s"),
-              "cpu_s_per_GB": med("cpu_s_per_GB"), "raw_file_MBps": med("raw_file_MBps"),
-              "raw_tokens_per_s": float(np.median([args.maps * args.tokens / x["raw_s"] for x in rounds])),
-              "shuffled_over_raw": med("ratio")})
+  out.update(compare_reads(store, args))
   out["read_noprefetch_MBps"] = bench_read(store, args.batch, prefetch=False)["read_MBps"]
   if args.step_ms:
     for pf in (True, False):
@@ -256,9 +273,10 @@ def main() -> None:
   if args.store:
     store = st.open_store(args.store)
     s = st.summary(store)
-    results["store"] = {**bench_read(store, args.batch, prefetch=True), "bytes_per_token": s["bytes_per_token"]}
-    print(f"store {args.store}: read {results['store']['read_MBps']:.0f} MB/s "
-          f"({results['store']['read_tokens_per_s']:,.0f} tokens/s), {s['bytes_per_token']:.1f} B/token")
+    results["store"] = r = {**compare_reads(store, args), "bytes_per_token": s["bytes_per_token"]}
+    print(f"store {args.store}: read {r['read_MBps']:.0f} MB/s ({r['read_tokens_per_s']:,.0f} tokens/s; "
+          f"{r['cpu_s_per_GB']:.2f} CPU s/GB), {s['bytes_per_token']:.1f} B/token")
+    _print_compare(r, args.rounds)
     bpt = s["bytes_per_token"] * SD_D_IN / store.d_in
   else:
     workdir = args.workdir or tempfile.mkdtemp(prefix="store-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
@@ -276,9 +294,7 @@ def main() -> None:
             f"read {r['read_MBps']:7.0f} MB/s ({r['read_tokens_per_s']:,.0f} tokens/s; "
             f"{r['read_noprefetch_MBps']:.0f} MB/s without prefetch; {r['cpu_s_per_GB']:.2f} CPU s/GB)   "
             f"size x{r['ratio']:.3f}, {r['bytes_per_token']:.1f} B/token, chunks of {r['maps_per_chunk']} maps")
-      print(f"  {'':16s} raw sequential read of its files {r['raw_file_MBps']:.0f} MB/s of file bytes "
-            f"({r['raw_tokens_per_s']:,.0f} tokens/s); shuffled/raw {r['shuffled_over_raw']:.2f} (median of "
-            f"{args.rounds} rounds: " + ", ".join(f"{x['ratio']:.2f}" for x in r["rounds"]) + ")")
+      _print_compare(r, args.rounds)
       if args.step_ms:
         print(f"  {'':16s} with a {args.step_ms:.0f} ms trainer step the reader stalls the trainer "
               f"{r['stall_ms_per_batch_prefetch_True']:.1f} ms/batch with prefetch, "

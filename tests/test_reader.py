@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -227,3 +228,27 @@ def test_prefetch_reads_ahead_boundedly_and_yields_the_same_batches(ref):
   data = map_data(np.arange(N_MAPS)).astype(store.dtype).astype(np.float32)
   for x, ids in a:
     np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
+
+
+def test_batches_stay_valid_while_views_of_them_live(ref):
+  """Batch memory is recycled once the consumer drops a batch, never while a
+  view made from it is still alive (or the batch itself is)."""
+  store = st.open_store(ref)
+  data = map_data(np.arange(N_MAPS)).astype(store.dtype).astype(np.float32)
+  for prefetch in (3, False):
+    reader = st.TokenBatches(store, 16, seed=4, split="all", buffer_chunks=1, return_index=True,
+                             process_index=0, process_count=1, prefetch=prefetch)
+    kept, whole, dropped = [], [], []
+    for i in range(3 * reader.batches_per_epoch()):
+      x, ids = next(reader)
+      if i % 3 == 0:
+        kept.append((x[2:9], ids[2:9]))  # a view; the batch itself is dropped
+      elif i % 3 == 1:
+        whole.append((x, ids))
+      else:
+        dropped.append(weakref.ref(x.base))
+      del x
+    for x, ids in kept + whole:
+      np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
+    if not prefetch:  # the next batch reuses the memory of a dropped one
+      assert any(w() is not None and any(w() is x.base for x, _ in kept + whole) for w in dropped)
