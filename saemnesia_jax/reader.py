@@ -100,14 +100,12 @@ class _Buffer:
   """A buffer in flight: its array, the tensorstore reads filling it, and the
   buffer position and id of each of its items in shuffled order.
 
-  Once read, its array goes back to ``spare`` when the buffer is dropped: a
-  fresh array of tens of MB costs the kernel more to zero-fill on first touch
-  than tensorstore spends decompressing into it (measured with perf).
+  Once read, its array goes back to ``_POOL`` when the buffer is dropped.
   """
 
-  def __init__(self, data: np.ndarray, reads: list, pos: np.ndarray, ids: np.ndarray, spare: list):
+  def __init__(self, data: np.ndarray, reads: list, pos: np.ndarray, ids: np.ndarray):
     self.data, self.pos, self.ids = data, pos, ids
-    self._reads, self._spare = reads, spare
+    self._reads = reads
     self._lock = threading.Lock()
 
   def wait(self, store: Store) -> None:
@@ -122,7 +120,41 @@ class _Buffer:
       self._reads = None
       # Recycle only after every write into the array has finished.
       base = self.data if self.data.base is None else self.data.base
-      weakref.finalize(self, self._spare.append, base)
+      weakref.finalize(self, _POOL.put, base)
+
+
+class _Pool:
+  """Arrays to reuse, process-wide, at most ``max_bytes`` (oldest dropped).
+
+  A fresh array of tens of MB costs the kernel a zero-fill per page on first
+  touch, more than tensorstore spends decompressing into it (measured with
+  perf); readers come and go (one per validation pass), so the pool outlives
+  them. ``take`` hands out an array only if nothing but the pool refers to it.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = max_bytes
+    self._items: list[np.ndarray] = []
+    self._lock = threading.Lock()
+
+  def put(self, a: np.ndarray) -> None:
+    with self._lock:
+      self._items.append(a)
+      total = sum(x.nbytes for x in self._items)
+      while total > self.max_bytes:
+        total -= self._items.pop(0).nbytes
+
+  def take(self, fits) -> np.ndarray | None:
+    with self._lock:
+      for k in range(len(self._items)):
+        a = self._items[k]
+        # References: the list, ``a`` and getrefcount's argument.
+        if fits(a) and sys.getrefcount(a) == 3:
+          return self._items.pop(k)
+      return None
+
+
+_POOL = _Pool(256 << 20)
 
 
 def _gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
@@ -239,8 +271,6 @@ class _Batches:
     self._gen = None
     self._executor = None
     self._plan_cache: tuple[int, Any] = (-1, None)
-    self._spare: list[np.ndarray] = []  # buffer arrays to reuse (see _Buffer)
-    self._spare_out: list[np.ndarray] = []  # batch arrays to reuse (see _out_array)
 
   # -- plan (metadata only) --
 
@@ -319,46 +349,31 @@ class _Batches:
     if self.shuffle:
       perm = np.random.default_rng(rng_key).permutation(len(ids))
       pos, ids = pos[perm], ids[perm]
-    return _Buffer(data, reads, pos, ids, self._spare)
+    return _Buffer(data, reads, pos, ids)
 
   def _out_array(self, n: int) -> np.ndarray:
-    """A batch array, made from the memory of a batch the consumer has dropped.
+    """A batch array, in the memory of a batch the consumer has dropped if any.
 
-    The batch handed out is a view of a base array; when the view dies the
-    base returns to ``_spare_out``. A base is reused only if nothing else
-    refers to it (the consumer may still hold a view made from the batch):
-    ``sys.getrefcount`` is then 2 (the local name and the call's argument).
-    Fresh arrays cost a kernel zero-fill per page on first touch.
+    The batch handed out is a view of a base array that returns to the pool
+    when the view dies; the pool hands a base out again only once nothing
+    else refers to it (the consumer may keep a view made from the batch).
     """
-    shape = (n, *self._item_shape())
-    base = None
-    while self._spare_out:
-      try:
-        a = self._spare_out.pop()
-      except IndexError:
-        break
-      if a.shape == shape and sys.getrefcount(a) == 2:
-        base = a
-        break
-      del a
+    shape, dtype = (n, *self._item_shape()), self.dtype
+    base = _POOL.take(lambda a: a.shape == shape and a.dtype == dtype)
     if base is None:
-      base = np.empty(shape, self.dtype)
+      base = np.empty(shape, dtype)
     out = base[:]
-    weakref.finalize(out, self._spare_out.append, base)
+    weakref.finalize(out, _POOL.put, base)
     return out
 
   def _array(self, n: int) -> np.ndarray:
-    """A buffer array of ``n`` maps: a spare one if one is large enough."""
+    """A buffer array of ``n`` maps (the pool's, if one is large enough)."""
     s = self.store
-    while self._spare:
-      try:
-        a = self._spare.pop()
-      except IndexError:  # taken by another thread meanwhile
-        break
-      if len(a) >= n:
-        return a[:n]
-    cap = max(n, self.buffer_chunks * s.maps_per_chunk)
-    return np.empty((cap, s.tokens_per_map, s.d_in), s.dtype)[:n]
+    item, dtype = (s.tokens_per_map, s.d_in), s.dtype
+    a = _POOL.take(lambda a: a.shape[1:] == item and a.dtype == dtype and len(a) >= n)
+    if a is None:
+      a = np.empty((max(n, self.buffer_chunks * s.maps_per_chunk), *item), dtype)
+    return a[:n]
 
   def _assemble(self, pieces: list[tuple[_Buffer, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """A batch: items ``[lo, hi)`` of each buffer in ``pieces``, gathered and cast.

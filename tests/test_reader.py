@@ -235,10 +235,10 @@ def test_batches_stay_valid_while_views_of_them_live(ref):
   view made from it is still alive (or the batch itself is)."""
   store = st.open_store(ref)
   data = map_data(np.arange(N_MAPS)).astype(store.dtype).astype(np.float32)
+  kept, whole, dropped = [], [], []
   for prefetch in (3, False):
     reader = st.TokenBatches(store, 16, seed=4, split="all", buffer_chunks=1, return_index=True,
                              process_index=0, process_count=1, prefetch=prefetch)
-    kept, whole, dropped = [], [], []
     for i in range(3 * reader.batches_per_epoch()):
       x, ids = next(reader)
       if i % 3 == 0:
@@ -248,7 +248,8 @@ def test_batches_stay_valid_while_views_of_them_live(ref):
       else:
         dropped.append(weakref.ref(x.base))
       del x
-    for x, ids in kept + whole:
-      np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
-    if not prefetch:  # the next batch reuses the memory of a dropped one
-      assert any(w() is not None and any(w() is x.base for x, _ in kept + whole) for w in dropped)
+  for x, ids in kept + whole:
+    np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
+  # Later batches do reuse the memory of dropped ones.
+  bases = [x.base for x, _ in kept + whole]
+  assert any(w() is not None and any(w() is b for b in bases) for w in dropped)
