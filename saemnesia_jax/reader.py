@@ -41,6 +41,9 @@ plus ``_READ_AHEAD``, each ``buffer_chunks * maps_per_chunk`` maps in the
 store dtype, plus ``1 + prefetch`` batches in ``dtype``. At SD scale with the
 defaults (32 chunks of 2 maps: 42 MB per buffer, 16,384 tokens; batches of
 4,096 tokens, 21 MB in float32) that is 3 buffers and 4 batches, about 210 MB.
+Buffer and batch arrays are reused (``host_arrays.POOL``, process-wide, at
+most 256 MB kept once readers are gone): a fresh array costs a kernel
+zero-fill per page.
 ``dtype=None`` yields the store dtype (half the bytes to move to an
 accelerator; cast there).
 
@@ -57,7 +60,6 @@ import collections
 import hashlib
 import json
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,7 +68,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from saemnesia_jax.store_format import DTYPES, Store, StoreError, _normalise
+from saemnesia_jax import host_arrays
+from saemnesia_jax.store_format import Store, StoreError, _normalise
 from saemnesia_jax.store_units import _read_error, done_units, read_labels
 
 # --------------------------------------------------------------------------
@@ -93,14 +96,14 @@ def split_hash(keys: np.ndarray, split_seed: int) -> np.ndarray:
 _PREFETCH = 3
 _READ_AHEAD = 1
 _WORKERS = min(4, os.cpu_count() or 1)
-_BF16 = DTYPES["bfloat16"]
 
 
 class _Buffer:
   """A buffer in flight: its array, the tensorstore reads filling it, and the
   buffer position and id of each of its items in shuffled order.
 
-  Once read, its array goes back to ``_POOL`` when the buffer is dropped.
+  Once read, its array goes back to ``host_arrays.POOL`` when the buffer is
+  dropped.
   """
 
   def __init__(self, data: np.ndarray, reads: list, pos: np.ndarray, ids: np.ndarray):
@@ -120,56 +123,7 @@ class _Buffer:
       self._reads = None
       # Recycle only after every write into the array has finished.
       base = self.data if self.data.base is None else self.data.base
-      weakref.finalize(self, _POOL.put, base)
-
-
-class _Pool:
-  """Arrays to reuse, process-wide, at most ``max_bytes`` (oldest dropped).
-
-  A fresh array of tens of MB costs the kernel a zero-fill per page on first
-  touch, more than tensorstore spends decompressing into it (measured with
-  perf); readers come and go (one per validation pass), so the pool outlives
-  them. ``take`` hands out an array only if nothing but the pool refers to it.
-  """
-
-  def __init__(self, max_bytes: int):
-    self.max_bytes = max_bytes
-    self._items: list[np.ndarray] = []
-    self._lock = threading.Lock()
-
-  def put(self, a: np.ndarray) -> None:
-    with self._lock:
-      self._items.append(a)
-      total = sum(x.nbytes for x in self._items)
-      while total > self.max_bytes:
-        total -= self._items.pop(0).nbytes
-
-  def take(self, fits) -> np.ndarray | None:
-    with self._lock:
-      for k in range(len(self._items)):
-        a = self._items[k]
-        # References: the list, ``a`` and getrefcount's argument.
-        if fits(a) and sys.getrefcount(a) == 3:
-          return self._items.pop(k)
-      return None
-
-
-_POOL = _Pool(256 << 20)
-
-
-def _gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
-  """``out[:] = src[idx]`` cast to ``out.dtype``, with GIL-free numpy loops.
-
-  bfloat16 -> float32 is exact as a 16-bit shift of the bits (ml_dtypes'
-  cast is slower and holds the GIL).
-  """
-  bits = np.dtype(f"u{src.dtype.itemsize}")
-  if out.dtype == src.dtype:
-    np.take(src.view(bits), idx, axis=0, out=out.view(bits), mode="clip")
-  elif src.dtype == _BF16 and out.dtype == np.float32:
-    np.left_shift(np.take(src.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
-  else:
-    out[...] = np.take(src, idx, axis=0)
+      weakref.finalize(self, host_arrays.POOL.put, base)
 
 
 class _Batches:
@@ -359,18 +313,18 @@ class _Batches:
     else refers to it (the consumer may keep a view made from the batch).
     """
     shape, dtype = (n, *self._item_shape()), self.dtype
-    base = _POOL.take(lambda a: a.shape == shape and a.dtype == dtype)
+    base = host_arrays.POOL.take(lambda a: a.shape == shape and a.dtype == dtype)
     if base is None:
       base = np.empty(shape, dtype)
     out = base[:]
-    weakref.finalize(out, _POOL.put, base)
+    weakref.finalize(out, host_arrays.POOL.put, base)
     return out
 
   def _array(self, n: int) -> np.ndarray:
     """A buffer array of ``n`` maps (the pool's, if one is large enough)."""
     s = self.store
     item, dtype = (s.tokens_per_map, s.d_in), s.dtype
-    a = _POOL.take(lambda a: a.shape[1:] == item and a.dtype == dtype and len(a) >= n)
+    a = host_arrays.POOL.take(lambda a: a.shape[1:] == item and a.dtype == dtype and len(a) >= n)
     if a is None:
       a = np.empty((max(n, self.buffer_chunks * s.maps_per_chunk), *item), dtype)
     return a[:n]
@@ -387,7 +341,7 @@ class _Batches:
     for buf, lo, hi in pieces:
       buf.wait(s)
       src = buf.data.reshape(-1, s.d_in) if self._items_per_map > 1 else buf.data
-      _gather_cast(src, buf.pos[lo:hi], out[k:k + hi - lo])
+      host_arrays.gather_cast(src, buf.pos[lo:hi], out[k:k + hi - lo])
       ids.append(buf.ids[lo:hi])
       k += hi - lo
     ids = ids[0] if len(ids) == 1 else np.concatenate(ids)
