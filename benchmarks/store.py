@@ -4,6 +4,8 @@ Run (SD-scale maps, about 4 minutes on a 2-core machine):
 
   python benchmarks/store.py --maps 400 --tokens 256 --d_in 1280 --maps_per_unit 50
   python benchmarks/store.py --maps 4000 --tokens 64 --d_in 64 --maps_per_unit 25   # miniature
+  python benchmarks/store.py --maps 200 --collect_units 0 --compression blosc-lz4,none --rounds 5 \
+      --json_out benchmarks/results/store_reader.json   # the reader against the raw read
 
 Prints, for each compression: write throughput (``write_unit``: cast, NaN
 check, sha256, tensorstore write, marker) and read throughput (one
@@ -15,11 +17,13 @@ compared with a raw sequential read of the same bytes: the store's own
 into one reused buffer, in the same run, rounds interleaved (raw, shuffled
 reader, raw, ...). Before every read of either side the page cache of the
 files read is dropped (posix_fadvise DONTNEED), so both read from the disk
-where the kernel honours it (on a virtual disk the host may still cache). The
+where the kernel honours it (``fincore`` showed no page left resident here;
+a virtual disk may still be cached by its host). The
 ratio is raw time / reader time for the same content (the reader's tokens/s
 over the raw read's): 1.0 means the shuffled reader delivers float32 batches
 as fast as the disk delivers the bytes. Also the reader's CPU time (all
-threads) per GB of stored bytes: the cost a host pays, whatever its core count.
+threads) per GB of stored bytes: the cost a host pays, whatever its core count,
+and from it the free cores the reader needs to keep up with the raw read.
 Then the bytes per stored token and the projected size of the SD v1.5
 UnlearnCanvas collection. With ``--step_ms`` it also runs an epoch with a
 simulated trainer step (a sleep per batch) and prints how long the trainer
@@ -137,7 +141,8 @@ def compare_reads(store: st.Store, args: argparse.Namespace) -> dict:
     f32 = bench_read(store, args.batch, prefetch=True)
     half = bench_read(store, args.batch, prefetch=True, dtype=None)
     raw_tps = n_tokens / raw["s"]
-    rounds.append({"raw_file_MBps": raw["file_MBps"], "raw_tokens_per_s": raw_tps,
+    content_GBps = raw_tps * store.d_in * store.dtype.itemsize / 1e9
+    rounds.append({"cores_to_match_raw": f32["cpu_s_per_GB"] * content_GBps,"raw_file_MBps": raw["file_MBps"], "raw_tokens_per_s": raw_tps,
                    **{k: f32[k] for k in ("read_MBps", "read_tokens_per_s", "cpu_s_per_GB")},
                    "shuffled_over_raw": f32["read_tokens_per_s"] / raw_tps,
                    "store_dtype_read_MBps": half["read_MBps"], "store_dtype_cpu_s_per_GB": half["cpu_s_per_GB"],
@@ -153,7 +158,8 @@ def _print_compare(r: dict, rounds: int) -> None:
         f"(rounds: " + ", ".join(f"{x['shuffled_over_raw']:.2f}" for x in r["rounds"]) + "); "
         f"shuffled store dtype: {r['store_dtype_read_MBps']:.0f} MB/s, "
         f"{r['store_dtype_cpu_s_per_GB']:.2f} CPU s/GB, / raw {r['store_dtype_shuffled_over_raw']:.2f} "
-        f"(medians of {rounds} rounds)")
+        f"(medians of {rounds} rounds); the float32 reader needs {r['cores_to_match_raw']:.1f} free cores "
+        f"to match the raw read (its CPU s/GB x the raw read's GB/s of content)")
 
 
 def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dict:
