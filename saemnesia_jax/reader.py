@@ -150,7 +150,7 @@ class _Batches:
       process_index: int | None = None,
       process_count: int | None = None,
       require_complete: bool = True,
-      prefetch: bool = True,
+      prefetch: bool | int = True,
       state: Mapping[str, Any] | None = None,
   ):
     if process_index is None or process_count is None:
