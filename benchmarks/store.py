@@ -4,18 +4,30 @@ Run (SD-scale maps, about 4 minutes on a 2-core machine):
 
   python benchmarks/store.py --maps 400 --tokens 256 --d_in 1280 --maps_per_unit 50
   python benchmarks/store.py --maps 4000 --tokens 64 --d_in 64 --maps_per_unit 25   # miniature
+  python benchmarks/store.py --maps 200 --collect_units 0 --compression blosc-lz4,none --rounds 5 \
+      --json_out benchmarks/results/store_reader.json   # the reader against the raw read
 
 Prints, for each compression: write throughput (``write_unit``: cast, NaN
-check, sha256, tensorstore write, marker) and read throughput
-(``TokenBatches`` epoch, batches of ``--batch`` tokens as float32) in MB/s of
-stored (uncompressed) bytes and tokens/s, next to a plain sequential write
-(fsync) and read of the same bytes in one file, in the same run. Before each
-read the page cache of the files read is dropped (posix_fadvise DONTNEED), so
-reads come from the disk where the kernel honours it. Then the bytes per stored
-token and the projected size of the SD v1.5 UnlearnCanvas collection. With
-``--step_ms`` it also runs an epoch with a simulated trainer step (a sleep per
-batch) and prints how long the trainer waits for the reader per batch, with
-and without the background prefetch.
+check, sha256, tensorstore write, marker) and read throughput (one
+``TokenBatches`` epoch, batches of ``--batch`` tokens as float32, shuffled) in
+MB/s of stored (uncompressed bf16) bytes and tokens/s, next to a plain
+sequential write (fsync) and read of a file of that size. The reader is
+compared with a raw sequential read of the same bytes: the store's own
+``acts`` files (compressed, as on disk) read in file order with ``readinto``
+into one reused buffer, in the same run, rounds interleaved (raw, shuffled
+reader, raw, ...). Before every read of either side the page cache of the
+files read is dropped (posix_fadvise DONTNEED), so both read from the disk
+where the kernel honours it (``fincore`` showed no page left resident here;
+a virtual disk may still be cached by its host). The
+ratio is raw time / reader time for the same content (the reader's tokens/s
+over the raw read's): 1.0 means the shuffled reader delivers float32 batches
+as fast as the disk delivers the bytes. Also the reader's CPU time (all
+threads) per GB of stored bytes: the cost a host pays, whatever its core count,
+and from it the free cores the reader needs to keep up with the raw read.
+Then the bytes per stored token and the projected size of the SD v1.5
+UnlearnCanvas collection. With ``--step_ms`` it also runs an epoch with a
+simulated trainer step (a sleep per batch) and prints how long the trainer
+waits for the reader per batch, with and without the background prefetch.
 
 The data are synthetic (Gaussian, per-channel scales log-normal): the
 compression ratio of real activations differs; pass ``--store PATH`` to
@@ -76,32 +88,78 @@ def raw_disk(path: str, nbytes: int, piece: int = 64 << 20) -> dict:
     f.flush()
     os.fsync(f.fileno())
   tw = time.perf_counter() - t
-  _drop_cache(path)
-  t = time.perf_counter()
-  with open(path, "rb") as f:
-    while f.read(piece):
-      pass
-  tr = time.perf_counter() - t
+  tr = raw_read([path])["s"]
   os.unlink(path)
   return {"write_MBps": nbytes / tw / 1e6, "read_MBps": nbytes / tr / 1e6}
 
 
-def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0) -> dict:
+def raw_read(files: list[str], piece: int = 16 << 20) -> dict:
+  """Sequential read of ``files`` (cache dropped first) into one reused buffer."""
+  for p in files:
+    _drop_cache(p)
+  buf = bytearray(piece)
+  n = 0
+  t = time.perf_counter()
+  for p in files:
+    with open(p, "rb", buffering=0) as f:
+      while k := f.readinto(buf):
+        n += k
+  dt = time.perf_counter() - t
+  return {"s": dt, "bytes": n, "file_MBps": n / dt / 1e6}
+
+
+def _files(path: str) -> list[str]:
+  return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+
+
+def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0, dtype=np.float32) -> dict:
   """One epoch of TokenBatches. ``step_s``: a simulated trainer step per batch
   (a sleep: the host thread idles while an accelerator computes)."""
   reader = st.TokenBatches(store, batch, split="all", process_index=0, process_count=1, prefetch=prefetch,
-                           require_complete=False)
+                           require_complete=False, num_epochs=1, dtype=dtype)
   nb = reader.batches_per_epoch()
   _drop_cache(os.path.join(store.path, "acts"))
-  t = time.perf_counter()
+  t, c = time.perf_counter(), time.process_time()
   for _ in range(nb):
     next(reader)
     if step_s:
       time.sleep(step_s)
-  dt = time.perf_counter() - t
+  dt, cpu = time.perf_counter() - t, time.process_time() - c
   tokens = nb * batch
-  return {"read_MBps": tokens * store.d_in * store.dtype.itemsize / dt / 1e6, "read_tokens_per_s": tokens / dt,
-          "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3}
+  stored = tokens * store.d_in * store.dtype.itemsize
+  return {"s": dt, "tokens": tokens, "read_MBps": stored / dt / 1e6, "read_tokens_per_s": tokens / dt,
+          "cpu_s_per_GB": cpu / stored * 1e9, "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3}
+
+
+def compare_reads(store: st.Store, args: argparse.Namespace) -> dict:
+  """Raw sequential reads of the store's acts files and shuffled reader epochs
+  (float32, and the store dtype), rounds interleaved; medians and each round."""
+  files, rounds = _files(os.path.join(store.path, "acts")), []
+  n_tokens = int(st.read_labels(store)[1].sum()) * store.tokens_per_map
+  for _ in range(args.rounds):
+    raw = raw_read(files)
+    f32 = bench_read(store, args.batch, prefetch=True)
+    half = bench_read(store, args.batch, prefetch=True, dtype=None)
+    raw_tps = n_tokens / raw["s"]
+    content_GBps = raw_tps * store.d_in * store.dtype.itemsize / 1e9
+    rounds.append({"cores_to_match_raw": f32["cpu_s_per_GB"] * content_GBps,"raw_file_MBps": raw["file_MBps"], "raw_tokens_per_s": raw_tps,
+                   **{k: f32[k] for k in ("read_MBps", "read_tokens_per_s", "cpu_s_per_GB")},
+                   "shuffled_over_raw": f32["read_tokens_per_s"] / raw_tps,
+                   "store_dtype_read_MBps": half["read_MBps"], "store_dtype_cpu_s_per_GB": half["cpu_s_per_GB"],
+                   "store_dtype_shuffled_over_raw": half["read_tokens_per_s"] / raw_tps})
+  out = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
+  out["rounds"] = rounds
+  return out
+
+
+def _print_compare(r: dict, rounds: int) -> None:
+  print(f"  {'':16s} raw sequential read of its files {r['raw_file_MBps']:.0f} MB/s of file bytes "
+        f"({r['raw_tokens_per_s']:,.0f} tokens/s); shuffled float32 / raw {r['shuffled_over_raw']:.2f} "
+        f"(rounds: " + ", ".join(f"{x['shuffled_over_raw']:.2f}" for x in r["rounds"]) + "); "
+        f"shuffled store dtype: {r['store_dtype_read_MBps']:.0f} MB/s, "
+        f"{r['store_dtype_cpu_s_per_GB']:.2f} CPU s/GB, / raw {r['store_dtype_shuffled_over_raw']:.2f} "
+        f"(medians of {rounds} rounds); the float32 reader needs {r['cores_to_match_raw']:.1f} free cores "
+        f"to match the raw read (its CPU s/GB x the raw read's GB/s of content)")
 
 
 def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dict:
@@ -131,7 +189,7 @@ def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dic
       "write_MBps": stored / t_write / 1e6, "write_tokens_per_s": args.maps * args.tokens / t_write,
       "ratio": on_disk / stored, "bytes_per_token": on_disk / (args.maps * args.tokens),
   }
-  out.update(bench_read(store, args.batch, prefetch=True))
+  out.update(compare_reads(store, args))
   out["read_noprefetch_MBps"] = bench_read(store, args.batch, prefetch=False)["read_MBps"]
   if args.step_ms:
     for pf in (True, False):
@@ -203,6 +261,7 @@ def main() -> None:
   parser.add_argument("--maps_per_unit", type=int, default=50)
   parser.add_argument("--maps_per_chunk", type=int, default=None)
   parser.add_argument("--batch", type=int, default=4096, help="tokens per read batch")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of raw and shuffled reads")
   parser.add_argument("--step_ms", type=float, default=20.0,
                       help="simulated trainer step per batch for the stall measurement (0: skip)")
   parser.add_argument("--compression", default="blosc-lz4,none,blosc-zstd")
@@ -216,13 +275,14 @@ def main() -> None:
   parser.add_argument("--collect_model", default=None, help="pipeline dir (default: tiny random)")
   args = parser.parse_args()
 
-  results: dict = {"args": vars(args)}
+  results: dict = {"args": vars(args), "loadavg_start": open("/proc/loadavg").read().split()[:3]}
   if args.store:
     store = st.open_store(args.store)
     s = st.summary(store)
-    results["store"] = {**bench_read(store, args.batch, prefetch=True), "bytes_per_token": s["bytes_per_token"]}
-    print(f"store {args.store}: read {results['store']['read_MBps']:.0f} MB/s "
-          f"({results['store']['read_tokens_per_s']:,.0f} tokens/s), {s['bytes_per_token']:.1f} B/token")
+    results["store"] = r = {**compare_reads(store, args), "bytes_per_token": s["bytes_per_token"]}
+    print(f"store {args.store}: read {r['read_MBps']:.0f} MB/s ({r['read_tokens_per_s']:,.0f} tokens/s; "
+          f"{r['cpu_s_per_GB']:.2f} CPU s/GB), {s['bytes_per_token']:.1f} B/token")
+    _print_compare(r, args.rounds)
     bpt = s["bytes_per_token"] * SD_D_IN / store.d_in
   else:
     workdir = args.workdir or tempfile.mkdtemp(prefix="store-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
@@ -238,8 +298,9 @@ def main() -> None:
       results["stores"].append(r)
       print(f"  store {comp:10s} write {r['write_MBps']:7.0f} MB/s ({r['write_tokens_per_s']:,.0f} tokens/s)   "
             f"read {r['read_MBps']:7.0f} MB/s ({r['read_tokens_per_s']:,.0f} tokens/s; "
-            f"{r['read_noprefetch_MBps']:.0f} MB/s without prefetch)   "
+            f"{r['read_noprefetch_MBps']:.0f} MB/s without prefetch; {r['cpu_s_per_GB']:.2f} CPU s/GB)   "
             f"size x{r['ratio']:.3f}, {r['bytes_per_token']:.1f} B/token, chunks of {r['maps_per_chunk']} maps")
+      _print_compare(r, args.rounds)
       if args.step_ms:
         print(f"  {'':16s} with a {args.step_ms:.0f} ms trainer step the reader stalls the trainer "
               f"{r['stall_ms_per_batch_prefetch_True']:.1f} ms/batch with prefetch, "
@@ -256,6 +317,8 @@ def main() -> None:
   results["collection_overhead"] = overhead
   print("collection overhead vs sampling: " + (json.dumps(overhead) if overhead else
                                                "not measured (hook collection_overhead, filled in with the sampler)"))
+  results["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+  print(f"load average at start {' '.join(results['loadavg_start'])}, at end {' '.join(results['loadavg_end'])}")
   if args.json_out:
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:

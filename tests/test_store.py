@@ -1,10 +1,6 @@
-"""Tests of the activation store (saemnesia_jax/store.py) on a tiny store.
-
-The store: 5 prompts x 2 seeds x 4 steps = 40 maps of 8 tokens x 16 channels;
-units of 12 maps (3 trajectories; the last unit holds 4), chunks of 4 maps.
-Each map's values are a deterministic function of its row, with channel 0 =
-row and channel 1 = token (exact in bfloat16), so every batch can be checked
-against the data it should contain.
+"""Tests of the activation store's format and units (saemnesia_jax/store_format.py,
+store_units.py, and the ``python -m saemnesia_jax.store`` CLI) on the tiny store
+of tests/store_helpers.py.
 
 This file is also the writer script of the subprocess tests:
 ``python tests/test_store.py PATH PROCESS_INDEX PROCESS_COUNT`` writes that
@@ -31,69 +27,23 @@ except ImportError:  # pragma: no cover
   pytest = None
 
 from saemnesia_jax import store as st
-
-T, D = 8, 16
-PROMPTS, SEEDS, STEPS = 5, 2, 4
-N_MAPS = PROMPTS * SEEDS * STEPS
-MPU, MPC = 12, 4
-OBJECTS, STYLES = ["circle", "square", "star"], ["dots", "stripes"]
-
-
-def manifest(**over) -> dict:
-  kw = dict(model_dir="/models/mini", weights_sha256="ab" * 32, block="up_blocks_1/attentions_0",
-            scheduler={"name": "ddim", "eta": 0.0}, num_steps=STEPS, guidance_scale=6.0,
-            prompt_grid={"objects": OBJECTS, "styles": STYLES, "template": "a {object} in {style} style",
-                         "seeds": list(range(SEEDS))},
-            n_maps=N_MAPS, tokens_per_map=T, d_in=D, maps_per_unit=MPU, maps_per_chunk=MPC)
-  kw.update(over)
-  return st.make_manifest(**kw)
-
-
-def map_data(rows: np.ndarray) -> np.ndarray:
-  out = np.stack([np.random.default_rng(int(r)).normal(0.0, 3.0, (T, D)) for r in rows]).astype(np.float32)
-  out[:, :, 0] = np.asarray(rows)[:, None]
-  out[:, :, 1] = np.arange(T)[None, :]
-  return out
-
-
-def map_labels(rows: np.ndarray) -> dict[str, np.ndarray]:
-  rows = np.asarray(rows)
-  traj, step = rows // STEPS, rows % STEPS
-  prompt, seed = traj // SEEDS, traj % SEEDS
-  return {"object": prompt % 3, "style": prompt % 3 - 1, "timestep": 999 - 250 * step, "step": step,
-          "prompt": prompt, "seed": seed}
-
-
-def write_units(store: st.Store, units) -> list[int]:
-  for u in units:
-    r0, r1 = st.unit_rows(store, u)
-    rows = np.arange(r0, r1)
-    st.write_unit(store, u, map_data(rows), map_labels(rows))
-  return list(units)
-
-
-def tree(path: str) -> dict[str, bytes]:
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, path)] = fh.read()
-  return out
+from saemnesia_jax import store_units
+from store_helpers import MPC, MPU, N_MAPS, OBJECTS, STEPS, T, D, epoch as _epoch, make_ref, manifest, map_data
+from store_helpers import map_labels, tree, write_units
 
 
 def _writer_main(argv: list[str]) -> None:
   path, index, count = argv[0], int(argv[1]), int(argv[2])
   kill_at = int(os.environ.get("KILL_AT", "-1"))
   if kill_at >= 0:
-    real, calls = st.atomic_write_json, [0]
+    real, calls = store_units.atomic_write_json, [0]
 
     def dying_write(p, obj):
       if calls[0] == kill_at:  # data of this unit written, marker not yet
         os.kill(os.getpid(), signal.SIGKILL)
       calls[0] += 1
       real(p, obj)
-    st.atomic_write_json = dying_write
+    store_units.atomic_write_json = dying_write
   store = st.open_store(path, manifest(), create=True)
   print(json.dumps(write_units(store, st.pending_units(store, index, count))))
 
@@ -151,16 +101,9 @@ if __name__ == "__main__":
   sys.exit(0)
 
 
-# --------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> str:
-  """A complete store written by one process, in this process."""
-  path = str(tmp_path_factory.mktemp("ref") / "store")
-  store = st.open_store(path, manifest(), create=True)
-  write_units(store, range(store.n_units))
-  return path
+  return make_ref(str(tmp_path_factory.mktemp("ref") / "store"))
 
 
 @pytest.fixture
@@ -168,6 +111,7 @@ def copy(ref, tmp_path) -> str:
   dst = str(tmp_path / "store")
   shutil.copytree(ref, dst)
   return dst
+
 
 
 def test_roundtrip_layout_and_summary(ref, capsys):
@@ -224,139 +168,6 @@ def test_two_processes_write_the_same_store_as_one(ref, tmp_path):
   assert [r[0] for r in results] == [0, 0], results
   assert [json.loads(r[1]) for r in results] == [[0, 2], [1, 3]]
   assert tree(path) == tree(ref)
-
-
-def _epoch(reader, n):
-  return [next(reader) for _ in range(n)]
-
-
-def test_token_batches_cover_every_token_once_per_epoch(ref):
-  store = st.open_store(ref)
-  kw = dict(seed=3, split="all", buffer_chunks=2, return_index=True, process_index=0, process_count=1)
-  reader = st.TokenBatches(store, 24, drop_remainder=False, **kw)
-  nb = reader.batches_per_epoch()
-  assert nb == -(-N_MAPS * T // 24)
-  data = map_data(np.arange(N_MAPS)).astype(store.dtype).astype(np.float32)
-  orders = []
-  for _ in range(2):
-    batches = _epoch(reader, nb)
-    assert [len(x) for x, _ in batches] == [24] * (nb - 1) + [N_MAPS * T - 24 * (nb - 1)]
-    ids = np.concatenate([i for _, i in batches])
-    x = np.concatenate([b for b, _ in batches])
-    assert x.dtype == np.float32 and x.shape[1] == D
-    flat = ids[:, 0] * T + ids[:, 1]
-    np.testing.assert_array_equal(np.sort(flat), np.arange(N_MAPS * T))  # each token exactly once
-    np.testing.assert_array_equal(x, data[ids[:, 0], ids[:, 1]])
-    orders.append(flat)
-  assert not np.array_equal(orders[0], orders[1])  # reshuffled each epoch
-  # Deterministic in the seed, different across seeds.
-  again = np.concatenate([i[:, 0] * T + i[:, 1] for _, i in
-                          _epoch(st.TokenBatches(store, 24, drop_remainder=False, **kw), nb)])
-  np.testing.assert_array_equal(again, orders[0])
-  other = st.TokenBatches(store, 24, drop_remainder=False, **{**kw, "seed": 4})
-  assert not np.array_equal(np.concatenate([i[:, 0] * T + i[:, 1] for _, i in _epoch(other, nb)]), orders[0])
-  # Tokens mix across maps within a batch (shuffled below the chunk level).
-  assert len(np.unique(batches[0][1][:, 0])) > 3
-  # drop_remainder: full batches only, still no token twice.
-  dropped = st.TokenBatches(store, 24, **kw)
-  assert dropped.batches_per_epoch() == N_MAPS * T // 24
-  ids = np.concatenate([i for _, i in _epoch(dropped, dropped.batches_per_epoch())])
-  assert len(np.unique(ids[:, 0] * T + ids[:, 1])) == len(ids) == 24 * (N_MAPS * T // 24)
-
-
-def test_reader_resumes_from_saved_state(ref):
-  store = st.open_store(ref)
-  kw = dict(seed=7, split="all", buffer_chunks=2, return_index=True, process_index=0, process_count=1)
-  reader = st.TokenBatches(store, 24, **kw)
-  nb = reader.batches_per_epoch()  # 13: the continuation below crosses an epoch
-  _epoch(reader, 9)
-  saved = json.loads(json.dumps(reader.state()))
-  assert (saved["epoch"], saved["batch"]) == (0, 9)
-  rest = _epoch(reader, 12)
-  assert reader.state()["epoch"] == 1 and reader.state()["batch"] == 21 - nb
-  resumed = st.TokenBatches(store, 24, state=saved, **kw)
-  for (x0, i0), (x1, i1) in zip(rest, _epoch(resumed, 12)):
-    np.testing.assert_array_equal(i0, i1)
-    np.testing.assert_array_equal(x0, x1)
-  with pytest.raises(st.StoreError, match="cannot resume the reader"):
-    st.TokenBatches(store, 24, state=saved, **{**kw, "seed": 8})
-
-
-def test_map_batches_carry_their_labels(ref):
-  store = st.open_store(ref)
-  reader = st.MapBatches(store, 4, seed=1, split="all", buffer_chunks=3, process_index=0, process_count=1,
-                         dtype=None)
-  nb = reader.batches_per_epoch()
-  assert nb == N_MAPS // 4
-  rows = []
-  for x, lab in _epoch(reader, nb):
-    assert x.shape == (4, T, D) and x.dtype == store.dtype
-    want = map_labels(lab["row"])
-    for f in st.LABEL_FIELDS:
-      np.testing.assert_array_equal(lab[f], want[f])
-    np.testing.assert_array_equal(x, map_data(lab["row"]).astype(store.dtype))
-    rows.append(lab["row"])
-  np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(N_MAPS))
-
-
-def test_split_by_trajectory_and_step_filters(ref):
-  store = st.open_store(ref)
-  common = dict(val_fraction=0.3, split_seed=5, process_index=0, process_count=1, shuffle=False)
-  train = st.MapBatches(store, 1, split="train", **common).rows
-  val = st.MapBatches(store, 1, split="val", **common).rows
-  assert len(np.intersect1d(train, val)) == 0
-  np.testing.assert_array_equal(np.union1d(train, val), np.arange(N_MAPS))
-  assert 0 < len(val) < N_MAPS
-  traj = lambda r: set((r // STEPS).tolist())  # noqa: E731
-  assert not traj(train) & traj(val)  # all steps of an image in one split
-  assert len(val) % STEPS == 0
-  steps = st.MapBatches(store, 1, split="all", step_range=(1, 2), process_index=0, process_count=1).rows
-  np.testing.assert_array_equal(steps, [r for r in range(N_MAPS) if r % STEPS in (1, 2)])
-  ts_ = st.MapBatches(store, 1, split="all", timestep_range=(700, 999), process_index=0, process_count=1).rows
-  np.testing.assert_array_equal(ts_, [r for r in range(N_MAPS) if r % STEPS in (0, 1)])
-
-
-def test_each_process_reads_its_share_of_every_global_batch(ref):
-  store = st.open_store(ref)
-  kw = dict(seed=2, split="all", buffer_chunks=2, process_count=2)
-  readers = [st.MapBatches(store, 8, process_index=p, **kw) for p in range(2)]
-  nbs = [r.batches_per_epoch() for r in readers]
-  assert nbs[0] == nbs[1] == N_MAPS // 8
-  issued = [[], []]
-  for p, r in enumerate(readers):
-    real = r._fetch
-    r._fetch = lambda rows, key, real=real, p=p: (issued[p].append(np.unique(rows // MPC)), real(rows, key))[1]
-  seen = []
-  for _ in range(nbs[0]):
-    (x0, l0), (x1, l1) = next(readers[0]), next(readers[1])
-    assert len(l0["row"]) == len(l1["row"]) == 4
-    assert not set(l0["row"].tolist()) & set(l1["row"].tolist())
-    seen += l0["row"].tolist() + l1["row"].tolist()
-  assert sorted(seen) == list(range(N_MAPS))  # balanced store: every map once
-  # A process reads only the chunks of its share (a shared boundary chunk at most).
-  chunks = [np.concatenate(c) for c in issued]
-  assert len(chunks[0]) + len(chunks[1]) <= N_MAPS // MPC + len(issued[0])
-  with pytest.raises(st.StoreError, match="multiple of process_count"):
-    st.MapBatches(store, 7, process_index=0, **kw)
-
-
-def test_to_global_places_batches_on_the_mesh(ref):
-  import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  assert jax.device_count() == 4
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
-  store = st.open_store(ref)
-  x, lab = next(st.MapBatches(store, 4, split="all"))  # process 0 of 1 from jax
-  for spec in (P("data"), P("data", None, None)):
-    g = st.to_global((x, lab), NamedSharding(mesh, spec))
-    gx, glab = g
-    assert isinstance(gx, jax.Array) and gx.shape == x.shape and glab["row"].shape == (4,)
-    assert gx.sharding.spec[0] == "data" and glab["object"].sharding.spec == P("data")
-    np.testing.assert_array_equal(np.asarray(gx), x)
-    np.testing.assert_array_equal(np.asarray(glab["object"]), lab["object"])
-    for shard in gx.addressable_shards:  # each device holds its half of the batch
-      assert shard.data.shape == (2, T, D)
-      np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index])
 
 
 def test_manifest_mismatch_is_refused_and_changes_nothing(copy):
@@ -432,29 +243,6 @@ def test_non_finite_input_is_refused_and_writes_nothing(tmp_path):
   st.write_unit(store, 0, map_data(rows).reshape(MPU, 2, 4, D), map_labels(rows))
   with pytest.raises(st.StoreError, match="already complete"):
     st.write_unit(store, 0, map_data(rows), map_labels(rows))
-
-
-def test_nan_in_store_is_reported(copy):
-  raw = st.open_store(copy, manifest(), create=True)
-  r0, _ = st.unit_rows(raw, 2)
-  raw.acts[r0 + 1, 2, 3].write(np.array(np.nan, raw.dtype)).result()  # bypasses write_unit's checks
-  store = st.open_store(copy)
-  reader = st.MapBatches(store, 8, split="all", process_index=0, process_count=1)
-  with pytest.raises(st.StoreError, match=r"rows 25-26 \(unit 2\).*non-finite"):
-    _epoch(reader, reader.batches_per_epoch())
-  assert set(st.verify(store, progress=False)["bad"]) == {2}
-
-
-def test_partial_store_reads_done_units_only(tmp_path):
-  path = str(tmp_path / "store")
-  store = st.open_store(path, manifest(), create=True)
-  write_units(store, [0, 3])
-  with pytest.raises(st.StoreError, match="incomplete: 2 of 4 units"):
-    st.MapBatches(store, 4, process_index=0, process_count=1)
-  reader = st.MapBatches(store, 4, split="all", require_complete=False, process_index=0, process_count=1)
-  rows = np.concatenate([lab["row"] for _, lab in _epoch(reader, reader.batches_per_epoch())])
-  np.testing.assert_array_equal(np.sort(rows), np.r_[0:12, 36:40])
-  assert st.summary(store)["units_done"] == 2
 
 
 def test_two_jax_hosts_write_and_read_one_store(ref, tmp_path):

@@ -1,0 +1,60 @@
+"""Host arrays for the store reader: a pool of reusable arrays, and a
+GIL-free gather-and-cast of batch rows."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class Pool:
+  """Arrays to reuse, process-wide, at most ``max_bytes`` (oldest dropped).
+
+  A fresh array of tens of MB costs the kernel a zero-fill per page on first
+  touch, more than tensorstore spends decompressing into it (measured with
+  perf); readers come and go (one per validation pass), so the pool outlives
+  them. ``take`` hands out an array only if nothing but the pool refers to it.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = max_bytes
+    self._items: list[np.ndarray] = []
+    self._lock = threading.Lock()
+
+  def put(self, a: np.ndarray) -> None:
+    with self._lock:
+      self._items.append(a)
+      total = sum(x.nbytes for x in self._items)
+      while total > self.max_bytes:
+        total -= self._items.pop(0).nbytes
+
+  def take(self, fits) -> np.ndarray | None:
+    with self._lock:
+      for k in range(len(self._items)):
+        a = self._items[k]
+        # References: the list, ``a`` and getrefcount's argument.
+        if fits(a) and sys.getrefcount(a) == 3:
+          return self._items.pop(k)
+      return None
+
+
+POOL = Pool(256 << 20)
+
+
+def gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+  """``out[:] = src[idx]`` cast to ``out.dtype``, with GIL-free numpy loops.
+
+  bfloat16 -> float32 is exact as a 16-bit shift of the bits (ml_dtypes'
+  cast is slower and holds the GIL).
+  """
+  bits = np.dtype(f"u{src.dtype.itemsize}")
+  if out.dtype == src.dtype:
+    np.take(src.view(bits), idx, axis=0, out=out.view(bits), mode="clip")
+  elif src.dtype == BF16 and out.dtype == np.float32:
+    np.left_shift(np.take(src.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
+  else:
+    out[...] = np.take(src, idx, axis=0)

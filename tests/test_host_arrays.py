@@ -1,0 +1,36 @@
+"""Tests of saemnesia_jax/host_arrays.py: the array pool and gather_cast."""
+import ml_dtypes
+import numpy as np
+
+from saemnesia_jax import host_arrays
+
+
+def test_gather_cast_is_exact_for_every_cast_the_reader_makes():
+  rng = np.random.default_rng(0)
+  x = rng.normal(0.0, 100.0, (50, 7)).astype(np.float32)
+  x[3, 2], x[4, 0], x[5, 6] = np.nan, np.inf, -np.inf
+  idx = rng.permutation(50)[:20]
+  for store_dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+    src = x.astype(store_dtype)
+    for out_dtype in (np.float32, store_dtype):
+      out = np.empty((20, 7), out_dtype)
+      host_arrays.gather_cast(src, idx, out)
+      want = src[idx].astype(out_dtype)
+      np.testing.assert_array_equal(out.view(f"u{out.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
+def test_pool_hands_out_only_unreferenced_arrays_within_its_budget():
+  pool = host_arrays.Pool(max_bytes=3 * 800)
+  a, b = np.zeros(100), np.ones(100)  # 800 bytes each
+  view = b[10:20]
+  pool.put(a)
+  pool.put(b)
+  del a, b
+  got = pool.take(lambda x: x.shape == (100,))
+  assert got is not None and got[0] == 0  # b is still seen through `view`
+  assert pool.take(lambda x: x.shape == (100,)) is None
+  del view
+  assert pool.take(lambda x: x.shape == (100,))[0] == 1
+  for k in range(5):
+    pool.put(np.full(100, k))
+  assert [int(x[0]) for x in pool._items] == [2, 3, 4]  # the oldest dropped
