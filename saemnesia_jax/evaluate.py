@@ -252,11 +252,17 @@ def final_units(config, chosen) -> list[dict]:
 def sequential_units(config, chosen) -> list[dict]:
   ev = config.evaluate
   order = list(ev.sequential_objects) or list(config.concepts.objects)
+  for o in order:
+    concepts.lookup(o, config.concepts.objects, "object")
+  # Up to the whole order (the papers' 9-object point); IRA needs one object
+  # kept, so an order of every object stops one short.
+  kept = {o.lower() for o in config.concepts.objects} - {o.lower() for o in order}
+  last = len(order) if kept else len(order) - 1
   out = []
   for m in ev.methods:
     if m == "none" or not ev.sequential:
       continue
-    for n in range(1, len(order)):  # IRA needs one object kept
+    for n in range(1, last + 1):
       erase = [["object", o, chosen[(m, "object", o)]] for o in order[:n] if (m, "object", o) in chosen]
       out.append({"phase": "sequential", "method": m, "n": n, "objects": order[:n], "erase": erase,
                   "seeds": list(ev.eval_seeds)})
