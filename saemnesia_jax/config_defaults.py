@@ -98,6 +98,7 @@ EVALUATE = dict(
     saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
     saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
     saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
+    saemnesia_assignment="trained",  # trained (the SAE's own, saemnesia.json) | rescored (greedy on its scores)
     objects=(),  # concepts to erase; () -> all
     styles=(),
     gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)

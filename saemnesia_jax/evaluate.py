@@ -8,8 +8,8 @@ For every concept to erase (objects and styles) and every method:
 * ``none``: no erasure (the base model; every concept's UA is its miss rate);
 * ``saeuron``: the unsupervised SAE, latents selected per timestep by
   importance-score percentile, sweep over percentile x gamma;
-* ``saemnesia``: the supervised SAE, the concept's assigned latent, sweep over
-  gamma only.
+* ``saemnesia``: the supervised SAE, the latent it was trained to carry for the
+  concept (its saemnesia.json assignment), sweep over gamma only.
 
 the answer set (every object x style prompt, ``seeds``) is sampled with the
 clamp inside the jitted sampler, classified by the style and object
@@ -79,6 +79,29 @@ def make_judge(config) -> Any:
 # -------------------------------------------------------------- the context
 
 
+def saemnesia_assignment(meta: dict | None, tables: dict, how: str, sae_dir: str = "") -> np.ndarray:
+  """The concept -> latent ids (objects then styles) that SAEmnesia clamps.
+
+  ``how='trained'``: the assignment the supervised SAE was trained to carry
+  (its saemnesia.json), as the paper erases a concept by its own latent.
+  ``'rescored'``: the greedy rule applied again to the supervised SAE's
+  importance scores (scores.npz's ``assignment``); with BCE the two differ
+  for most concepts.
+  """
+  if how == "trained":
+    a = (meta or {}).get("assignment")
+    if a is None:
+      raise ValueError(f"the SAEmnesia SAE at {sae_dir} records no trained assignment (saemnesia.json "
+                       "'assignment'): point config.evaluate.saemnesia_sae at a supervised export, or set "
+                       "--config.evaluate.saemnesia_assignment=rescored")
+    return np.asarray(a, np.int32)
+  if how == "rescored":
+    if "assignment" not in tables:
+      raise ValueError("the SAEmnesia scores hold no assignment: rerun the scores stage")
+    return np.asarray(tables["assignment"], np.int32)
+  raise ValueError(f"config.evaluate.saemnesia_assignment={how!r}; expected 'trained' or 'rescored'")
+
+
 def _default(path: str, workdir: str, *parts: str) -> str:
   return path or os.path.join(workdir, *parts)
 
@@ -104,11 +127,11 @@ class Evaluation:
         continue
       run = "sae_unsup" if m == "saeuron" else "sae_sup"
       sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
-      params, cfg, _ = scores.load_sae(sae_dir)
+      params, cfg, meta = scores.load_sae(sae_dir)
       tables = scores.load_scores(_default(ev.get(f"{m}_scores"), config.workdir, run, "scores"))
       self.methods[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables)
-    if "saemnesia" in self.methods and "assignment" not in self.methods["saemnesia"]["scores"]:
-      raise ValueError("the SAEmnesia scores hold no assignment")
+      if m == "saemnesia":
+        self.methods[m]["assignment"] = saemnesia_assignment(meta, tables, ev.saemnesia_assignment, sae_dir)
     self._samplers: dict[int, Any] = {}
     self.max_latents = int(ev.max_latents)  # clamp entries; grows if a unit selects more
     # Any SAE will do for the no-erasure runs: an empty clamp is exact.
@@ -133,7 +156,7 @@ class Evaluation:
     key = "objects" if domain == "object" else "styles"
     mu, thr = s[f"mu_{key}"][c], s[f"threshold_{key}"]
     if method == "saemnesia":
-      a = s["assignment"]
+      a = self.methods[method]["assignment"]
       latent = int(a[c] if domain == "object" else a[len(self.objects) + c])
       return clamp.concept_entry(mu, thr, setting["gamma"], assigned=latent)
     return clamp.concept_entry(mu, thr, setting["gamma"], scores_c=s[f"scores_{key}"][c],

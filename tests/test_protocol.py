@@ -36,3 +36,39 @@ def test_sequential_over_every_object_keeps_one_for_ira():
   c.evaluate.methods = ("saeuron",)
   chosen = {("saeuron", "object", o): {} for o in c.concepts.objects}
   assert [u["n"] for u in evaluate.sequential_units(c, chosen)] == list(range(1, len(c.concepts.objects)))
+
+
+# ------------------------------------------------ 1: the trained assignment
+
+
+def _ctx_with_assignments(trained, rescored, n_obj=2, n_sty=2, n_steps=3, n_latents=8):
+  """An Evaluation holding only what ``entry`` reads (no model)."""
+  ctx = evaluate.Evaluation.__new__(evaluate.Evaluation)
+  ctx.objects, ctx.styles = [f"o{i}" for i in range(n_obj)], [f"s{i}" for i in range(n_sty)]
+  z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+  tables = {"mu_objects": z(n_obj, n_steps, n_latents), "mu_styles": z(n_sty, n_steps, n_latents),
+            "threshold_objects": z(n_steps, n_latents), "threshold_styles": z(n_steps, n_latents),
+            "assignment": np.asarray(rescored, np.int32)}
+  ctx.methods = {"saemnesia": {"scores": tables, "assignment": np.asarray(trained, np.int32)}}
+  return ctx
+
+
+def test_saemnesia_clamps_the_latent_it_was_trained_to_carry():
+  """Not the latent the greedy rule picks again on the supervised SAE's scores."""
+  trained, rescored = [5, 1, 7, 2], [0, 3, 4, 6]
+  ctx = _ctx_with_assignments(trained, rescored)
+  assert ctx.entry("saemnesia", "object", "o1", {"gamma": -1.0}).latents.tolist() == [1]
+  assert ctx.entry("saemnesia", "style", "s0", {"gamma": -1.0}).latents.tolist() == [7]
+
+
+def test_assignment_choice_and_its_errors():
+  tables = {"assignment": np.array([3, 4], np.int32)}
+  meta = {"assignment": [1, 2]}
+  assert evaluate.saemnesia_assignment(meta, tables, "trained").tolist() == [1, 2]
+  assert evaluate.saemnesia_assignment(meta, tables, "rescored").tolist() == [3, 4]
+  with pytest.raises(ValueError, match="records no trained assignment"):
+    evaluate.saemnesia_assignment({"mode": "unsupervised", "assignment": None}, tables, "trained")
+  with pytest.raises(ValueError, match="saemnesia_assignment='x'"):
+    evaluate.saemnesia_assignment(meta, tables, "x")
+  from saemnesia_jax import config_defaults
+  assert config_defaults.EVALUATE["saemnesia_assignment"] == "trained"
