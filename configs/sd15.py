@@ -70,6 +70,6 @@ def get_config():
       train=dict(steps=50_000, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),
       evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
                                         "Statues", "Sandwiches", "Waterfalls"),
-                    classifier="unlearncanvas"),
+                    classifier="unlearncanvas", num_steps=100),
   )
   return config

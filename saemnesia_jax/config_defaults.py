@@ -103,6 +103,7 @@ EVALUATE = dict(
     styles=(),
     gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)
     percentiles=(99.99, 99.995, 99.999),  # SAeUron: per-step score percentile (3 / 2 / 1 of 20,480)
+    num_steps=0,  # DDIM steps of every evaluation sample (the protocol: 100); 0 -> sampler.num_steps
     sweep_seeds=(1,),
     eval_seeds=(188, 288, 588, 688, 888),
     max_latents=32,  # clamp entries (one compile per size)

@@ -29,6 +29,7 @@ the same prompts with and without erasure.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any
@@ -102,6 +103,19 @@ def saemnesia_assignment(meta: dict | None, tables: dict, how: str, sae_dir: str
   raise ValueError(f"config.evaluate.saemnesia_assignment={how!r}; expected 'trained' or 'rescored'")
 
 
+def sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with the evaluation's step count: ``evaluate.num_steps`` (the
+  protocol samples 100 DDIM steps, collection 50; 0 keeps ``sampler.num_steps``)."""
+  n = int(config.evaluate.num_steps)
+  if n < 0:
+    raise ValueError(f"config.evaluate.num_steps={n}: give a step count, or 0 for config.sampler.num_steps")
+  if not n or n == config.sampler.num_steps:
+    return config
+  out = copy.deepcopy(config)
+  out.sampler.num_steps = n
+  return out
+
+
 def _default(path: str, workdir: str, *parts: str) -> str:
   return path or os.path.join(workdir, *parts)
 
@@ -141,7 +155,8 @@ class Evaluation:
   def sampler(self, k: int):
     from saemnesia_jax import common
     if k not in self._samplers:
-      self._samplers[k] = common.make_sampler(self.config, self.pipe, edit_fn=clamp.make_edit_fn(k))
+      self._samplers[k] = common.make_sampler(sampling_config(self.config), self.pipe,
+                                              edit_fn=clamp.make_edit_fn(k))
     return self._samplers[k]
 
   # ---------------------------------------------------------------- specs

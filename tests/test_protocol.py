@@ -72,3 +72,18 @@ def test_assignment_choice_and_its_errors():
     evaluate.saemnesia_assignment(meta, tables, "x")
   from saemnesia_jax import config_defaults
   assert config_defaults.EVALUATE["saemnesia_assignment"] == "trained"
+
+
+# ------------------------------------------------ 3: evaluation step count
+
+
+def test_evaluation_samples_the_protocols_100_steps():
+  c = sd15.get_config()
+  assert c.sampler.num_steps == 50  # collection
+  assert evaluate.sampling_config(c).sampler.num_steps == 100
+  assert c.sampler.num_steps == 50  # the config itself is left alone
+  mini = canvas_mini.get_config()  # 0: the sampler's own count, unchanged
+  assert evaluate.sampling_config(mini).sampler.num_steps == mini.sampler.num_steps == 25
+  mini.evaluate.num_steps = -1
+  with pytest.raises(ValueError, match="evaluate.num_steps"):
+    evaluate.sampling_config(mini)
