@@ -5,7 +5,7 @@ PyTorch needs `pip install torch`). Nothing is downloaded:
 
   python -m saemnesia_jax.sample --config configs/sd15.py \
       --config.model.path=/data/stable-diffusion-v1-5 \
-      --config.prompts="('A Dogs image in Van_Gogh style.',)"
+      --config.prompts="('A Dogs image in Van Gogh style.',)"
 
 Settings of METHOD.md section 1: block ``up_blocks.1.attentions.1`` (output
 (16, 16, 1280) at 512x512: 256 tokens of d_in 1280), DDIM eta 0, 50 steps for
@@ -56,13 +56,15 @@ def get_config():
       width=512,
       batch_size=8,
   ))
-  config.prompts = ("A Dogs image in Van_Gogh style.",)
+  config.prompts = ("A Dogs image in Van Gogh style.",)
   config.seeds = (188, 288, 588, 688, 888)
   config.concepts = ml_collections.ConfigDict(dict(
       objects=unlearncanvas.OBJECT_CLASSES,
       styles=unlearncanvas.STYLES,  # the 50 UnlearnCanvas styles (Seed_Images is the no-style class)
       style_template="A {object} image in {style} style.",
       anchor_templates=("A {object} image.",),
+      spaces_in_prompts=True,  # "Van_Gogh" is written "Van Gogh" in prompts, as UnlearnCanvas / SAeUron do
+      no_style="Seed_Images",  # the unstyled answer-set prompt: "A {object} image in Seed Images style."
   ))
   config_defaults.add_stage_sections(
       config,

@@ -107,6 +107,7 @@ EVALUATE = dict(
     sweep_seeds=(1,),
     eval_seeds=(188, 288, 588, 688, 888),
     max_latents=32,  # clamp entries (one compile per size)
+    seed_images=True,  # the answer set holds each object's unstyled prompt (Seed_Images) as UnlearnCanvas does
     sequential=True,
     sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
     classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)

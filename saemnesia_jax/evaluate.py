@@ -11,7 +11,8 @@ For every concept to erase (objects and styles) and every method:
 * ``saemnesia``: the supervised SAE, the latent it was trained to carry for the
   concept (its saemnesia.json assignment), sweep over gamma only.
 
-the answer set (every object x style prompt, ``seeds``) is sampled with the
+the answer set (every object x style prompt and, with ``evaluate.seed_images``,
+every object's unstyled prompt (UnlearnCanvas' Seed_Images), ``seeds``) is sampled with the
 clamp inside the jitted sampler, classified by the style and object
 classifiers, and scored (METHOD.md section 6). The sweep picks, per concept,
 the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
@@ -128,7 +129,7 @@ class Evaluation:
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
     self.judge = judge or make_judge(config)
-    grid = concepts.prompt_grid(config.concepts, anchors=False)
+    grid = concepts.evaluation_grid(config.concepts, seed_images=ev.seed_images)
     self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
     self.prompts = [p.prompt for p in grid]
     self.true_obj = np.array([p.object_id for p in grid], np.int32)
@@ -375,14 +376,12 @@ def _plot_sequential(path, seq_rows):
 def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
   """Prompts for one erased concept: ``n_with`` that contain it, then ``n_without`` that do not."""
   objs, stys = list(config.concepts.objects), list(config.concepts.styles)
-  fmt = config.concepts.style_template.format
+  fmt = lambda o, s: concepts.styled_prompt(config.concepts, o, s)  # noqa: E731
   if domain == "object":
     other = objs[(objs.index(name) + 1) % len(objs)]
-    return ([fmt(object=name, style=s) for s in stys[:n_with]] +
-            [fmt(object=other, style=s) for s in stys[:n_without]])
+    return [fmt(name, s) for s in stys[:n_with]] + [fmt(other, s) for s in stys[:n_without]]
   other = stys[(stys.index(name) + 1) % len(stys)]
-  return ([fmt(object=o, style=name) for o in objs[:n_with]] +
-          [fmt(object=o, style=other) for o in objs[:n_without]])
+  return [fmt(o, name) for o in objs[:n_with]] + [fmt(o, other) for o in objs[:n_without]]
 
 
 def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) -> dict:

@@ -87,3 +87,35 @@ def test_evaluation_samples_the_protocols_100_steps():
   mini.evaluate.num_steps = -1
   with pytest.raises(ValueError, match="evaluate.num_steps"):
     evaluate.sampling_config(mini)
+
+
+# ------------------------------------ 2 and 6: prompts and the answer set
+
+
+def test_prompts_write_style_names_with_spaces_as_the_benchmark():
+  from saemnesia_jax import concepts
+  c = sd15.get_config()
+  prompts = [p.prompt for p in concepts.evaluation_grid(c.concepts)]
+  assert "A Dogs image in Van Gogh style." in prompts
+  assert not any("_" in p for p in prompts)
+  assert "Van_Gogh" in c.concepts.styles  # the class names keep theirs (the judge maps by name)
+  assert not any("_" in p.prompt for p in concepts.prompt_grid(c.concepts))  # collection too
+
+
+def test_answer_set_holds_the_unstyled_seed_images_prompts():
+  from saemnesia_jax import concepts
+  c = sd15.get_config()
+  grid = concepts.evaluation_grid(c.concepts, seed_images=c.evaluate.seed_images)
+  n_obj, n_sty = len(c.concepts.objects), len(c.concepts.styles)
+  assert len(grid) == n_obj * n_sty + n_obj == 1020
+  unstyled = [p for p in grid if p.style_id == concepts.NO_STYLE]
+  assert [p.object_id for p in unstyled] == list(range(n_obj))
+  assert unstyled[1].prompt == "A Bears image in Seed Images style."
+  # Object accuracy counts them, style accuracy leaves them out.
+  from saemnesia_jax import metrics
+  t_obj = np.array([p.object_id for p in grid])
+  t_sty = np.array([p.style_id for p in grid])
+  p_obj = np.where(t_sty == concepts.NO_STYLE, (t_obj + 1) % n_obj, t_obj)  # every unstyled image wrong
+  m = metrics.erasure_metrics(t_obj, t_sty, p_obj, t_sty, ["Bears"], "object",
+                              object_names=list(c.concepts.objects), style_names=list(c.concepts.styles))
+  assert m["UA"] == pytest.approx(1 / (n_sty + 1)) and m["CRA"] == 1.0
