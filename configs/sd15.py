@@ -69,7 +69,9 @@ def get_config():
   config_defaults.add_stage_sections(
       config,
       collect=dict(seeds=(188,)),
-      train=dict(steps=50_000, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),
+      # SAeUron's schedule: 5 epochs of the store at the object block (no early
+      # stop; the export is the end of the schedule), steps derived from the store.
+      train=dict(epochs=5.0, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),
       evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
                                         "Statues", "Sandwiches", "Waterfalls"),
                     classifier="unlearncanvas", num_steps=100),

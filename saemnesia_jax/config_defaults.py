@@ -44,6 +44,7 @@ SAE = dict(
 TRAIN = dict(
     name="sae_unsup",  # run folder under workdir
     steps=10_000,
+    epochs=0.0,  # >0: steps = ceil(epochs x batches per epoch of the store's train split), printed; 0 -> steps
     batch_size=4096,
     learning_rate=4e-4,
     lr_decay="linear",  # linear | constant
@@ -54,6 +55,7 @@ TRAIN = dict(
     val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
     val_batches=20,
     eval_every=250,
+    early_stop=False,  # stop after `patience` evaluations without a validation gain, export the best; else full schedule
     patience=5,  # early stopping, in evaluations without a gain
     min_delta=0.0,
     log_every=50,
@@ -145,6 +147,7 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
   config.sae.init_from = workdir + "/sae_unsup/export"
   config.scores.sae_dir = workdir + "/sae_sup/export"
   config.train.name = "sae_sup"
+  config.train.early_stop = True  # the published recipe: patience on a validation split
   extra = set(train) - set(TRAIN)
   if extra:
     raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")

@@ -12,6 +12,7 @@ from saemnesia_jax import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import canvas_mini  # noqa: E402
 import sd15  # noqa: E402
 
@@ -119,3 +120,68 @@ def test_answer_set_holds_the_unstyled_seed_images_prompts():
   m = metrics.erasure_metrics(t_obj, t_sty, p_obj, t_sty, ["Bears"], "object",
                               object_names=list(c.concepts.objects), style_names=list(c.concepts.styles))
   assert m["UA"] == pytest.approx(1 / (n_sty + 1)) and m["CRA"] == 1.0
+
+
+# ------------------------------------------------- 8: the training budget
+
+
+@pytest.fixture(scope="module")
+def concept_store(tmp_path_factory):
+  from synthetic import make_concept_store
+  path = tmp_path_factory.mktemp("store") / "acts"
+  make_concept_store(path, seeds=8)
+  return str(path)
+
+
+def _train_config(workdir, store_path, **train):
+  import tiny
+  from synthetic import BLOCK
+  c = tiny.get_config()
+  c.workdir, c.block = str(workdir), BLOCK
+  c.collect.store_path = store_path
+  c.sae.update(dict(expansion_factor=4, k=4, dead_tokens=64))
+  c.train.update(dict(steps=8, batch_size=32, log_every=2, eval_every=2, ckpt_every=4, val_fraction=0.2,
+                      val_batches=2, learning_rate=3e-3, check_model=False))
+  c.train.update(train)
+  return c
+
+
+def test_budget_in_epochs_of_the_collected_store(concept_store, tmp_path, capsys):
+  from saemnesia_jax import store, train
+  c = _train_config(tmp_path, concept_store, epochs=2.5)
+  st = store.open_store(concept_store)
+  reader = store.TokenBatches(st, 32, split="train", val_fraction=0.2, split_seed=0, shuffle=False, prefetch=False)
+  per_epoch = reader.batches_per_epoch()
+  assert per_epoch > 1
+  resolved = train.with_epoch_steps(c)
+  assert resolved.train.steps == int(np.ceil(2.5 * per_epoch))
+  assert "-> train.steps=" in capsys.readouterr().out
+  assert c.train.steps == 8  # the caller's config is left alone
+  sup = _train_config(tmp_path, concept_store, epochs=1.0, batch_size=4)
+  sup.sae.mode = "supervised"  # epochs count maps
+  maps = store.MapBatches(st, 4, split="train", val_fraction=0.2, split_seed=0, shuffle=False, prefetch=False)
+  assert train.with_epoch_steps(sup).train.steps == maps.batches_per_epoch()
+  assert train.with_epoch_steps(_train_config(tmp_path, concept_store)).train.steps == 8  # epochs 0: steps
+
+
+def test_sd15_budgets_are_epochs_and_only_the_supervised_run_stops_early():
+  import sd15_sup
+  unsup, sup = sd15.get_config(), sd15_sup.get_config()
+  assert unsup.train.epochs == 5.0 and not unsup.train.early_stop
+  assert sup.train.epochs == 150.0 and sup.train.early_stop and sup.train.patience == 5
+
+
+def test_unsupervised_run_trains_its_full_schedule_and_exports_the_end(concept_store, tmp_path):
+  """A validation loss that stops improving does not stop SAeUron's schedule;
+  the export is the last step, not the best validation checkpoint."""
+  import json
+  from saemnesia_jax import train
+  # A learning rate this high makes the validation loss worse after the first evaluations.
+  c = _train_config(tmp_path / "full", concept_store, steps=12, patience=1, learning_rate=0.5)
+  full = train.train(c, progress=False)
+  assert full["step"] == 12 and not full["stopped_early"]
+  meta = json.load(open(os.path.join(full["run_dir"], "export", "saemnesia.json")))
+  assert meta["step"] == 12
+  early = train.train(_train_config(tmp_path / "early", concept_store, steps=12, patience=1, learning_rate=0.5,
+                                    early_stop=True), progress=False)
+  assert early["stopped_early"] and early["step"] < 12
