@@ -68,7 +68,13 @@ def get_config():
   ))
   config_defaults.add_stage_sections(
       config,
-      collect=dict(seeds=(188,)),
+      # SAeUron's collection: UnlearnCanvas' anchor prompts (80 per object)
+      # in each of the 50 styles, in Seed_Images and plain (52 x 80 x 20 =
+      # 83,200 prompts), none of them an evaluation prompt; one seed each,
+      # 10,000 + prompt index (distinct noise per prompt, none an evaluation seed).
+      collect=dict(seeds=(10_000,), seed_stride=1, prompts_per_object=0,
+                   anchor_prompts_dir=("/path/to/UnlearnCanvas/machine_unlearning/mu_concept_ablation_ca/"
+                                       "anchor_prompts/finetune_prompts")),
       # SAeUron's schedule: 5 epochs of the store at the object block (no early
       # stop; the export is the end of the schedule), steps derived from the store.
       train=dict(epochs=5.0, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),

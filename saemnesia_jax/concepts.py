@@ -19,6 +19,7 @@ Optional fields of the section (absent = the default):
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
 
 import ml_collections
@@ -69,6 +70,38 @@ def evaluation_grid(concepts: ml_collections.ConfigDict, seed_images: bool = Tru
   grid = prompt_grid(concepts, anchors=False)
   if seed_images:
     grid += [Prompt(unstyled_prompt(concepts, o), i, NO_STYLE, 0) for i, o in enumerate(concepts.objects)]
+  return grid
+
+
+ANCHOR_FILE = "sd_prompt_{object}.txt"  # UnlearnCanvas' anchor prompt files, one per object
+
+
+def anchor_file_grid(concepts: ml_collections.ConfigDict, folder: str, per_object: int = 0) -> list[Prompt]:
+  """The collection prompts of SAeUron: each line of each object's anchor
+  prompt file (``folder/sd_prompt_{object}.txt``, the first ``per_object``
+  lines; 0 = all) in every style ("{line} in {style} style."), in the
+  no-style theme (``concepts.no_style``, if set) and on its own ("{line}.").
+  ``variant`` is the line's index; the no-style theme and the plain line have
+  style NO_STYLE.
+  """
+  grid = []
+  for i, o in enumerate(concepts.objects):
+    path = os.path.join(folder, ANCHOR_FILE.format(object=o))
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no anchor prompts for object {o!r} at {path}: set config.collect.anchor_prompts_dir "
+                              "to the folder of UnlearnCanvas' sd_prompt_<object>.txt files, or '' to collect "
+                              "on the concept grid")
+    with open(path, encoding="utf-8") as f:
+      lines = [ln.strip() for ln in f if ln.strip()]
+    lines = lines[:per_object] if per_object > 0 else lines
+    if not lines:
+      raise ValueError(f"{path} holds no prompts")
+    for v, line in enumerate(lines):
+      line = line[:-1] if line.endswith(".") else line
+      grid += [Prompt(f"{line} in {written(concepts, s)} style.", i, j, v) for j, s in enumerate(concepts.styles)]
+      if concepts.get("no_style", ""):
+        grid.append(Prompt(f"{line} in {written(concepts, concepts.no_style)} style.", i, NO_STYLE, v))
+      grid.append(Prompt(f"{line}.", i, NO_STYLE, v))
   return grid
 
 

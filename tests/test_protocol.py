@@ -185,3 +185,51 @@ def test_unsupervised_run_trains_its_full_schedule_and_exports_the_end(concept_s
   early = train.train(_train_config(tmp_path / "early", concept_store, steps=12, patience=1, learning_rate=0.5,
                                     early_stop=True), progress=False)
   assert early["stopped_early"] and early["step"] < 12
+
+
+# ------------------------------------------ 4: collection apart from evaluation
+
+
+def _anchor_dir(tmp_path, objects, lines=("A {o} on a boat", "A {o} in the rain.")):
+  d = tmp_path / "anchors"
+  d.mkdir(exist_ok=True)
+  for o in objects:
+    (d / f"sd_prompt_{o}.txt").write_text("\n".join(l.format(o=o.lower()) for l in lines) + "\n")
+  return str(d)
+
+
+def test_sd15_collects_anchor_prompts_apart_from_the_evaluation(tmp_path):
+  from saemnesia_jax import collect, concepts
+  c = sd15.get_config()
+  c.collect.anchor_prompts_dir = _anchor_dir(tmp_path, c.concepts.objects)
+  grid, trajs = collect.plan(c)
+  n_obj, n_sty = len(c.concepts.objects), len(c.concepts.styles)
+  assert len(grid) == n_obj * 2 * (n_sty + 2)  # each line in 50 styles, in Seed Images, plain
+  assert grid[0].prompt == "A architectures on a boat in Abstractionism style."
+  assert grid[n_sty].prompt == "A architectures on a boat in Seed Images style." and grid[n_sty].style_id == -1
+  assert grid[n_sty + 1].prompt == "A architectures on a boat." and grid[n_sty + 1].style_id == -1
+  assert grid[n_sty + 2 + c.concepts.styles.index("Van_Gogh")].prompt == "A architectures in the rain in Van Gogh style."
+  assert {p.object_id for p in grid[:2 * (n_sty + 2)]} == {0}
+  seeds = [s for _, s in trajs]
+  assert len(set(seeds)) == len(seeds)  # distinct noise per prompt
+  judged = set(c.evaluate.eval_seeds) | set(c.evaluate.sweep_seeds)
+  assert not judged & set(seeds)
+  assert not {p.prompt for p in grid} & {p.prompt for p in concepts.evaluation_grid(c.concepts)}
+  assert collect.evaluation_overlap(c, grid, trajs) == []
+  c.collect.prompts_per_object = 1
+  assert len(collect.plan(c)[0]) == n_obj * (n_sty + 2)
+
+
+def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
+  from saemnesia_jax import collect
+  c = sd15.get_config()
+  c.collect.update(dict(anchor_prompts_dir="", seeds=(188,), seed_stride=0))  # the old sd15 collection
+  grid, trajs = collect.plan(c)
+  assert len(collect.evaluation_overlap(c, grid, trajs)) == 1000  # every styled prompt at seed 188
+  with pytest.raises(ValueError, match="allow_eval_overlap"):
+    collect.check_disjoint(c, grid, trajs)
+  c.collect.allow_eval_overlap = True
+  collect.check_disjoint(c, grid, trajs)
+  with pytest.raises(FileNotFoundError, match="anchor_prompts_dir"):
+    c.collect.anchor_prompts_dir = str(tmp_path)
+    collect.plan(c)
