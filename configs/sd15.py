@@ -48,7 +48,10 @@ def get_config():
       weights="auto",
       seed=0,
   ))
-  config.block = "up_blocks.1.attentions.1"
+  config.block = "up_blocks.1.attentions.1"  # objects (SAeUron's and SAEmnesia's)
+  # SAeUron's published style results clamp here; each stage runs per block
+  # into {workdir}/{block}/ (saemnesia_jax/blocks.py). '' -> block for both.
+  config.style_block = "up_blocks.1.attentions.2"
   config.sampler = ml_collections.ConfigDict(dict(
       num_steps=50,
       guidance_scale=9.0,
@@ -75,9 +78,11 @@ def get_config():
       collect=dict(seeds=(10_000,), seed_stride=1, prompts_per_object=0,
                    anchor_prompts_dir=("/path/to/UnlearnCanvas/machine_unlearning/mu_concept_ablation_ca/"
                                        "anchor_prompts/finetune_prompts")),
-      # SAeUron's schedule: 5 epochs of the store at the object block (no early
-      # stop; the export is the end of the schedule), steps derived from the store.
-      train=dict(epochs=5.0, batch_size=4096, learning_rate=4e-4, mesh_shape=(-1, 1)),
+      # SAeUron's schedules: 5 epochs of the store at the object block, 10 at
+      # the style block (no early stop; the export is the end of the
+      # schedule), steps derived from each store.
+      train=dict(epochs=5.0, style_block_epochs=10.0, batch_size=4096, learning_rate=4e-4,
+                 mesh_shape=(-1, 1)),
       evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
                                         "Statues", "Sandwiches", "Waterfalls"),
                     classifier="unlearncanvas", num_steps=100),

@@ -175,6 +175,9 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):  # a store per block ({workdir}/{block}/activations)
+    return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   from saemnesia_jax.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   c = config.collect

@@ -49,6 +49,7 @@ TRAIN = dict(
     name="sae_unsup",  # run folder under workdir
     steps=10_000,
     epochs=0.0,  # >0: steps = ceil(epochs x batches per epoch of the store's train split), printed; 0 -> steps
+    style_block_epochs=0.0,  # >0: train.epochs of the style block's SAE (config.style_block); 0 -> epochs
     batch_size=4096,
     learning_rate=4e-4,
     lr_decay="linear",  # linear | constant
@@ -152,6 +153,7 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
   config.scores.sae_dir = workdir + "/sae_sup/export"
   config.train.name = "sae_sup"
   config.train.early_stop = True  # the published recipe: patience on a validation split
+  config.train.style_block_epochs = 0.0  # one budget for both blocks unless ``train`` says otherwise
   extra = set(train) - set(TRAIN)
   if extra:
     raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")

@@ -39,7 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import clamp, concepts, metrics
+from saemnesia_jax import blocks, clamp, concepts, metrics
 from saemnesia_jax import units as units_lib
 from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json
 
@@ -125,7 +125,7 @@ class Evaluation:
   """Model, samplers, SAEs, scores and classifiers of one evaluation run."""
 
   def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
-    from saemnesia_jax import common, scores
+    from saemnesia_jax import common
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
     self.judge = judge or make_judge(config)
@@ -134,31 +134,54 @@ class Evaluation:
     self.prompts = [p.prompt for p in grid]
     self.true_obj = np.array([p.object_id for p in grid], np.int32)
     self.true_sty = np.array([p.style_id for p in grid], np.int32)
-    self.methods = {}
     for m in ev.methods:
       if m not in METHODS:
         raise ValueError(f"unknown method {m!r} in config.evaluate.methods; known: {METHODS}")
-      if m == "none":
-        continue
-      run = "sae_unsup" if m == "saeuron" else "sae_sup"
-      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
-      params, cfg, meta = scores.load_sae(sae_dir)
-      tables = scores.load_scores(_default(ev.get(f"{m}_scores"), config.workdir, run, "scores"))
-      self.methods[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables)
-      if m == "saemnesia":
-        self.methods[m]["assignment"] = saemnesia_assignment(meta, tables, ev.saemnesia_assignment, sae_dir)
-    self._samplers: dict[int, Any] = {}
+    # A block per domain (config.style_block): each block's SAEs and scores, from its own folder.
+    self.domain_block = blocks.domain_blocks(config)
+    self.by_block = {b: self._load_methods(blocks.block_config(config, b), b) for b in blocks.blocks(config)}
+    self.methods = self.by_block[config.block]  # the object block's (with one block, the only ones)
+    self._samplers: dict[tuple[str, int], Any] = {}
     self.max_latents = int(ev.max_latents)  # clamp entries; grows if a unit selects more
     # Any SAE will do for the no-erasure runs: an empty clamp is exact.
     any_sae = next(iter(self.methods.values()), None)
     self._identity = any_sae
 
-  def sampler(self, k: int):
+  def _load_methods(self, config: ml_collections.ConfigDict, block: str) -> dict:
+    """method -> {params, k, scores, assignment} of one block's SAEs."""
+    from saemnesia_jax import scores
+    ev, out = config.evaluate, {}
+    for m in ev.methods:
+      if m == "none":
+        continue
+      run = "sae_unsup" if m == "saeuron" else "sae_sup"
+      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
+      params, cfg, meta = scores.load_sae(sae_dir)
+      if (meta or {}).get("block") not in (None, block):
+        raise ValueError(f"the {m} SAE at {sae_dir} was trained at block {meta['block']!r}, but this evaluation "
+                         f"clamps at {block!r} (config.block / config.style_block): point "
+                         f"config.evaluate.{m}_sae at that block's SAE")
+      tables = scores.load_scores(_default(ev.get(f"{m}_scores"), config.workdir, run, "scores"))
+      out[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables)
+      if m == "saemnesia":
+        out[m]["assignment"] = saemnesia_assignment(meta, tables, ev.saemnesia_assignment, sae_dir)
+    return out
+
+  def sae(self, method: str, domain: str) -> dict:
+    """The SAE (params, k, scores, assignment) that erases ``domain``'s concepts."""
+    return self.by_block[self.domain_block[domain]][method]
+
+  def sampler(self, k: int, block: str = ""):
+    """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block)."""
     from saemnesia_jax import common
-    if k not in self._samplers:
-      self._samplers[k] = common.make_sampler(sampling_config(self.config), self.pipe,
-                                              edit_fn=clamp.make_edit_fn(k))
-    return self._samplers[k]
+    block = block or self.config.block
+    if (block, k) not in self._samplers:
+      config = sampling_config(self.config)
+      if block != config.block:
+        config = copy.deepcopy(config)
+        config.block = block
+      self._samplers[(block, k)] = common.make_sampler(config, self.pipe, edit_fn=clamp.make_edit_fn(k))
+    return self._samplers[(block, k)]
 
   # ---------------------------------------------------------------- specs
 
@@ -167,12 +190,12 @@ class Evaluation:
     return concepts.lookup(name, names, domain)
 
   def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
-    s = self.methods[method]["scores"]
+    s = self.sae(method, domain)["scores"]
     c = self.concept_index(domain, name)
     key = "objects" if domain == "object" else "styles"
     mu, thr = s[f"mu_{key}"][c], s[f"threshold_{key}"]
     if method == "saemnesia":
-      a = self.methods[method]["assignment"]
+      a = self.sae(method, domain)["assignment"]
       latent = int(a[c] if domain == "object" else a[len(self.objects) + c])
       return clamp.concept_entry(mu, thr, setting["gamma"], assigned=latent)
     return clamp.concept_entry(mu, thr, setting["gamma"], scores_c=s[f"scores_{key}"][c],
@@ -182,6 +205,9 @@ class Evaluation:
     n_steps = len(sampler.timesteps)
     if method == "none":
       return clamp.empty_spec(n_steps, self.max_latents)
+    where = {self.domain_block[d] for d, _, _ in erase}
+    if len(where) > 1:
+      raise ValueError(f"one clamp erases concepts of both domains, which are hooked at different blocks {where}")
     entries = [self.entry(method, d, n, s) for d, n, s in erase]
     m = sum(len(e.latents) for e in entries)
     if m > self.max_latents:
@@ -190,8 +216,9 @@ class Evaluation:
       grown = 1 << (m - 1).bit_length()
       print(f"the clamp selects {m} latents; max_latents {self.max_latents} -> {grown} (one more compile)")
       self.max_latents = grown
-    return clamp.build_spec(entries, sampler.timesteps, self.methods[method]["scores"]["timesteps"],
-                            self.max_latents)
+    timesteps = self.sae(method, erase[0][0])["scores"]["timesteps"] if erase else \
+        self.methods[method]["scores"]["timesteps"]
+    return clamp.build_spec(entries, sampler.timesteps, timesteps, self.max_latents)
 
   # ---------------------------------------------------------------- units
 
@@ -200,10 +227,11 @@ class Evaluation:
     from saemnesia_jax.sampler import sample_prompts
     t0 = time.perf_counter()
     method = unit["method"]
-    sae_m = self.methods[method] if method != "none" else self._identity
+    domain = unit.get("domain", "object")  # sequential units erase objects; 'none' erases nothing
+    sae_m = self.sae(method, domain) if method != "none" else self._identity
     if sae_m is None:
       raise ValueError("evaluate needs at least one SAE method (saeuron or saemnesia) besides 'none'")
-    sampler = self.sampler(sae_m["k"])
+    sampler = self.sampler(sae_m["k"], self.domain_block[domain] if method != "none" else "")
     erase = [(d, n, s) for d, n, s in unit.get("erase", [])]
     spec = self.spec(method, erase, sampler)
     seeds = list(unit["seeds"])
@@ -411,8 +439,9 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   for i, (domain, name) in enumerate(shown):
     rows.append(plain[i])
     labels.append(f"{name}: no erasure")
-    for m, sae_m in ev_ctx.methods.items():
-      s = ev_ctx.sampler(sae_m["k"])
+    for m in ev_ctx.methods:
+      sae_m = ev_ctx.sae(m, domain)
+      s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
       spec = ev_ctx.spec(m, [(domain, name, chosen[(m, domain, name)])], s)
       rows.append(sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
                                  config.sampler.guidance_scale, edit_params=(sae_m["params"], spec),

@@ -352,6 +352,10 @@ def with_epoch_steps(config: ml_collections.ConfigDict, st: store.Store | None =
 
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):
+    raise ValueError(f"config.block and config.style_block differ ({blocks.blocks(config)}): train each with "
+                     "train.run(config) (the CLI), or train.train(blocks.block_config(config, block))")
   from saemnesia_jax.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -433,6 +437,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):  # an SAE per block ({workdir}/{block}/{train.name})
+    return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   result = train(config)
   m = result["metrics"]
   print(f"trained to step {result['step']}: " + ", ".join(

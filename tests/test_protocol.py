@@ -233,3 +233,75 @@ def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="anchor_prompts_dir"):
     c.collect.anchor_prompts_dir = str(tmp_path)
     collect.plan(c)
+
+
+# ---------------------------------------------------- 5: a block per domain
+
+
+def test_sd15_hooks_a_block_per_domain_with_a_folder_each():
+  import sd15_sup
+  from saemnesia_jax import blocks, collect
+  c = sd15.get_config()
+  assert blocks.domain_blocks(c) == {"object": "up_blocks.1.attentions.1", "style": "up_blocks.1.attentions.2"}
+  obj, sty = (blocks.block_config(c, b) for b in blocks.blocks(c))
+  assert collect.store_path(obj) == "runs/sd15/up_blocks.1.attentions.1/activations"
+  assert collect.store_path(sty) == "runs/sd15/up_blocks.1.attentions.2/activations"
+  assert (obj.block, sty.block) == ("up_blocks.1.attentions.1", "up_blocks.1.attentions.2")
+  assert not blocks.per_block(obj) and not blocks.per_block(sty)  # a stage on one block does not loop again
+  assert (obj.train.epochs, sty.train.epochs) == (5.0, 10.0)  # SAeUron's up.1.1 / up.1.2 schedules
+  sup = sd15_sup.get_config()
+  s_obj, s_sty = (blocks.block_config(sup, b) for b in blocks.blocks(sup))
+  assert s_sty.sae.init_from == "runs/sd15/up_blocks.1.attentions.2/sae_unsup/export"
+  assert s_sty.scores.sae_dir == "runs/sd15/up_blocks.1.attentions.2/sae_sup/export"
+  assert s_obj.train.epochs == s_sty.train.epochs == 150.0
+  c.collect.store_path = "/data/acts"  # one store for two blocks: refused
+  with pytest.raises(ValueError, match="names no \\{block\\}"):
+    blocks.block_config(c, "up_blocks.1.attentions.2")
+  c.collect.store_path = "/data/acts/{block}"
+  assert blocks.block_config(c, "up_blocks.1.attentions.2").collect.store_path == "/data/acts/up_blocks.1.attentions.2"
+  mini = canvas_mini.get_config()  # one block: everything where it was
+  assert blocks.blocks(mini) == [mini.block] and blocks.block_config(mini, mini.block) is mini
+
+
+def _write_sae_and_scores(root, block, assignment, n_obj=2, n_sty=2, d_in=4, n_latents=8, steps=3):
+  """A supervised SAE export and its scores under ``root`` (what train and scores write)."""
+  import json
+  from saemnesia_jax import scores, sparsify_io
+  rng = np.random.default_rng(len(block))
+  params = {"W_enc": rng.normal(size=(d_in, n_latents)).astype(np.float32), "b_enc": np.zeros(n_latents, np.float32),
+            "W_dec": rng.normal(size=(n_latents, d_in)).astype(np.float32), "b_dec": np.zeros(d_in, np.float32)}
+  export = os.path.join(root, "sae_sup", "export")
+  sparsify_io.save_sparsify(params, {"k": 2}, export, overwrite=True)
+  with open(os.path.join(export, "saemnesia.json"), "w") as f:
+    json.dump({"mode": "supervised", "block": block, "assignment": list(assignment)}, f)
+  out = os.path.join(root, "sae_sup", "scores")
+  os.makedirs(out, exist_ok=True)
+  z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+  np.savez(os.path.join(out, scores.SCORES_FILE), mu_objects=z(n_obj, steps, n_latents),
+           mu_styles=z(n_sty, steps, n_latents), threshold_objects=z(steps, n_latents),
+           threshold_styles=z(steps, n_latents), timesteps=np.arange(steps)[::-1], assignment=np.zeros(4, np.int32))
+  with open(os.path.join(out, scores.MANIFEST_FILE), "w") as f:
+    json.dump({}, f)
+
+
+def test_evaluation_erases_objects_and_styles_with_their_own_blocks_sae(tmp_path):
+  from saemnesia_jax import blocks
+  c = ml_collections.ConfigDict(dict(
+      workdir=str(tmp_path), block="b.obj", style_block="b.sty",
+      concepts=dict(objects=("o0", "o1"), styles=("s0", "s1")),
+      evaluate=dict(methods=("none", "saemnesia"), saemnesia_sae="", saemnesia_scores="",
+                    saemnesia_assignment="trained", saeuron_sae="", saeuron_scores="")))
+  _write_sae_and_scores(str(tmp_path / "b.obj"), "b.obj", [1, 2, 3, 4])
+  _write_sae_and_scores(str(tmp_path / "b.sty"), "b.sty", [5, 6, 7, 0])
+  ctx = evaluate.Evaluation.__new__(evaluate.Evaluation)
+  ctx.config, ctx.objects, ctx.styles = c, ["o0", "o1"], ["s0", "s1"]
+  ctx.domain_block = blocks.domain_blocks(c)
+  ctx.by_block = {b: ctx._load_methods(blocks.block_config(c, b), b) for b in blocks.blocks(c)}
+  ctx.methods = ctx.by_block["b.obj"]
+  assert ctx.entry("saemnesia", "object", "o1", {"gamma": -1.0}).latents.tolist() == [2]
+  assert ctx.entry("saemnesia", "style", "s0", {"gamma": -1.0}).latents.tolist() == [7]  # the style block's SAE
+  assert ctx.sae("saemnesia", "style") is ctx.by_block["b.sty"]["saemnesia"]
+  # An SAE of another block is refused.
+  _write_sae_and_scores(str(tmp_path / "b.sty"), "b.obj", [5, 6, 7, 0])
+  with pytest.raises(ValueError, match="trained at block 'b.obj'"):
+    ctx._load_methods(blocks.block_config(c, "b.sty"), "b.sty")
