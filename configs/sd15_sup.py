@@ -1,7 +1,10 @@
 """SAEmnesia on Stable Diffusion v1.5 / UnlearnCanvas: the supervised fine-tune
 of configs/sd15.py's unsupervised SAE at the published recipe (METHOD.md
 section 3): Adam 5e-6, 128 maps per batch, up to 150 epochs with early
-stopping (patience 5) on a 20% validation split.
+stopping (patience 5) on a 20% validation split. The epochs are those of the
+store actually collected: the trainer derives the steps from it (train.epochs)
+and prints them. With sd15's two blocks, each block's SAE is fine-tuned on its
+own store from its own greedy assignment.
 
   python -m saemnesia_jax.train  --config configs/sd15_sup.py --config.model.path=...
   python -m saemnesia_jax.scores --config configs/sd15_sup.py --config.model.path=...

@@ -28,7 +28,8 @@ PLACEHOLDER = "{block}"
 
 def domain_blocks(config: ml_collections.ConfigDict) -> dict[str, str]:
   """{'object': block, 'style': style block} of ``config``."""
-  return {"object": config.block, "style": config.get("style_block", "") or config.block}
+  block = config.get("block", "")  # the scores stage runs without one
+  return {"object": block, "style": config.get("style_block", "") or block}
 
 
 def blocks(config: ml_collections.ConfigDict) -> list[str]:

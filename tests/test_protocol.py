@@ -51,6 +51,7 @@ def _ctx_with_assignments(trained, rescored, n_obj=2, n_sty=2, n_steps=3, n_late
             "threshold_objects": z(n_steps, n_latents), "threshold_styles": z(n_steps, n_latents),
             "assignment": np.asarray(rescored, np.int32)}
   ctx.methods = {"saemnesia": {"scores": tables, "assignment": np.asarray(trained, np.int32)}}
+  ctx.domain_block, ctx.by_block = {"object": "b", "style": "b"}, {"b": ctx.methods}  # one block
   return ctx
 
 
