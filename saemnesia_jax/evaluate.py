@@ -12,8 +12,10 @@ For every concept to erase (objects and styles) and every method:
   concept (its saemnesia.json assignment), sweep over gamma only.
 
 the answer set (every object x style prompt and, with ``evaluate.seed_images``,
-every object's unstyled prompt (UnlearnCanvas' Seed_Images), ``seeds``) is sampled with the
-clamp inside the jitted sampler, classified by the style and object
+every object's unstyled prompt (UnlearnCanvas' Seed_Images); ``seeds``) is
+sampled (``evaluate.num_steps`` DDIM steps) with the clamp inside the jitted
+sampler, at ``config.block`` for objects and ``config.style_block`` for
+styles, each with that block's SAEs (``blocks.py``), classified by the style and object
 classifiers, and scored (METHOD.md section 6). The sweep picks, per concept,
 the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
 reports that setting on the held-out ``eval_seeds``. Sequential unlearning

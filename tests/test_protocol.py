@@ -209,7 +209,8 @@ def test_sd15_collects_anchor_prompts_apart_from_the_evaluation(tmp_path):
   assert grid[0].prompt == "A architectures on a boat in Abstractionism style."
   assert grid[n_sty].prompt == "A architectures on a boat in Seed Images style." and grid[n_sty].style_id == -1
   assert grid[n_sty + 1].prompt == "A architectures on a boat." and grid[n_sty + 1].style_id == -1
-  assert grid[n_sty + 2 + c.concepts.styles.index("Van_Gogh")].prompt == "A architectures in the rain in Van Gogh style."
+  van_gogh = n_sty + 2 + c.concepts.styles.index("Van_Gogh")  # the second line's styles
+  assert grid[van_gogh].prompt == "A architectures in the rain in Van Gogh style."
   assert {p.object_id for p in grid[:2 * (n_sty + 2)]} == {0}
   seeds = [s for _, s in trajs]
   assert len(set(seeds)) == len(seeds)  # distinct noise per prompt
