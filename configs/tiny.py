@@ -46,7 +46,7 @@ def get_config():
   ))
   config_defaults.add_stage_sections(
       config,
-      collect=dict(seeds=(1, 2)),
+      collect=dict(seeds=(1, 2), allow_eval_overlap=True),  # a smoke test: seed 1 is also the sweep's
       sae=dict(expansion_factor=4, k=8, dead_tokens=10_000),
       train=dict(steps=40, batch_size=256, learning_rate=1e-3, val_batches=4, eval_every=20,
                  log_every=10, ckpt_every=20),

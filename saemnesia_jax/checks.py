@@ -99,7 +99,7 @@ def unet_blocks(unet_config: dict) -> list[str]:
   return names
 
 
-def check_model(config, block_fields=("block",)) -> None:
+def check_model(config, block_fields=("block", "style_block")) -> None:
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.weights", WEIGHTS)
   path = model_dir(config)
@@ -114,7 +114,7 @@ def check_model(config, block_fields=("block",)) -> None:
   with open(unet_cfg) as f:
     valid = unet_blocks(json.load(f))
   for field in block_fields:
-    b = _get(config, field)
+    b = config.get(field, "")
     if b and b not in valid:
       attn = [v for v in valid if ".attentions." in v]
       _fail(field, b, "not a block of this UNet", f"its attention blocks: {', '.join(attn)}")
@@ -203,12 +203,20 @@ def _collect(config) -> None:
     _fail("collect.process_index", c.process_index, f"must be < collect.process_count={c.process_count}")
 
 
+def per_block(config) -> list:
+  """The config of each hooked block (one, or the object and the style block)."""
+  from saemnesia_jax import blocks
+  try:
+    return [blocks.block_config(config, b) for b in blocks.blocks(config)]
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
 def _probe(config) -> None:
-  p = config.probe
   _positive(config, "probe.steps", "probe.batch_size", "probe.learning_rate")
   _fraction(config, "probe.val_fraction", lo_open=True)
-  del p
-  store_manifest(config)
+  for c in per_block(config):
+    store_manifest(c)
 
 
 def _train(config) -> None:
@@ -231,19 +239,19 @@ def _train(config) -> None:
   n = _process_count()
   if t.batch_size % n:
     _fail("train.batch_size", t.batch_size, f"must be divisible by the {n} processes")
-  manifest = store_manifest(config)
-  d_in = manifest["layout"]["d_in"]
-  if s.d_in and s.d_in != d_in:
-    _fail("sae.d_in", s.d_in, f"the store holds activations of width {d_in}", "set it to 0 (= the store's)")
-  latents = s.n_latents or d_in * s.expansion_factor
-  if s.k > latents:
-    _fail("sae.k", s.k, f"more than the SAE's {latents} latents", "lower sae.k or raise sae.n_latents")
-  if s.init_from:
-    cfg = sae_cfg("sae.init_from", s.init_from)
-    if cfg.get("d_in", d_in) != d_in:
-      _fail("sae.init_from", s.init_from, f"an SAE of width {cfg.get('d_in')}, the store's is {d_in}")
   if s.mode == "supervised" and s.assignment not in ("greedy", "random") and not os.path.isfile(s.assignment):
     _fail("sae.assignment", s.assignment, "no such file", "use greedy, random or the path of an assignment.json")
+  for c in per_block(config):
+    d_in = store_manifest(c)["layout"]["d_in"]
+    if s.d_in and s.d_in != d_in:
+      _fail("sae.d_in", s.d_in, f"the store holds activations of width {d_in}", "set it to 0 (= the store's)")
+    latents = s.n_latents or d_in * s.expansion_factor
+    if s.k > latents:
+      _fail("sae.k", s.k, f"more than the SAE's {latents} latents", "lower sae.k or raise sae.n_latents")
+    if c.sae.init_from:
+      cfg = sae_cfg("sae.init_from", c.sae.init_from)
+      if cfg.get("d_in", d_in) != d_in:
+        _fail("sae.init_from", c.sae.init_from, f"an SAE of width {cfg.get('d_in')}, the store's is {d_in}")
 
 
 def _scores(config) -> None:
@@ -251,9 +259,10 @@ def _scores(config) -> None:
   _one_of(config, "scores.split", ("all", "train", "val"))
   if config.scores.mass_fraction > 1:
     _fail("scores.mass_fraction", config.scores.mass_fraction, "must be in (0, 1]")
-  # scores.settings' rule, not imported: scores imports JAX.
-  sae_cfg("scores.sae_dir", config.scores.sae_dir or os.path.join(config.workdir, "sae_unsup", "export"))
-  store_manifest(config)
+  for c in per_block(config):
+    # scores.settings' rule, not imported: scores imports JAX.
+    sae_cfg("scores.sae_dir", c.scores.sae_dir or os.path.join(c.workdir, "sae_unsup", "export"))
+    store_manifest(c)
 
 
 def _evaluate(config) -> None:
@@ -282,13 +291,14 @@ def _evaluate(config) -> None:
   if ev.classifier == "unlearncanvas" and not os.path.isdir(ev.classifier_dir):
     _fail("evaluate.classifier_dir", ev.classifier_dir, "no such folder",
           "give the folder with style_classifier.pth and object_classifier.pth")
-  for m, run in (("saeuron", "sae_unsup"), ("saemnesia", "sae_sup")):
-    if m in ev.methods:
-      sae_cfg(f"evaluate.{m}_sae", ev[f"{m}_sae"] or os.path.join(config.workdir, run, "export"))
-      scores = ev[f"{m}_scores"] or os.path.join(config.workdir, run, "scores")
-      if not os.path.isfile(os.path.join(scores, "scores.npz")):
-        _fail(f"evaluate.{m}_scores", scores, "no scores.npz there",
-              "run python -m saemnesia_jax.scores on that SAE first")
+  for c in per_block(config):
+    for m, run in (("saeuron", "sae_unsup"), ("saemnesia", "sae_sup")):
+      if m in ev.methods:
+        sae_cfg(f"evaluate.{m}_sae", c.evaluate[f"{m}_sae"] or os.path.join(c.workdir, run, "export"))
+        scores = c.evaluate[f"{m}_scores"] or os.path.join(c.workdir, run, "scores")
+        if not os.path.isfile(os.path.join(scores, "scores.npz")):
+          _fail(f"evaluate.{m}_scores", scores, "no scores.npz there",
+                "run python -m saemnesia_jax.scores on that SAE first")
 
 
 def _build(config) -> None:

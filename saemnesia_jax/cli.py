@@ -38,15 +38,14 @@ class Stage:
 
 
 _COMMON = ("workdir", "overwrite")
+_BLOCKS = _COMMON + ("block", "style_block")
 STAGES = {
     "sample": Stage("saemnesia_jax.sample", _COMMON + ("model", "sampler", "prompts", "seeds")),
-    "collect": Stage("saemnesia_jax.collect", _COMMON + ("model", "block", "sampler", "concepts", "collect")),
-    "probe": Stage("saemnesia_jax.probe", _COMMON + ("block", "collect.store_path", "probe")),
-    "train": Stage("saemnesia_jax.train", _COMMON + ("model", "block", "collect.store_path", "sae", "train")),
-    "scores": Stage("saemnesia_jax.scores", _COMMON + ("block", "collect.store_path", "sae.scores_dir",
-                                                       "scores")),
-    "evaluate": Stage("saemnesia_jax.evaluate", _COMMON + ("model", "block", "sampler", "concepts",
-                                                           "evaluate")),
+    "collect": Stage("saemnesia_jax.collect", _BLOCKS + ("model", "sampler", "concepts", "collect")),
+    "probe": Stage("saemnesia_jax.probe", _BLOCKS + ("collect.store_path", "probe")),
+    "train": Stage("saemnesia_jax.train", _BLOCKS + ("model", "collect.store_path", "sae", "train")),
+    "scores": Stage("saemnesia_jax.scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores")),
+    "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("model", "sampler", "concepts", "evaluate")),
     "canvas_mini.build": Stage("saemnesia_jax.canvas_mini.build",
                                _COMMON + ("data", "classifier", "model", "base_train", "base_eval", "build")),
 }

@@ -3,7 +3,9 @@
   python -m saemnesia_jax.collect --config configs/canvas_mini.py
 
 Runs the jitted sampler over the prompt grid (every object x style prompt and
-the anchor prompts, ``collect.seeds`` each) and stores, for the conditional
+the anchor prompts, ``collect.seeds`` each; or, with
+``collect.anchor_prompts_dir``, SAeUron's anchor prompts in every style: see
+``plan``) and stores, for the conditional
 half of CFG at every step, the hooked block's output: one *map* of
 (H*W tokens, d_in) per (prompt, seed, step), with labels (object, style,
 timestep, step, prompt id, seed). See ``store.py`` for the layout.
@@ -22,6 +24,7 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
   from saemnesia_jax import cli
   cli.main("collect")
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,12 +59,57 @@ def _maps_per_chunk(num_steps: int, map_bytes: int, target: int = 4 << 20) -> in
 
 
 def plan(config: ml_collections.ConfigDict):
-  """(prompt grid, trajectories [(prompt index, seed)]) of a collection."""
-  grid = concepts.prompt_grid(config.concepts)
-  seeds = list(config.collect.seeds)
+  """(prompt grid, trajectories [(prompt index, seed)]) of a collection.
+
+  The prompts: the concept grid, or with ``collect.anchor_prompts_dir`` the
+  anchor prompt files (``concepts.anchor_file_grid``). Prompt i's trajectory
+  for seed s uses seed ``s + i * collect.seed_stride`` (a distinct starting
+  noise per prompt with a stride > 0).
+  """
+  c = config.collect
+  if c.anchor_prompts_dir:
+    grid = concepts.anchor_file_grid(config.concepts, c.anchor_prompts_dir, c.prompts_per_object)
+  else:
+    grid = concepts.prompt_grid(config.concepts)
+  seeds = list(c.seeds)
   if not seeds:
     raise ValueError("config.collect.seeds is empty: give at least one seed")
-  return grid, [(i, s) for i in range(len(grid)) for s in seeds]
+  stride = int(c.seed_stride)
+  return grid, [(i, s + i * stride) for i in range(len(grid)) for s in seeds]
+
+
+def evaluation_overlap(config: ml_collections.ConfigDict, grid=None, trajs=None) -> list[tuple[str, int]]:
+  """(prompt, seed) pairs that the collection and the evaluation (sweep or
+  final seeds) both sample: images the SAE, its scores and its supervision
+  would see before they are judged."""
+  if grid is None:
+    grid, trajs = plan(config)
+  ev = config.evaluate
+  judged = {(p.prompt, int(s)) for p in concepts.evaluation_grid(config.concepts, ev.seed_images)
+            for s in tuple(ev.sweep_seeds) + tuple(ev.eval_seeds)}
+  return sorted({(grid[i].prompt, int(s)) for i, s in trajs} & judged)
+
+
+def check_disjoint(config: ml_collections.ConfigDict, grid, trajs) -> None:
+  overlap = evaluation_overlap(config, grid, trajs)
+  if overlap and not config.collect.allow_eval_overlap:
+    raise ValueError(
+        f"the collection samples {len(overlap)} (prompt, seed) pairs that the evaluation judges, e.g. "
+        f"{overlap[0]}: use other collect.seeds (or collect.anchor_prompts_dir), or set "
+        "collect.allow_eval_overlap=True to accept it")
+
+
+def _source(c: ml_collections.ConfigDict, grid) -> dict:
+  """What the manifest records of the prompts beyond the concept grid (nothing
+  for the grid itself, so that stores collected before these fields keep their identity)."""
+  out = {}
+  if c.anchor_prompts_dir:
+    digest = hashlib.sha256("\n".join(p.prompt for p in grid).encode()).hexdigest()
+    out.update(anchor_prompts_dir=os.path.abspath(c.anchor_prompts_dir), prompts_per_object=int(c.prompts_per_object),
+               prompts_sha256=digest)
+  if c.seed_stride:
+    out["seed_stride"] = int(c.seed_stride)
+  return out
 
 
 class Collection(NamedTuple):
@@ -82,6 +130,7 @@ def prepare(config: ml_collections.ConfigDict) -> Collection:
   pipe = common.load_model(config)
   sampler = common.make_sampler(config, pipe, capture=True)
   grid, trajs = plan(config)
+  check_disjoint(config, grid, trajs)
   steps, bs = config.sampler.num_steps, config.sampler.batch_size
   h, w, d_in = sampler.block_output_shape()
   manifest = store.make_manifest(
@@ -90,7 +139,8 @@ def prepare(config: ml_collections.ConfigDict) -> Collection:
                  "class": "FlaxDDIMScheduler", "eta": 0.0},
       num_steps=steps, guidance_scale=float(config.sampler.guidance_scale),
       prompt_grid={**concepts.as_dict(config.concepts), "seeds": list(c.seeds),
-                   "n_prompts": len(grid), "image_size": [sampler.height, sampler.width]},
+                   "n_prompts": len(grid), "image_size": [sampler.height, sampler.width],
+                   **_source(c, grid)},
       n_maps=len(trajs) * steps, tokens_per_map=h * w, d_in=d_in, maps_per_unit=bs * steps,
       maps_per_chunk=_maps_per_chunk(steps, h * w * d_in * store.DTYPES[c.dtype].itemsize),
       dtype=c.dtype,
@@ -163,6 +213,9 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):  # a store per block ({workdir}/{block}/activations)
+    return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   from saemnesia_jax.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   c = config.collect

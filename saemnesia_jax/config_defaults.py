@@ -18,7 +18,8 @@ import ml_collections
 # Top-level fields of every config.
 TOP = dict(
     workdir="runs/default",  # folder of every stage's outputs
-    block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it
+    block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it (objects)
+    style_block="",  # the block of the style erasures ('' -> block): SAeUron's styles use up_blocks.1.attentions.2
     overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
     prompts=(),  # stage sample: the prompts to draw
     seeds=(),  # stage sample: seeds per prompt
@@ -53,6 +54,10 @@ COLLECT = dict(
     store_path="",  # '' -> {workdir}/activations
     dtype="bfloat16",  # stored activations: bfloat16 | float16
     seeds=(1, 2),  # per prompt
+    seed_stride=0,  # >0: prompt i's trajectory for seed s uses s + i * seed_stride (distinct noise per prompt)
+    anchor_prompts_dir="",  # '' -> the concept grid; else a folder of sd_prompt_<object>.txt (UnlearnCanvas' anchors)
+    prompts_per_object=0,  # with anchor_prompts_dir: the first n lines of each file; 0 -> all
+    allow_eval_overlap=False,  # collect (prompt, seed) pairs the evaluation judges (else an error)
     process_index=-1,  # -1: jax.process_index()
     process_count=0,  # 0: jax.process_count()
     max_units=0,  # >0: stop after this many units (a partial run; rerun to finish)
@@ -83,6 +88,8 @@ SAE = dict(
 TRAIN = dict(
     name="sae_unsup",  # run folder under workdir
     steps=10_000,  # optimizer steps (a finished run continues to a larger value)
+    epochs=0.0,  # >0: steps = ceil(epochs x batches per epoch of the store's train split), printed; 0 -> steps
+    style_block_epochs=0.0,  # >0: train.epochs of the style block's SAE (config.style_block); 0 -> epochs
     batch_size=4096,  # tokens per step (unsupervised) or maps per step (supervised)
     learning_rate=4e-4,  # Adam's peak learning rate
     lr_decay="linear",  # linear | constant
@@ -93,6 +100,7 @@ TRAIN = dict(
     val_fraction=0.2,  # held out by (prompt, seed): all steps of an image on one side
     val_batches=20,  # batches per validation
     eval_every=250,  # steps between validations (early stopping, best export)
+    early_stop=False,  # stop after `patience` evaluations without a val gain, export the best; else full schedule
     patience=5,  # early stopping, in evaluations without a gain
     min_delta=0.0,  # a validation loss must drop by more than this to count as a gain
     log_every=50,  # steps between metrics.jsonl lines
@@ -137,13 +145,16 @@ EVALUATE = dict(
     saeuron_scores="",  # '' -> {workdir}/sae_unsup/scores
     saemnesia_sae="",  # '' -> {workdir}/sae_sup/export
     saemnesia_scores="",  # '' -> {workdir}/sae_sup/scores
+    saemnesia_assignment="trained",  # trained (the SAE's own, saemnesia.json) | rescored (greedy on its scores)
     objects=(),  # concepts to erase; () -> all
     styles=(),  # styles to erase; () -> all
     gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)
     percentiles=(99.99, 99.995, 99.999),  # SAeUron: per-step score percentile (3 / 2 / 1 of 20,480)
+    num_steps=0,  # DDIM steps of every evaluation sample (the protocol: 100); 0 -> sampler.num_steps
     sweep_seeds=(1,),  # seeds of the answer sets that choose each concept's setting
     eval_seeds=(188, 288, 588, 688, 888),  # held-out seeds of the reported tables
     max_latents=32,  # clamp entries (one compile per size)
+    seed_images=True,  # the answer set holds each object's unstyled prompt (Seed_Images) as UnlearnCanvas does
     sequential=True,  # also erase the first 1, 2, ... objects at once
     sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
     classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)
@@ -162,8 +173,9 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
   """Adds the collect / sae / train / evaluate sections, with ``overrides`` per
   section, the top-level ``overwrite`` field, and the defaults of any model /
   sampler / concepts field the config does not set."""
-  if "overwrite" not in config:
-    config.overwrite = TOP["overwrite"]
+  for field in ("overwrite", "style_block"):
+    if field not in config:
+      config[field] = TOP[field]
   for name, defaults in SHARED.items():
     if name in config:
       for field, value in defaults.items():
@@ -193,6 +205,8 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
   config.sae.init_from = workdir + "/sae_unsup/export"
   config.scores.sae_dir = workdir + "/sae_sup/export"
   config.train.name = "sae_sup"
+  config.train.early_stop = True  # the published recipe: patience on a validation split
+  config.train.style_block_epochs = 0.0  # one budget for both blocks unless ``train`` says otherwise
   extra = set(train) - set(TRAIN)
   if extra:
     raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")

@@ -8,11 +8,14 @@ For every concept to erase (objects and styles) and every method:
 * ``none``: no erasure (the base model; every concept's UA is its miss rate);
 * ``saeuron``: the unsupervised SAE, latents selected per timestep by
   importance-score percentile, sweep over percentile x gamma;
-* ``saemnesia``: the supervised SAE, the concept's assigned latent, sweep over
-  gamma only.
+* ``saemnesia``: the supervised SAE, the latent it was trained to carry for the
+  concept (its saemnesia.json assignment), sweep over gamma only.
 
-the answer set (every object x style prompt, ``seeds``) is sampled with the
-clamp inside the jitted sampler, classified by the style and object
+the answer set (every object x style prompt and, with ``evaluate.seed_images``,
+every object's unstyled prompt (UnlearnCanvas' Seed_Images); ``seeds``) is
+sampled (``evaluate.num_steps`` DDIM steps) with the clamp inside the jitted
+sampler, at ``config.block`` for objects and ``config.style_block`` for
+styles, each with that block's SAEs (``blocks.py``), classified by the style and object
 classifiers, and scored (METHOD.md section 6). The sweep picks, per concept,
 the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
 reports that setting on the held-out ``eval_seeds``. Sequential unlearning
@@ -33,6 +36,7 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
   from saemnesia_jax import cli
   cli.main("evaluate")
 
+import copy
 import os
 import time
 from typing import Any
@@ -41,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import clamp, concepts, metrics, runs
+from saemnesia_jax import blocks, clamp, concepts, metrics, runs
 from saemnesia_jax import units as units_lib
 from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files
 
@@ -94,6 +98,42 @@ def make_judge(config) -> Any:
 # -------------------------------------------------------------- the context
 
 
+def saemnesia_assignment(meta: dict | None, tables: dict, how: str, sae_dir: str = "") -> np.ndarray:
+  """The concept -> latent ids (objects then styles) that SAEmnesia clamps.
+
+  ``how='trained'``: the assignment the supervised SAE was trained to carry
+  (its saemnesia.json), as the paper erases a concept by its own latent.
+  ``'rescored'``: the greedy rule applied again to the supervised SAE's
+  importance scores (scores.npz's ``assignment``); with BCE the two differ
+  for most concepts.
+  """
+  if how == "trained":
+    a = (meta or {}).get("assignment")
+    if a is None:
+      raise ValueError(f"the SAEmnesia SAE at {sae_dir} records no trained assignment (saemnesia.json "
+                       "'assignment'): point config.evaluate.saemnesia_sae at a supervised export, or set "
+                       "--config.evaluate.saemnesia_assignment=rescored")
+    return np.asarray(a, np.int32)
+  if how == "rescored":
+    if "assignment" not in tables:
+      raise ValueError("the SAEmnesia scores hold no assignment: rerun the scores stage")
+    return np.asarray(tables["assignment"], np.int32)
+  raise ValueError(f"config.evaluate.saemnesia_assignment={how!r}; expected 'trained' or 'rescored'")
+
+
+def sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with the evaluation's step count: ``evaluate.num_steps`` (the
+  protocol samples 100 DDIM steps, collection 50; 0 keeps ``sampler.num_steps``)."""
+  n = int(config.evaluate.num_steps)
+  if n < 0:
+    raise ValueError(f"config.evaluate.num_steps={n}: give a step count, or 0 for config.sampler.num_steps")
+  if not n or n == config.sampler.num_steps:
+    return config
+  out = copy.deepcopy(config)
+  out.sampler.num_steps = n
+  return out
+
+
 def _default(path: str, workdir: str, *parts: str) -> str:
   return path or os.path.join(workdir, *parts)
 
@@ -102,39 +142,66 @@ class Evaluation:
   """Model, samplers, SAEs, scores and classifiers of one evaluation run."""
 
   def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
-    from saemnesia_jax import common, scores
+    from saemnesia_jax import common
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
     self.judge = judge or make_judge(config)
-    grid = concepts.prompt_grid(config.concepts, anchors=False)
+    grid = concepts.evaluation_grid(config.concepts, seed_images=ev.seed_images)
     self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
     self.prompts = [p.prompt for p in grid]
     self.true_obj = np.array([p.object_id for p in grid], np.int32)
     self.true_sty = np.array([p.style_id for p in grid], np.int32)
-    self.methods = {}
     for m in ev.methods:
       if m not in METHODS:
         raise ValueError(f"unknown method {m!r} in config.evaluate.methods; known: {METHODS}")
-      if m == "none":
-        continue
-      run = "sae_unsup" if m == "saeuron" else "sae_sup"
-      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
-      params, cfg, _ = scores.load_sae(sae_dir)
-      tables = scores.load_scores(_default(ev.get(f"{m}_scores"), config.workdir, run, "scores"))
-      self.methods[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables)
-    if "saemnesia" in self.methods and "assignment" not in self.methods["saemnesia"]["scores"]:
-      raise ValueError("the SAEmnesia scores hold no assignment")
-    self._samplers: dict[int, Any] = {}
+    # A block per domain (config.style_block): each block's SAEs and scores, from its own folder.
+    self.domain_block = blocks.domain_blocks(config)
+    self.by_block = {b: self._load_methods(blocks.block_config(config, b), b) for b in blocks.blocks(config)}
+    self.methods = self.by_block[config.block]  # the object block's (with one block, the only ones)
+    self._samplers: dict[tuple[str, int], Any] = {}
     self.max_latents = int(ev.max_latents)  # clamp entries; grows if a unit selects more
     # Any SAE will do for the no-erasure runs: an empty clamp is exact.
     any_sae = next(iter(self.methods.values()), None)
     self._identity = any_sae
 
-  def sampler(self, k: int):
+  def _load_methods(self, config: ml_collections.ConfigDict, block: str) -> dict:
+    """method -> {params, k, scores, assignment} of one block's SAEs."""
+    from saemnesia_jax import scores
+    ev, out = config.evaluate, {}
+    for m in ev.methods:
+      if m == "none":
+        continue
+      run = "sae_unsup" if m == "saeuron" else "sae_sup"
+      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
+      params, cfg, meta = scores.load_sae(sae_dir)
+      if (meta or {}).get("block") not in (None, block):
+        raise ValueError(f"the {m} SAE at {sae_dir} was trained at block {meta['block']!r}, but this evaluation "
+                         f"clamps at {block!r} (config.block / config.style_block): point "
+                         f"config.evaluate.{m}_sae at that block's SAE")
+      scores_dir = _default(ev.get(f"{m}_scores"), config.workdir, run, "scores")
+      tables = scores.load_scores(scores_dir)
+      out[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables,
+                    identity={"sae": runs.sae_hash(sae_dir),  # for the run fingerprint
+                              "scores": hash_files([os.path.join(scores_dir, "scores.npz")])})
+      if m == "saemnesia":
+        out[m]["assignment"] = saemnesia_assignment(meta, tables, ev.saemnesia_assignment, sae_dir)
+    return out
+
+  def sae(self, method: str, domain: str) -> dict:
+    """The SAE (params, k, scores, assignment) that erases ``domain``'s concepts."""
+    return self.by_block[self.domain_block[domain]][method]
+
+  def sampler(self, k: int, block: str = ""):
+    """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block)."""
     from saemnesia_jax import common
-    if k not in self._samplers:
-      self._samplers[k] = common.make_sampler(self.config, self.pipe, edit_fn=clamp.make_edit_fn(k))
-    return self._samplers[k]
+    block = block or self.config.block
+    if (block, k) not in self._samplers:
+      config = sampling_config(self.config)
+      if block != config.block:
+        config = copy.deepcopy(config)
+        config.block = block
+      self._samplers[(block, k)] = common.make_sampler(config, self.pipe, edit_fn=clamp.make_edit_fn(k))
+    return self._samplers[(block, k)]
 
   # ---------------------------------------------------------------- specs
 
@@ -143,12 +210,12 @@ class Evaluation:
     return concepts.lookup(name, names, domain)
 
   def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
-    s = self.methods[method]["scores"]
+    s = self.sae(method, domain)["scores"]
     c = self.concept_index(domain, name)
     key = "objects" if domain == "object" else "styles"
     mu, thr = s[f"mu_{key}"][c], s[f"threshold_{key}"]
     if method == "saemnesia":
-      a = s["assignment"]
+      a = self.sae(method, domain)["assignment"]
       latent = int(a[c] if domain == "object" else a[len(self.objects) + c])
       return clamp.concept_entry(mu, thr, setting["gamma"], assigned=latent)
     return clamp.concept_entry(mu, thr, setting["gamma"], scores_c=s[f"scores_{key}"][c],
@@ -158,6 +225,9 @@ class Evaluation:
     n_steps = len(sampler.timesteps)
     if method == "none":
       return clamp.empty_spec(n_steps, self.max_latents)
+    where = {self.domain_block[d] for d, _, _ in erase}
+    if len(where) > 1:
+      raise ValueError(f"one clamp erases concepts of both domains, which are hooked at different blocks {where}")
     entries = [self.entry(method, d, n, s) for d, n, s in erase]
     m = sum(len(e.latents) for e in entries)
     if m > self.max_latents:
@@ -166,8 +236,9 @@ class Evaluation:
       grown = 1 << (m - 1).bit_length()
       print(f"the clamp selects {m} latents; max_latents {self.max_latents} -> {grown} (one more compile)")
       self.max_latents = grown
-    return clamp.build_spec(entries, sampler.timesteps, self.methods[method]["scores"]["timesteps"],
-                            self.max_latents)
+    timesteps = self.sae(method, erase[0][0])["scores"]["timesteps"] if erase else \
+        self.methods[method]["scores"]["timesteps"]
+    return clamp.build_spec(entries, sampler.timesteps, timesteps, self.max_latents)
 
   # ---------------------------------------------------------------- units
 
@@ -176,10 +247,11 @@ class Evaluation:
     from saemnesia_jax.sampler import sample_prompts
     t0 = time.perf_counter()
     method = unit["method"]
-    sae_m = self.methods[method] if method != "none" else self._identity
+    domain = unit.get("domain", "object")  # sequential units erase objects; 'none' erases nothing
+    sae_m = self.sae(method, domain) if method != "none" else self._identity
     if sae_m is None:
       raise ValueError("evaluate needs at least one SAE method (saeuron or saemnesia) besides 'none'")
-    sampler = self.sampler(sae_m["k"])
+    sampler = self.sampler(sae_m["k"], self.domain_block[domain] if method != "none" else "")
     erase = [(d, n, s) for d, n, s in unit.get("erase", [])]
     spec = self.spec(method, erase, sampler)
     seeds = list(unit["seeds"])
@@ -196,17 +268,14 @@ class Evaluation:
 
 def fingerprint(config, ctx: Evaluation) -> dict:
   """What determines every unit's result (see runs.py): the settings, the
-  model's weights, each method's SAE and scores, and the judge."""
-  ev = config.evaluate
+  model's weights, each block's SAEs and scores, and the judge."""
   inputs = {"weights": ctx.pipe.weights_hash(),
             "judge": getattr(ctx.judge, "identity", type(ctx.judge).__name__)}
-  for m in ctx.methods:
-    run = "sae_unsup" if m == "saeuron" else "sae_sup"
-    inputs[f"{m}_sae"] = runs.sae_hash(_default(ev.get(f"{m}_sae"), config.workdir, run, "export"))
-    inputs[f"{m}_scores"] = hash_files([os.path.join(
-        _default(ev.get(f"{m}_scores"), config.workdir, run, "scores"), "scores.npz")])
-  return runs.make(config, ("model", "block", "sampler", "concepts", "evaluate"), NOT_RESULT, inputs,
-                   stage="evaluate")
+  for block, methods in ctx.by_block.items():
+    for m, sae in methods.items():
+      inputs.update({f"{block}/{m}_{k}": v for k, v in sae["identity"].items()})
+  return runs.make(config, ("model", "block", "style_block", "sampler", "concepts", "evaluate"), NOT_RESULT,
+                   inputs, stage="evaluate")
 
 
 # ------------------------------------------------------------------- plan
@@ -282,11 +351,17 @@ def final_units(config, chosen) -> list[dict]:
 def sequential_units(config, chosen) -> list[dict]:
   ev = config.evaluate
   order = list(ev.sequential_objects) or list(config.concepts.objects)
+  for o in order:
+    concepts.lookup(o, config.concepts.objects, "object")
+  # Up to the whole order (the papers' 9-object point); IRA needs one object
+  # kept, so an order of every object stops one short.
+  kept = {o.lower() for o in config.concepts.objects} - {o.lower() for o in order}
+  last = len(order) if kept else len(order) - 1
   out = []
   for m in ev.methods:
     if m == "none" or not ev.sequential:
       continue
-    for n in range(1, len(order)):  # IRA needs one object kept
+    for n in range(1, last + 1):
       erase = [["object", o, chosen[(m, "object", o)]] for o in order[:n] if (m, "object", o) in chosen]
       out.append({"phase": "sequential", "method": m, "n": n, "objects": order[:n], "erase": erase,
                   "seeds": list(ev.eval_seeds)})
@@ -361,14 +436,12 @@ def _plot_sequential(path, seq_rows):
 def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
   """Prompts for one erased concept: ``n_with`` that contain it, then ``n_without`` that do not."""
   objs, stys = list(config.concepts.objects), list(config.concepts.styles)
-  fmt = config.concepts.style_template.format
+  fmt = lambda o, s: concepts.styled_prompt(config.concepts, o, s)  # noqa: E731
   if domain == "object":
     other = objs[(objs.index(name) + 1) % len(objs)]
-    return ([fmt(object=name, style=s) for s in stys[:n_with]] +
-            [fmt(object=other, style=s) for s in stys[:n_without]])
+    return [fmt(name, s) for s in stys[:n_with]] + [fmt(other, s) for s in stys[:n_without]]
   other = stys[(stys.index(name) + 1) % len(stys)]
-  return ([fmt(object=o, style=name) for o in objs[:n_with]] +
-          [fmt(object=o, style=other) for o in objs[:n_without]])
+  return [fmt(o, name) for o in objs[:n_with]] + [fmt(o, other) for o in objs[:n_without]]
 
 
 def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) -> dict:
@@ -398,8 +471,9 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   for i, (domain, name) in enumerate(shown):
     rows.append(plain[i])
     labels.append(f"{name}: no erasure")
-    for m, sae_m in ev_ctx.methods.items():
-      s = ev_ctx.sampler(sae_m["k"])
+    for m in ev_ctx.methods:
+      sae_m = ev_ctx.sae(m, domain)
+      s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
       spec = ev_ctx.spec(m, [(domain, name, chosen[(m, domain, name)])], s)
       rows.append(sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
                                  config.sampler.guidance_scale, edit_params=(sae_m["params"], spec),

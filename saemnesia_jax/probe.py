@@ -123,6 +123,9 @@ def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):  # each block's store
+    return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   p = config.probe
   path = collect.store_path(config)
   st = store_lib.open_store(path)

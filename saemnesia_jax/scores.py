@@ -637,8 +637,12 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Computes and writes scores, assignment, report (see the module docstring).
 
   Returns {"out_dir", "scores", "assignment", "report_json", "report_png",
-  "manifest", "report", "assignment_ids", "n_maps", "wall_s"}.
+  "manifest", "report", "assignment_ids", "n_maps", "wall_s"}; with a block per
+  domain (config.style_block), {block: that} for each block's SAE.
   """
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):
+    return {b: run(blocks.block_config(config, b), progress) for b in blocks.blocks(config)}
   t0 = time.perf_counter()
   s = settings(config)
   sae_dir, out_dir = s["sae_dir"], s["out_dir"]

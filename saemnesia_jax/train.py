@@ -15,7 +15,8 @@ the latent axis on 'model', batches on 'data'), and writes into
                  time, early-stopping state) and the config as JSON
   metrics.jsonl  loss terms, FVU, L0, dead fraction, concept-latent accuracy
                  (supervised), tokens/s, every ``log_every`` steps
-  export/        the best SAE (lowest validation loss) in sparsify's layout
+  export/        the SAE at the end of the schedule, or with train.early_stop
+                 the best one (lowest validation loss), in sparsify's layout
                  (cfg.json + sae.safetensors) + saemnesia.json (mode, store
                  identity, concept names, assignment)
 
@@ -34,6 +35,7 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
   from saemnesia_jax import cli
   cli.main("train")
 
+import copy
 import dataclasses
 import json
 import os
@@ -61,8 +63,9 @@ MODES = ("unsupervised", "supervised")
 # logs and saves, how it is placed on devices.
 NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
               "train.stop_after", "train.mesh_shape", "train.sharding_rules", "train.check_model",
-              "sae.scores_dir", "sae.init_from")
-CONTINUABLE = ("train.steps",)  # a finished run trains on to the new step count
+              "train.style_block_epochs", "sae.scores_dir", "sae.init_from")
+# A finished run trains on to a larger step count (given directly or in epochs).
+CONTINUABLE = ("train.steps", "train.epochs")
 
 
 def run_dir(config: ml_collections.ConfigDict) -> str:
@@ -320,7 +323,8 @@ def export(tr: Trainer, params, meta: dict) -> str:
       "styles": grid["styles"],
       "assignment": None if tr.assignment is None else [int(i) for i in tr.assignment],
       "sae": tr.config.sae.to_dict(), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
-      "val": meta.get("best_val")})
+      "val": meta.get("best_val") if tr.config.train.early_stop else meta.get("last_val"),
+      "early_stop": bool(tr.config.train.early_stop)})
   return out
 
 
@@ -350,11 +354,46 @@ def _keep_metrics_until(path: str, step: int) -> None:
 # ------------------------------------------------------------------ loop
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict, st: store.Store) -> int:
+  """Batches of ``config.train.batch_size`` in one pass over the train split
+  (tokens unsupervised, maps supervised), as the trainer's reader draws them."""
+  t = config.train
+  cls = store.TokenBatches if config.sae.mode == "unsupervised" else store.MapBatches
+  reader = cls(st, t.batch_size, seed=t.seed, split="train", val_fraction=t.val_fraction, split_seed=t.seed,
+               shuffle=False, prefetch=False, buffer_chunks=t.buffer_chunks)
+  return reader.batches_per_epoch()
+
+
+def with_epoch_steps(config: ml_collections.ConfigDict, st: store.Store | None = None) -> ml_collections.ConfigDict:
+  """``config`` with ``train.steps`` = ceil(train.epochs x steps per epoch of the
+  store actually collected); unchanged when ``train.epochs`` is 0."""
+  epochs = float(config.train.epochs)
+  if epochs < 0:
+    raise ValueError(f"config.train.epochs={epochs}: give a number of epochs, or 0 to use config.train.steps")
+  if not epochs:
+    return config
+  from saemnesia_jax.collect import store_path
+  st = st or store.open_store(store_path(config))
+  per_epoch = steps_per_epoch(config, st)
+  steps = max(1, int(np.ceil(epochs * per_epoch)))
+  unit = "tokens" if config.sae.mode == "unsupervised" else "maps"
+  print(f"train.epochs={epochs:g} of the train split of {st.path} ({per_epoch} batches of "
+        f"{config.train.batch_size} {unit} per epoch) -> train.steps={steps}")
+  out = copy.deepcopy(config)
+  out.train.steps = steps
+  return out
+
+
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):
+    raise ValueError(f"config.block and config.style_block differ ({blocks.blocks(config)}): train each with "
+                     "train.run(config) (the CLI), or train.train(blocks.block_config(config, block))")
   from saemnesia_jax.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config = with_epoch_steps(config)  # before setup: the learning-rate schedule spans the steps
   tr = setup(config)
   t = config.train
   out_dir = run_dir(config)
@@ -408,12 +447,14 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
         v = validate(tr, state["params"])
         if v is not None:
           m.update({f"val_{k}": x for k, x in v.items()})
+          meta["last_val"] = v["loss"]
           if meta["best_val"] is None or v["loss"] < meta["best_val"] - t.min_delta:
             meta["best_val"], meta["bad_evals"] = v["loss"], 0
-            export(tr, state["params"], meta)
+            if t.early_stop:  # export the best; without early stopping, the end of the schedule
+              export(tr, state["params"], meta)
           else:
             meta["bad_evals"] += 1
-            if meta["bad_evals"] >= t.patience:
+            if t.early_stop and meta["bad_evals"] >= t.patience:
               meta["stopped_early"] = True
               tqdm.write(f"early stop at step {step}: no validation gain in {t.patience} evaluations")
       pbar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m.get('fvu', float('nan')):.3f}",
@@ -431,13 +472,16 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()
-  if t.val_fraction <= 0 and (step >= t.steps):
+  if (t.val_fraction <= 0 or not t.early_stop) and step >= t.steps:
     export(tr, state["params"], meta)
   return {"step": step, "metrics": last, "best_val": meta["best_val"], "run_dir": out_dir,
           "stopped_early": meta["stopped_early"], "state": state}
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  from saemnesia_jax import blocks
+  if blocks.per_block(config):  # an SAE per block ({workdir}/{block}/{train.name})
+    return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   result = train(config)
   m = result["metrics"]
   print(f"trained to step {result['step']}: " + ", ".join(
