@@ -50,37 +50,38 @@ def _rows(a: jax.Array, tok: jax.Array | None, j) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=())
-def encoder_entries(W_enc, b_enc, b_dec, x, values, lat, tok):
+def encoder_entries(W_t, b_enc, b_dec, x, values, lat, tok):
   """z_pre at the pairs: equals ``values`` (taken from the dense z_pre), with the
-  gradient of relu((x[tok] - b_dec) . W_enc[:, lat] + b_enc[lat]).
+  gradient of relu((x[tok] - b_dec) . W_t[lat] + b_enc[lat]).
 
   Args:
-    W_enc (d, L), b_enc (L,), b_dec (d,): parameters. x (N, d): tokens.
+    W_t (L, d): W_enc transposed (its gradient rows are then contiguous).
+    b_enc (L,), b_dec (d,): parameters. x (N, d): tokens.
     values (k, N): post-ReLU z_pre at the pairs (no gradient flows into it).
     lat (k, N) int: latent ids. tok (k, N) int or None (row j = tokens 0..N-1).
   """
-  del W_enc, b_enc, b_dec, x, lat, tok
+  del W_t, b_enc, b_dec, x, lat, tok
   return values
 
 
-def _encoder_fwd(W_enc, b_enc, b_dec, x, values, lat, tok):
-  return values, (W_enc, b_dec, x, values, lat, tok)
+def _encoder_fwd(W_t, b_enc, b_dec, x, values, lat, tok):
+  return values, (W_t, b_dec, x, values, lat, tok)
 
 
 def _encoder_bwd(res, dv):
-  W_enc, b_dec, x, values, lat, tok = res
-  L = W_enc.shape[1]
+  W_t, b_dec, x, values, lat, tok = res
+  L = W_t.shape[0]
   dpre = jnp.where(values > 0, dv, 0.0)  # relu'(0) = 0, as jax.nn.relu
   xc = x - b_dec
 
   def body(j, acc):
     return acc.at[lat[j]].add(dpre[j][:, None] * _rows(xc, tok, j))
 
-  dW_t = jax.lax.fori_loop(0, lat.shape[0], body, jnp.zeros((L, W_enc.shape[0]), W_enc.dtype))
+  dW_t = jax.lax.fori_loop(0, lat.shape[0], body, jnp.zeros_like(W_t))
   db_enc = jnp.zeros((L,), dpre.dtype).at[lat.reshape(-1)].add(dpre.reshape(-1))
   # d/d b_dec of (x - b_dec) . w summed over the pairs: -W_enc @ db_enc.
-  db_dec = -(W_enc @ db_enc)
-  return (dW_t.T, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(values), None, None)
+  db_dec = -(db_enc @ W_t)
+  return (dW_t, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(values), None, None)
 
 
 encoder_entries.defvjp(_encoder_fwd, _encoder_bwd)
@@ -123,6 +124,26 @@ decode_pairs.defvjp(_decode_fwd, _decode_bwd)
 # Selection as pairs
 
 
+def _batch_topk_flat(z_pre: jax.Array, k: int, per_token: int = 4):
+  """``lax.top_k(z_pre.reshape(-1), k * N)`` (values, flat ids), the same entries in
+  the same order, from per-token candidates: each token's ``per_token * k`` largest
+  (a cheaper row TopK), then the top k*N of those N * per_token * k.  Exact unless
+  some token holds more than per_token * k of the winners (its last candidate is
+  still >= the threshold); then ``lax.cond`` falls back to the full flat top_k.
+  Ties order as the flat top_k: candidates are row-major, lower latent id first.
+  """
+  N, L = z_pre.shape
+  kc = min(per_token * k, L)
+  if kc >= L:
+    return jax.lax.top_k(z_pre.reshape(-1), k * N)
+  cand_v, cand_i = jax.lax.top_k(z_pre, kc)
+  values, pos = jax.lax.top_k(cand_v.reshape(-1), k * N)
+  flat = (pos // kc) * L + jnp.take(cand_i.reshape(-1), pos)
+  overflow = jnp.any(cand_v[:, -1] >= values[-1])
+  return jax.lax.cond(overflow, lambda: tuple(jax.lax.top_k(z_pre.reshape(-1), k * N)),
+                      lambda: (values, flat))
+
+
 def select_pairs(z_pre: jax.Array, k: int, batch_topk: bool):
   """TopK / BatchTopK of z_pre (N, L) as (values, lat, tok), each (k, N).
 
@@ -132,7 +153,7 @@ def select_pairs(z_pre: jax.Array, k: int, batch_topk: bool):
   """
   N, L = z_pre.shape
   if batch_topk:
-    values, flat = jax.lax.top_k(z_pre.reshape(-1), k * N)
+    values, flat = _batch_topk_flat(z_pre, k)
     return values.reshape(k, N), (flat % L).reshape(k, N), (flat // L).reshape(k, N)
   values, lat = jax.lax.top_k(z_pre, k)
   return values.T, lat.T, None
@@ -149,37 +170,37 @@ def _capacities(n_latents: int) -> tuple[int, ...]:
 
 
 @jax.custom_vjp
-def _encoder_block(W_enc, b_enc, b_dec, x, z_block, ids):
+def _encoder_block(W_t, b_enc, b_dec, x, z_block, ids):
   """z_pre[:, ids] (given as z_block), with the gradient of the dense sub-block
-  relu((x - b_dec) @ W_enc[:, ids] + b_enc[ids]); ids are distinct."""
-  del W_enc, b_enc, b_dec, x, ids
+  relu((x - b_dec) @ W_t[ids].T + b_enc[ids]); ids are distinct."""
+  del W_t, b_enc, b_dec, x, ids
   return z_block
 
 
-def _block_fwd(W_enc, b_enc, b_dec, x, z_block, ids):
-  return z_block, (W_enc, b_dec, x, z_block, ids)
+def _block_fwd(W_t, b_enc, b_dec, x, z_block, ids):
+  return z_block, (W_t, b_dec, x, z_block, ids)
 
 
 def _block_bwd(res, dz):
-  W_enc, b_dec, x, z_block, ids = res
+  W_t, b_dec, x, z_block, ids = res
   dpre = jnp.where(z_block > 0, dz, 0.0)
-  dW_sub = (x - b_dec).T @ dpre  # (d, C)
+  dW_sub = dpre.T @ (x - b_dec)  # (C, d)
   db_sub = jnp.sum(dpre, axis=0)
-  dW = jnp.zeros_like(W_enc).at[:, ids].set(dW_sub, unique_indices=True)
-  db_enc = jnp.zeros((W_enc.shape[1],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
-  db_dec = -(jnp.take(W_enc, ids, axis=1) @ db_sub)
+  dW = jnp.zeros_like(W_t).at[ids].set(dW_sub, unique_indices=True)
+  db_enc = jnp.zeros((W_t.shape[0],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
+  db_dec = -(db_sub @ jnp.take(W_t, ids, axis=0))
   return dW, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(z_block), None
 
 
 _encoder_block.defvjp(_block_fwd, _block_bwd)
 
 
-def _auxk_block(params: Params, x, residual, z_pre, dead_mask, k_aux: int, capacity: int):
+def _auxk_block(params: Params, W_t, x, residual, z_pre, dead_mask, k_aux: int, capacity: int):
   """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
   on the block of the first ``capacity`` dead ids (capacity >= number dead)."""
   ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
   dead_in_block = jnp.take(dead_mask, ids)
-  z_block = _encoder_block(params["W_enc"], params["b_enc"], params["b_dec"], x,
+  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x,
                            jax.lax.stop_gradient(jnp.take(z_pre, ids, axis=1)), ids)
   masked = jnp.where(dead_in_block, jax.lax.stop_gradient(z_block), -1.0)
   _, j = jax.lax.top_k(masked, min(k_aux, capacity))
@@ -190,20 +211,22 @@ def _auxk_block(params: Params, x, residual, z_pre, dead_mask, k_aux: int, capac
   return jnp.sum(jnp.square(e_hat - residual))
 
 
-def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None):
-  """``sae.auxk_loss`` (same value and gradients), skipped by ``lax.cond`` while no
-  latent is dead, and computed on the smallest dense block that holds the dead."""
+def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None):
+  """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
+  (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
+  dead.  W_t: W_enc.T if the caller has it (one transpose per step)."""
+  W_t = params["W_enc"].T if W_t is None else W_t
   d_in, L = x.shape[-1], z_pre.shape[-1]
   k_aux = d_in // 2 if k_aux is None else k_aux
   residual = jax.lax.stop_gradient(x - x_hat)
   n_dead = jnp.sum(dead_mask)
   caps = _capacities(L)
   branches = [lambda *_: jnp.zeros((), x.dtype)]
-  branches += [functools.partial(lambda c, p, zp: _auxk_block(p, x, residual, zp, dead_mask, k_aux, c), c)
-               for c in caps]
+  branches += [functools.partial(
+      lambda c, p, wt, zp: _auxk_block(p, wt, x, residual, zp, dead_mask, k_aux, c), c) for c in caps]
   # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
   index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
-  sq = jax.lax.switch(index, branches, params, z_pre)
+  sq = jax.lax.switch(index, branches, params, W_t, z_pre)
   scale = jnp.minimum(n_dead.astype(x.dtype) / k_aux, 1.0)
   return scale * sq / sae_lib.total_variance(x)
 
@@ -219,11 +242,12 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   N, L = x.shape[0], params["W_enc"].shape[1]
   z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x))  # the one dense matmul
   values, lat, tok = select_pairs(z_pre, cfg.k, cfg.batch_topk)
-  v = encoder_entries(params["W_enc"], params["b_enc"], params["b_dec"], x, values, lat, tok)
+  W_t = params["W_enc"].T  # the encoder's gradients are built as rows of W_enc^T: one transpose back
+  v = encoder_entries(W_t, params["b_enc"], params["b_dec"], x, values, lat, tok)
   x_hat = decode_pairs(params["W_dec"], v, lat, tok, N) + params["b_dec"]
   fvu_ = sae_lib.fvu(x, x_hat)
   if cfg.auxk_alpha:
-    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux)
+    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, W_t)
   else:
     aux_ = jnp.zeros((), fvu_.dtype)
   loss = fvu_ + cfg.auxk_alpha * aux_
