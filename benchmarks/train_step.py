@@ -61,6 +61,20 @@ def _flops(compiled) -> float | None:
     return None
 
 
+def make_step(scfg: sae_lib.SaeConfig, tx):
+  """What ``train.setup``'s unsupervised step does, on one device: (state, x) -> (state, loss)."""
+  import optax
+
+  def step(state, x):
+    dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
+    (loss, aux), g = jax.value_and_grad(sae_lib.unsupervised_loss, has_aux=True)(state["params"], x, dead, scfg)
+    u, o = tx.update(g, state["opt_state"], state["params"])
+    p = sae_lib.normalize_decoder(optax.apply_updates(state["params"], u))
+    return dict(params=p, opt_state=o, dead=sae_lib.update_dead_counter(state["dead"], aux["fired"], x.shape[0])), loss
+
+  return step
+
+
 def bench(shape: str, variant: str, batch: int, repeats: int, dead_fraction: float = 0.0) -> dict:
   s, v = SHAPES[shape], VARIANTS[variant]
   d, L, k = s["d_in"], s["n_latents"], s["k"]
@@ -76,13 +90,7 @@ def bench(shape: str, variant: str, batch: int, repeats: int, dead_fraction: flo
   dead[rng.permutation(L)[: int(round(dead_fraction * L))]] = scfg.dead_tokens_threshold + 1
   state = dict(params=params, opt_state=tx.init(params), dead=jnp.asarray(dead))
 
-  def step(state, x):  # what train.setup's step does, on one device
-    dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    (loss, aux), g = jax.value_and_grad(sae_lib.unsupervised_loss, has_aux=True)(state["params"], x, dead, scfg)
-    u, o = tx.update(g, state["opt_state"], state["params"])
-    p = sae_lib.normalize_decoder(optax.apply_updates(state["params"], u))
-    return dict(params=p, opt_state=o, dead=sae_lib.update_dead_counter(state["dead"], aux["fired"], x.shape[0])), loss
-
+  step = make_step(scfg, tx)
   t = time.perf_counter()
   compiled = jax.jit(step).lower(state, x).compile()
   compile_s = time.perf_counter() - t
