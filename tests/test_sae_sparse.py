@@ -62,18 +62,18 @@ def test_batch_topk_from_candidates_equals_flat_top_k():
   rng = np.random.default_rng(1)
   z = jnp.asarray(np.maximum(rng.standard_normal((32, 256)), 0), jnp.float32)
   ref = jax.lax.top_k(z.reshape(-1), 4 * 32)
-  got = jax.jit(sae_sparse._batch_topk_flat, static_argnums=1)(z, 4)
+  got = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z, 4, 4, 1)
   np.testing.assert_array_equal(got[0], ref[0])
   np.testing.assert_array_equal(got[1], ref[1])
   # One token holds every winner: its 16 candidates cannot; the fallback must give the same.
   z2 = z.at[5].add(100.0)
   ref2 = jax.lax.top_k(z2.reshape(-1), 4 * 32)
-  got2 = jax.jit(sae_sparse._batch_topk_flat, static_argnums=1)(z2, 4)
+  got2 = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z2, 4, 4, 1)
   np.testing.assert_array_equal(got2[0], ref2[0])
   np.testing.assert_array_equal(got2[1], ref2[1])
   # Ties (zeros) order as the flat top_k: more winners requested than positive entries.
   z3 = jnp.zeros((8, 64)).at[:, :2].set(1.0)
-  for a, b in zip(jax.lax.top_k(z3.reshape(-1), 8 * 4), sae_sparse._batch_topk_flat(z3, 4)):
+  for a, b in zip(jax.lax.top_k(z3.reshape(-1), 8 * 4), sae_sparse._batch_topk_flat(z3, 4, 4, 1)):
     np.testing.assert_array_equal(b, a)
 
 
