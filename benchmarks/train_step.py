@@ -2,22 +2,27 @@
 
   python benchmarks/train_step.py                       # SD and CanvasMini shapes
   python benchmarks/train_step.py --shapes canvas_mini --repeats 10
+  python benchmarks/train_step.py --shapes sd --variants batchtopk_sparse --profile
 
 For each shape (SD: d_in 1280, 20,480 latents, k 32; CanvasMini: d_in 64,
-1,024 latents, k 8; batch 4,096 tokens) and each decoder variant (BatchTopK
-with a dense decoder, as SAeUron trains; per-token TopK dense; per-token TopK
-gathering the k active decoder rows), it times the trainer's jitted step
-(the same computation as ``train.setup``'s step, on one device: loss,
-gradients, Adam, decoder renormalisation, dead-latent counters) and, in the same run, a plain
-dense matmul of the encoder's size (4,096 x d_in @ d_in x n_latents): the
-practical peak. It prints tokens/s, FLOPs per token (the matmuls counted by
-hand, and XLA's own count), the achieved FLOP rate and its ratio to the
-matmul's, and writes JSON (``--json_out``).
+1,024 latents, k 8; batch 4,096 tokens), each variant (BatchTopK or per-token
+TopK; ``*_sparse``: the sparse backward of ``sae_sparse``; ``*_dense``: the
+dense reference, ``topk_gather`` with the gathered decoder) and each share of
+dead latents (AuxK active when > 0), it times the trainer's jitted step (the
+same computation as ``train.setup``'s step, on one device: loss, gradients,
+Adam, decoder renormalisation, dead-latent counters) and, in the same run, a
+plain dense matmul of the encoder's size (4,096 x d_in @ d_in x n_latents).
+It prints tokens/s, FLOPs per token (by hand, and XLA's count, which adds up
+every AuxK branch), the FLOP rate and its ratio to the matmul's, and the
+ratio to the one-matmul bound: tokens/s x 2 d_in n_latents / the matmul's
+rate (an SAE step needs one dense matmul per token, the encoder forward;
+52 MFLOP at SD shape).  ``--profile`` times the sparse step's parts one by
+one.  JSON goes to ``--json_out``.
 
-Matmul FLOPs per token, by hand (d = d_in, L = latents): encoder forward +
-weight gradient 4dL; dense decoder forward + weight and input gradients 6dL;
-gathered decoder 6kd instead. AuxK, active only while latents are dead, is
-not counted (nothing is dead in a fresh SAE).
+Matmul FLOPs per token, by hand (d = d_in, L = latents): dense backward:
+encoder forward + weight gradient 4dL; dense decoder forward + weight and
+input gradients 6dL; gathered decoder 6kd instead.  Sparse backward: 2dL +
+8kd.  AuxK is not counted.
 """
 from __future__ import annotations
 
@@ -117,6 +122,54 @@ def bench(shape: str, variant: str, batch: int, repeats: int, dead_fraction: flo
           "loadavg": _loadavg()}
 
 
+def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_topk: bool = True) -> list:
+  """Where the sparse step's time goes: its parts timed one by one (jitted apart, so
+  the sum is a little above the step's time: no fusion across the parts)."""
+  import optax
+  from saemnesia_jax import sae_sparse
+  s = SHAPES[shape]
+  d, L, k = s["d_in"], s["n_latents"], s["k"]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, d), np.float32))
+  p = sae_lib.init_params(jax.random.PRNGKey(0), d, L, x[:256])
+  dead = np.zeros((L,), bool)
+  dead[rng.permutation(L)[: int(round(dead_fraction * L))]] = True
+  dead = jnp.asarray(dead)
+  z = sae_lib.encode_pre(p, x)
+  vals, lat, tok = sae_sparse.select_pairs(z, k, batch_topk)
+  x_hat = x * 0.5
+  tx = optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(1.0), optax.adam(4e-4))
+  opt = tx.init(p)
+
+  def dec(p, vals, lat, tok, g):  # decoder forward + backward
+    out, vjp = jax.vjp(lambda w, v: sae_sparse.decode_pairs(w, v, lat, tok, batch), p["W_dec"], vals)
+    return out, vjp(g)
+
+  def enc_bwd(p, x, vals, lat, tok):
+    wt = p["W_enc"].T
+    return jax.vjp(lambda a, b, c: sae_sparse.encoder_entries(a, b, c, x, vals, lat, tok), wt, p["b_enc"],
+                   p["b_dec"])[1](vals)
+
+  def auxk(p, x, x_hat, z, dead):
+    return jax.grad(lambda p: sae_sparse.auxk_loss(p, x, x_hat, z, dead))(p)
+
+  def opt_step(p, opt, g):
+    u, o = tx.update(g, opt, p)
+    return sae_lib.normalize_decoder(optax.apply_updates(p, u)), o
+
+  parts = [("encoder matmul (x - b_dec) @ W_enc, ReLU", lambda p, x: sae_lib.encode_pre(p, x), (p, x)),
+           ("TopK / BatchTopK selection", lambda z: sae_sparse.select_pairs(z, k, batch_topk), (z,)),
+           ("decoder forward + backward (gathers, scatter-adds)", dec, (p, vals, lat, tok, x)),
+           ("encoder sparse backward (scatter-add into W_enc^T)", enc_bwd, (p, x, vals, lat, tok)),
+           (f"AuxK forward + backward ({dead_fraction:.0%} dead)", auxk, (p, x, x_hat, z, dead)),
+           ("optimizer: projection, clip, Adam, renorm", opt_step, (p, opt, p))]
+  rows = []
+  for name, fn, args in parts:
+    f = jax.jit(fn)
+    rows.append({"part": name, "seconds": _time(lambda: f(*args), repeats), "loadavg": _loadavg()})
+  return rows
+
+
 def _loadavg() -> str:
   try:
     with open("/proc/loadavg") as f:
@@ -133,6 +186,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dead_fractions", default="0,0.25",
                   help="comma list: share of latents dead (AuxK active when > 0)")
+  ap.add_argument("--profile", action="store_true",
+                  help="also time the parts of the sparse BatchTopK step (at the last dead fraction)")
   ap.add_argument("--json_out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
   args = ap.parse_args()
   rows = []
@@ -152,9 +207,18 @@ def main() -> None:
               f"{'' if xla is None else f'{xla / 1e6:9.2f}':>9s} {r['achieved_gflops']:8.1f} "
               f"{r['matmul_gflops']:7.1f} {r['ratio_to_matmul']:5.2f} {r['bound_tokens_per_s']:8.0f} "
               f"{r['ratio_to_bound']:6.2f}  {r['loadavg']}", flush=True)
+  profiles = {}
+  if args.profile:
+    dead = float(args.dead_fractions.split(",")[-1])
+    for shape in args.shapes.split(","):
+      prof = profiles[shape] = profile(shape, args.batch, args.repeats, dead)
+      total = sum(r["seconds"] for r in prof)
+      print(f"\nprofile of one sparse BatchTopK step, {shape}, parts jitted apart (sum {total:.3f} s)")
+      for r in prof:
+        print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
   os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
   with open(args.json_out, "w") as f:
-    json.dump({"devices": str(jax.devices()), "rows": rows}, f, indent=2)
+    json.dump({"devices": str(jax.devices()), "rows": rows, "profiles": profiles}, f, indent=2)
   print(f"wrote {args.json_out}")
 
 
