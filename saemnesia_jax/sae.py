@@ -43,6 +43,15 @@ Params = dict[str, jax.Array]
 # Which axis of each parameter indexes latents (None: no latent axis).
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}
 
+BACKWARDS = ("auto", "sparse", "dense")
+
+
+def resolve_backward(backward: str, platform: str | None = None) -> str:
+  """"sparse" or "dense" for a ``SaeConfig.backward`` value; "auto" picks by platform."""
+  if backward == "auto":
+    return "dense" if (platform or jax.default_backend()) == "tpu" else "sparse"
+  return backward
+
 
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
@@ -60,6 +69,11 @@ class SaeConfig:
     sparse_decode: decode per-token TopK codes by gathering the k active rows
       of W_dec (``decode_sparse``) instead of a dense matmul.  Needs per-token
       TopK (BatchTopK has no fixed count per token).
+    backward: "sparse": the gradient of everything after the TopK selection in
+      O(k * d_in) per token (``sae_sparse``: one dense matmul per step, AuxK
+      skipped while nothing is dead); "dense": differentiate the dense graph
+      (the reference); "auto": sparse, except dense on TPU (scatter-adds are
+      slow there).  Read by ``unsupervised_loss`` only.
   """
   k: int = 32
   batch_topk: bool = False
@@ -67,8 +81,11 @@ class SaeConfig:
   k_aux: int | None = None
   dead_tokens_threshold: int = 10_000_000
   sparse_decode: bool = False
+  backward: str = "dense"
 
   def __post_init__(self):
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"SaeConfig.backward={self.backward!r}; expected one of {BACKWARDS}.")
     if self.k < 1:
       raise ValueError(f"SaeConfig.k must be >= 1, got {self.k}.")
     if self.sparse_decode and self.batch_topk:
@@ -346,7 +363,12 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
     fired: (n_latents,) bool, latents that fired in this batch (feed it to
       ``update_dead_counter`` together with N);
     n_dead: number of dead latents in ``dead_mask``.
+
+  ``cfg.backward`` chooses the formulation (same values and gradients).
   """
+  if resolve_backward(cfg.backward) == "sparse":
+    from saemnesia_jax import sae_sparse  # imports this module
+    return sae_sparse.unsupervised_loss(params, x, dead_mask, cfg)
   x = _tokens(x)
   n_latents = params["W_enc"].shape[1]
   z_pre = encode_pre(params, x)

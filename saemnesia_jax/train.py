@@ -102,7 +102,7 @@ def sae_config(config) -> sae_lib.SaeConfig:
   s = config.sae
   return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
                            k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
-                           sparse_decode=s.sparse_decode)
+                           sparse_decode=s.sparse_decode, backward=s.backward)
 
 
 def supervised_config(config, n_objects: int) -> supervised.SupervisedConfig:

@@ -1,0 +1,259 @@
+"""The unsupervised SAE loss with a sparse backward: one dense matmul per token.
+
+``sae.unsupervised_loss`` differentiates the dense graph: the encoder backward
+is a second (N, n_latents) matmul, and the dense decoder a third and fourth.
+Everything after the TopK selection touches only the selected (token, latent)
+pairs, so here the selection is kept as pairs and three ``jax.custom_vjp``
+functions give the gradients in O(k * d_in) per token:
+
+  ``encoder_entries``  z_pre at the selected pairs; its backward scatter-adds
+                       dpre * (x - b_dec) into the selected rows of W_enc^T
+                       (the weight gradient x^T dz with dz sparse) and
+                       dpre into b_enc, and gives b_dec its -W_enc @ db_enc.
+  ``decode_pairs``     x_hat = sum over the pairs of value * W_dec[latent];
+                       its backward is a gather-dot (value gradients) and a
+                       scatter-add of value * g into the selected W_dec rows.
+
+Pairs are laid out (k, N): row j holds the j-th pair of every token (TopK),
+or any N of the k*N BatchTopK pairs, with their token ids.  The loops run over
+the k rows (``lax.fori_loop``) so that no (k*N, d_in) buffer is built.
+
+AuxK runs under ``lax.cond`` only while some latent is dead.  Its k_aux
+(d_in // 2 = 640 at SD shape) latents per token are too many for gathers, so
+it works on a dense block of the dead latents: the dead ids, padded to the
+smallest of a few static capacities (``lax.switch``), give (N, C) sub-matmuls
+whose cost scales with C / n_latents.
+
+The forward values are those of the dense path (the same selection from the
+same z_pre); the gradients equal the dense ones to float rounding.  Used by
+``sae.unsupervised_loss`` when ``SaeConfig.backward`` resolves to "sparse".
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from saemnesia_jax import sae as sae_lib
+
+Params = sae_lib.Params
+
+
+# ---------------------------------------------------------------------------
+# Pair-wise encoder values and decoder, with sparse backward passes
+
+
+def _rows(a: jax.Array, tok: jax.Array | None, j) -> jax.Array:
+  """Rows of a (N, d) for pair row j: all tokens in order (tok None) or a[tok[j]]."""
+  return a if tok is None else jnp.take(a, tok[j], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def encoder_entries(W_t, b_enc, b_dec, x, values, lat, tok):
+  """z_pre at the pairs: equals ``values`` (taken from the dense z_pre), with the
+  gradient of relu((x[tok] - b_dec) . W_t[lat] + b_enc[lat]).
+
+  Args:
+    W_t (L, d): W_enc transposed (its gradient rows are then contiguous).
+    b_enc (L,), b_dec (d,): parameters. x (N, d): tokens.
+    values (k, N): post-ReLU z_pre at the pairs (no gradient flows into it).
+    lat (k, N) int: latent ids. tok (k, N) int or None (row j = tokens 0..N-1).
+  """
+  del W_t, b_enc, b_dec, x, lat, tok
+  return values
+
+
+def _encoder_fwd(W_t, b_enc, b_dec, x, values, lat, tok):
+  return values, (W_t, b_dec, x, values, lat, tok)
+
+
+def _encoder_bwd(res, dv):
+  W_t, b_dec, x, values, lat, tok = res
+  L = W_t.shape[0]
+  dpre = jnp.where(values > 0, dv, 0.0)  # relu'(0) = 0, as jax.nn.relu
+  xc = x - b_dec
+
+  def body(j, acc):
+    return acc.at[lat[j]].add(dpre[j][:, None] * _rows(xc, tok, j))
+
+  dW_t = jax.lax.fori_loop(0, lat.shape[0], body, jnp.zeros_like(W_t))
+  db_enc = jnp.zeros((L,), dpre.dtype).at[lat.reshape(-1)].add(dpre.reshape(-1))
+  # d/d b_dec of (x - b_dec) . w summed over the pairs: -W_enc @ db_enc.
+  db_dec = -(db_enc @ W_t)
+  return (dW_t, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(values), None, None)
+
+
+encoder_entries.defvjp(_encoder_fwd, _encoder_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def decode_pairs(W_dec, values, lat, tok, n_tokens):
+  """(n_tokens, d) sum over the pairs of values * W_dec[lat], added to token ``tok``
+  (no b_dec).  Shapes as ``encoder_entries``; gathers one row per pair."""
+  return _decode_fwd(W_dec, values, lat, tok, n_tokens)[0]
+
+
+def _decode_fwd(W_dec, values, lat, tok, n_tokens):
+  def body(j, acc):
+    rows = values[j][:, None] * jnp.take(W_dec, lat[j], axis=0)
+    return acc + rows if tok is None else acc.at[tok[j]].add(rows)
+
+  out = jax.lax.fori_loop(0, lat.shape[0], body, jnp.zeros((n_tokens, W_dec.shape[1]), W_dec.dtype))
+  return out, (W_dec, values, lat, tok)
+
+
+def _decode_bwd(n_tokens, res, g):
+  del n_tokens
+  W_dec, values, lat, tok = res
+
+  def body(j, carry):
+    dW, dv = carry
+    gj = _rows(g, tok, j)
+    dv = dv.at[j].set(jnp.sum(gj * jnp.take(W_dec, lat[j], axis=0), axis=-1))
+    return dW.at[lat[j]].add(values[j][:, None] * gj), dv
+
+  dW, dv = jax.lax.fori_loop(0, lat.shape[0], body, (jnp.zeros_like(W_dec), jnp.zeros_like(values)))
+  return dW, dv, None, None
+
+
+decode_pairs.defvjp(_decode_fwd, _decode_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Selection as pairs
+
+
+def _batch_topk_flat(z_pre: jax.Array, k: int, per_token: int = 4, min_row_ratio: int = 64):
+  """``lax.top_k(z_pre.reshape(-1), k * N)`` (values, flat ids), the same entries in
+  the same order.  Where rows are long (n_latents >= min_row_ratio * per_token * k:
+  SD's shape, not CanvasMini's), from per-token candidates: each token's
+  ``per_token * k`` largest (a row TopK, cheaper than the flat one there), then the
+  top k*N of those.  Exact unless some token holds more than per_token * k entries
+  >= the k*N-th candidate; then ``lax.cond`` falls back to the flat top_k.  Ties
+  order as the flat top_k: candidates are row-major, lower latent id first.
+  """
+  N, L = z_pre.shape
+  kc = per_token * k
+  if L < min_row_ratio * kc:
+    return jax.lax.top_k(z_pre.reshape(-1), k * N)
+  cand_v, cand_i = jax.lax.top_k(z_pre, kc)
+  values, pos = jax.lax.top_k(cand_v.reshape(-1), k * N)
+  flat = (pos // kc) * L + jnp.take(cand_i.reshape(-1), pos)
+  # Counted on z_pre, not on cand_v: a second use of cand_v makes XLA:CPU sort whole rows (10x slower).
+  overflow = jnp.any(jnp.sum(z_pre >= values[-1], axis=1) > kc)
+  return jax.lax.cond(overflow, lambda: tuple(jax.lax.top_k(z_pre.reshape(-1), k * N)),
+                      lambda: (values, flat))
+
+
+def select_pairs(z_pre: jax.Array, k: int, batch_topk: bool):
+  """TopK / BatchTopK of z_pre (N, L) as (values, lat, tok), each (k, N).
+
+  tok is None for per-token TopK (row j holds every token's j-th latent).
+  BatchTopK keeps the k*N largest entries of the whole batch, the same ones
+  as ``sae.batch_topk``; a token may appear in any number of rows.
+  """
+  N, L = z_pre.shape
+  if batch_topk:
+    values, flat = _batch_topk_flat(z_pre, k)
+    return values.reshape(k, N), (flat % L).reshape(k, N), (flat // L).reshape(k, N)
+  values, lat = jax.lax.top_k(z_pre, k)
+  return values.T, lat.T, None
+
+
+# ---------------------------------------------------------------------------
+# AuxK on a dense block of the dead latents
+
+
+def _capacities(n_latents: int) -> tuple[int, ...]:
+  """Static block widths for the dead latents: n_latents / 64, / 16, / 4, and all."""
+  caps = sorted({max(1, n_latents // 4 ** i) for i in range(4)})
+  return tuple(caps)
+
+
+@jax.custom_vjp
+def _encoder_block(W_t, b_enc, b_dec, x, z_block, ids):
+  """z_pre[:, ids] (given as z_block), with the gradient of the dense sub-block
+  relu((x - b_dec) @ W_t[ids].T + b_enc[ids]); ids are distinct."""
+  del W_t, b_enc, b_dec, x, ids
+  return z_block
+
+
+def _block_fwd(W_t, b_enc, b_dec, x, z_block, ids):
+  return z_block, (W_t, b_dec, x, z_block, ids)
+
+
+def _block_bwd(res, dz):
+  W_t, b_dec, x, z_block, ids = res
+  dpre = jnp.where(z_block > 0, dz, 0.0)
+  dW_sub = dpre.T @ (x - b_dec)  # (C, d)
+  db_sub = jnp.sum(dpre, axis=0)
+  dW = jnp.zeros_like(W_t).at[ids].set(dW_sub, unique_indices=True)
+  db_enc = jnp.zeros((W_t.shape[0],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
+  db_dec = -(db_sub @ jnp.take(W_t, ids, axis=0))
+  return dW, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(z_block), None
+
+
+_encoder_block.defvjp(_block_fwd, _block_bwd)
+
+
+def _auxk_block(params: Params, W_t, x, residual, z_pre, dead_mask, k_aux: int, capacity: int):
+  """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
+  on the block of the first ``capacity`` dead ids (capacity >= number dead)."""
+  ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
+  dead_in_block = jnp.take(dead_mask, ids)
+  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x,
+                           jax.lax.stop_gradient(jnp.take(z_pre, ids, axis=1)), ids)
+  masked = jnp.where(dead_in_block, jax.lax.stop_gradient(z_block), -1.0)
+  _, j = jax.lax.top_k(masked, min(k_aux, capacity))
+  values = jnp.take_along_axis(z_block, j, axis=-1)
+  values = jnp.where(jnp.take(dead_in_block, j), values, 0.0)
+  codes = sae_lib.scatter_codes(values, j, capacity)
+  e_hat = codes @ jnp.take(params["W_dec"], ids, axis=0)
+  return jnp.sum(jnp.square(e_hat - residual))
+
+
+def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None):
+  """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
+  (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
+  dead.  W_t: W_enc.T if the caller has it (one transpose per step)."""
+  W_t = params["W_enc"].T if W_t is None else W_t
+  d_in, L = x.shape[-1], z_pre.shape[-1]
+  k_aux = d_in // 2 if k_aux is None else k_aux
+  residual = jax.lax.stop_gradient(x - x_hat)
+  n_dead = jnp.sum(dead_mask)
+  caps = _capacities(L)
+  branches = [lambda *_: jnp.zeros((), x.dtype)]
+  branches += [functools.partial(
+      lambda c, p, wt, zp: _auxk_block(p, wt, x, residual, zp, dead_mask, k_aux, c), c) for c in caps]
+  # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
+  index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
+  sq = jax.lax.switch(index, branches, params, W_t, z_pre)
+  scale = jnp.minimum(n_dead.astype(x.dtype) / k_aux, 1.0)
+  return scale * sq / sae_lib.total_variance(x)
+
+
+# ---------------------------------------------------------------------------
+# The loss
+
+
+def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
+                      cfg: sae_lib.SaeConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``sae.unsupervised_loss`` with the sparse backward (same value, aux and gradients)."""
+  x = x.reshape(-1, x.shape[-1])
+  N, L = x.shape[0], params["W_enc"].shape[1]
+  z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x))  # the one dense matmul
+  values, lat, tok = select_pairs(z_pre, cfg.k, cfg.batch_topk)
+  W_t = params["W_enc"].T  # the encoder's gradients are built as rows of W_enc^T: one transpose back
+  v = encoder_entries(W_t, params["b_enc"], params["b_dec"], x, values, lat, tok)
+  x_hat = decode_pairs(params["W_dec"], v, lat, tok, N) + params["b_dec"]
+  fvu_ = sae_lib.fvu(x, x_hat)
+  if cfg.auxk_alpha:
+    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, W_t)
+  else:
+    aux_ = jnp.zeros((), fvu_.dtype)
+  loss = fvu_ + cfg.auxk_alpha * aux_
+  fired = sae_lib.fired_from_sparse(values, lat, L)
+  l0 = jnp.sum(values > 0) / N
+  return loss, {"fvu": fvu_, "auxk": aux_, "l0": l0, "fired": fired,
+                "n_dead": jnp.sum(dead_mask).astype(jnp.int32)}

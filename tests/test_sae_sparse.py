@@ -1,0 +1,86 @@
+"""Tests of saemnesia_jax.sae_sparse: the sparse backward equals the dense reference."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saemnesia_jax import sae, sae_sparse
+
+D_IN, N_LAT, K, K_AUX, N = 16, 128, 4, 8, 64
+# Dead counts: none (AuxK skipped), fewer than k_aux (block of 2 < k_aux), each capacity, all.
+DEAD_COUNTS = (0, 2, 3, 40, 128)
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((N, D_IN)), jnp.float32)
+  p = sae.init_params(jax.random.key(0), D_IN, N_LAT, x)
+  # Nonzero b_enc so that sign / transpose mistakes show; b_dec is the median.
+  p["b_enc"] = jnp.asarray(0.1 * rng.standard_normal(N_LAT), jnp.float32)
+  masks = [np.zeros(N_LAT, bool) for _ in DEAD_COUNTS]
+  for m, n in zip(masks, DEAD_COUNTS):
+    m[rng.permutation(N_LAT)[:n]] = True
+  return p, x, [jnp.asarray(m) for m in masks]
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(batch_topk: bool, backward: str):
+  cfg = sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward=backward)
+  return jax.jit(jax.value_and_grad(lambda p, x, dead: sae.unsupervised_loss(p, x, dead, cfg), has_aux=True))
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_sparse_loss_and_grads_equal_dense(data, batch_topk):
+  p, x, masks = data
+  for n_dead, dead in zip(DEAD_COUNTS, masks):
+    (l_d, aux_d), g_d = _loss_and_grads(batch_topk, "dense")(p, x, dead)
+    (l_s, aux_s), g_s = _loss_and_grads(batch_topk, "sparse")(p, x, dead)
+    msg = f"batch_topk={batch_topk} n_dead={n_dead}"
+    np.testing.assert_allclose(l_s, l_d, rtol=1e-6, err_msg=msg)
+    for key in ("fvu", "auxk", "l0"):
+      np.testing.assert_allclose(aux_s[key], aux_d[key], rtol=1e-6, atol=1e-7, err_msg=f"{msg} {key}")
+    assert (float(aux_d["auxk"]) > 0) == (n_dead > 0), msg  # AuxK is live exactly when latents are dead
+    np.testing.assert_array_equal(aux_s["fired"], aux_d["fired"], err_msg=msg)
+    assert int(aux_s["n_dead"]) == n_dead
+    for key in g_d:
+      scale = float(jnp.max(jnp.abs(g_d[key])))
+      assert scale > 0, f"{msg}: zero {key} gradient tests nothing"
+      np.testing.assert_allclose(g_s[key], g_d[key], atol=1e-5 * scale, err_msg=f"{msg} grad {key}")
+
+
+def test_auxk_is_a_switch_with_a_skip_branch(data):
+  p, x, masks = data
+  cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
+  jaxpr = str(jax.make_jaxpr(lambda p: sae.unsupervised_loss(p, x, masks[0], cfg))(p))
+  assert "cond[" in jaxpr  # lax.switch lowers to cond: AuxK runs only in the branch for dead latents
+
+
+def test_batch_topk_from_candidates_equals_flat_top_k():
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(np.maximum(rng.standard_normal((32, 256)), 0), jnp.float32)
+  ref = jax.lax.top_k(z.reshape(-1), 4 * 32)
+  got = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z, 4, 4, 1)
+  np.testing.assert_array_equal(got[0], ref[0])
+  np.testing.assert_array_equal(got[1], ref[1])
+  # One token holds every winner: its 16 candidates cannot; the fallback must give the same.
+  z2 = z.at[5].add(100.0)
+  ref2 = jax.lax.top_k(z2.reshape(-1), 4 * 32)
+  got2 = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z2, 4, 4, 1)
+  np.testing.assert_array_equal(got2[0], ref2[0])
+  np.testing.assert_array_equal(got2[1], ref2[1])
+  # Ties (zeros) order as the flat top_k: more winners requested than positive entries.
+  z3 = jnp.zeros((8, 64)).at[:, :2].set(1.0)
+  for a, b in zip(jax.lax.top_k(z3.reshape(-1), 8 * 4), sae_sparse._batch_topk_flat(z3, 4, 4, 1)):
+    np.testing.assert_array_equal(b, a)
+
+
+def test_backward_option():
+  assert sae.resolve_backward("auto", "cpu") == "sparse"
+  assert sae.resolve_backward("auto", "gpu") == "sparse"
+  assert sae.resolve_backward("auto", "tpu") == "dense"
+  assert sae.resolve_backward("dense", "cpu") == "dense"
+  with pytest.raises(ValueError, match="backward"):
+    sae.SaeConfig(backward="fast")
