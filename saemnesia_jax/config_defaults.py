@@ -75,7 +75,7 @@ SAE = dict(
     k_aux=0,  # 0: d_in // 2
     dead_tokens=10_000_000,  # a latent is dead after this many tokens without firing
     sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
-    backward="auto",  # auto | sparse | dense: unsupervised step's gradients; sparse = O(k) per token after the one dense encoder matmul, dense = the reference; auto = sparse except on TPU
+    backward="auto",  # auto (sparse, dense on TPU) | sparse (O(k) work per token after the encoder) | dense
     init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
     assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path
     scores_dir="",  # '' -> {workdir}/sae_unsup/scores

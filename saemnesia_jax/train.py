@@ -63,7 +63,8 @@ MODES = ("unsupervised", "supervised")
 # logs and saves, how it is placed on devices.
 NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
               "train.stop_after", "train.mesh_shape", "train.sharding_rules", "train.check_model",
-              "train.style_block_epochs", "sae.scores_dir", "sae.init_from")
+              "train.style_block_epochs", "sae.scores_dir", "sae.init_from",
+              "sae.backward")  # the sparse and dense backward give the same SAE
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
 
