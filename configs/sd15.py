@@ -47,6 +47,7 @@ def get_config():
       dtype="bfloat16",
       weights="auto",
       seed=0,
+      attention="auto",  # UNet attention: auto (chunked at >= 64x64 latents: SD v1.5) | plain | memory_efficient
   ))
   config.block = "up_blocks.1.attentions.1"
   config.sampler = ml_collections.ConfigDict(dict(
