@@ -112,6 +112,11 @@ EVALUATE = dict(
     grids=True,
 )
 
+# Top-level fields every config gets (beside workdir, model, block, sampler, ...).
+TOP = dict(
+    dry_run=False,  # train: compile the step for the mesh without data; print per-device memory and tokens/s
+)
+
 SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "probe": PROBE,
             "evaluate": EVALUATE}
 
@@ -126,6 +131,9 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
     if extra:
       raise KeyError(f"config.{name} has no fields {sorted(extra)}; known: {sorted(defaults)}")
     config[name] = ml_collections.ConfigDict({**defaults, **overrides.get(name, {})})
+  for name, value in TOP.items():
+    if name not in config:
+      config[name] = value
   return config
 
 

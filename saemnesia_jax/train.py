@@ -397,6 +397,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  if config.get("dry_run"):
+    from saemnesia_jax import sizing
+    return sizing.dry_run(config)
   result = train(config)
   m = result["metrics"]
   print(f"trained to step {result['step']}: " + ", ".join(
