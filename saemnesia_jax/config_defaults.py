@@ -60,6 +60,7 @@ TRAIN = dict(
     ckpt_every=250,
     keep_checkpoints=2,
     stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+    micro_batches=1,  # supervised: slices per batch, gradients accumulated (the same update, 1/n of the memory)
     buffer_chunks=32,
     init_tokens=4096,  # tokens for the geometric-median b_dec
     check_model=True,  # refuse a store made by another model (weights hash)

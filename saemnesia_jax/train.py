@@ -203,9 +203,17 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
     return supervised.supervised_loss(params, batch["x"], batch["object"], batch["style"],
                                       batch["assignment"], supcfg)
 
+  micro = config.train.micro_batches
+  if micro > 1 and mode != "supervised":
+    raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
+
   def step(state, batch):
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
+    if micro > 1:  # the supervised batch in slices: the same update (supervised.py)
+      (loss, aux), grads = supervised.accumulated_value_and_grad(
+          state["params"], batch["x"], batch["object"], batch["style"], batch["assignment"], supcfg, micro)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = sae_lib.normalize_decoder(optax.apply_updates(state["params"], updates))
     n_tokens = batch["x"].shape[0] * (batch["x"].shape[1] if batch["x"].ndim == 3 else 1)
