@@ -240,11 +240,13 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
 
 
 def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: bool = True,
-                num_epochs: int | None = None):
+                num_epochs: int | None = None, **reader_kw):
+  """The store reader of this run; ``reader_kw`` (e.g. process_index /
+  process_count) go to the reader."""
   t = tr.config.train
   kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
             shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
-            prefetch=shuffle)
+            prefetch=shuffle, **reader_kw)
   if tr.mode == "unsupervised":
     return store.TokenBatches(tr.store, t.batch_size, **kw)
   return store.MapBatches(tr.store, t.batch_size, **kw)
@@ -325,6 +327,16 @@ def export(tr: Trainer, params, meta: dict) -> str:
 # ------------------------------------------------------------------ loop
 
 
+def init_sample(tr: Trainer, local_tokens) -> jax.Array:
+  """The tokens of the b_dec initialisation as one global array: every
+  process's first ``init_tokens / process_count`` (so that all hosts
+  initialise from the same data), cut to a multiple of the local data shards."""
+  shards = max(1, tr.mesh.shape["data"] // jax.process_count())
+  n = min(len(local_tokens), max(tr.config.train.init_tokens // jax.process_count(), shards))
+  n -= n % shards
+  return store.to_global(np.asarray(local_tokens[:n], np.float32), tr.batch_sharding)
+
+
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
   from saemnesia_jax.units import initialize_distributed
@@ -346,12 +358,14 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     reader = make_reader(tr, "train")
     first = next(make_reader(tr, "train"))  # geometric-median init of b_dec from a first batch
     sample = first if tr.mode == "unsupervised" else first[0].reshape(-1, tr.store.d_in)
-    state = tr.init_fn(jnp.asarray(sample[: t.init_tokens]))
+    state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
             "stopped_early": False, "config": config.to_dict()}
-  atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+  primary = jax.process_index() == 0  # several hosts: one writes the logs and the export
+  if primary:
+    atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
   tokens_per_step = t.batch_size * (1 if tr.mode == "unsupervised" else tr.store.tokens_per_map)
-  log_f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+  log_f = open(os.path.join(out_dir, "metrics.jsonl") if primary else os.devnull, "a")
   start = int(meta["step"])
   pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
               disable=not progress)
@@ -377,7 +391,8 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
           m.update({f"val_{k}": x for k, x in v.items()})
           if meta["best_val"] is None or v["loss"] < meta["best_val"] - t.min_delta:
             meta["best_val"], meta["bad_evals"] = v["loss"], 0
-            export(tr, state["params"], meta)
+            if primary:
+              export(tr, state["params"], meta)
           else:
             meta["bad_evals"] += 1
             if meta["bad_evals"] >= t.patience:
@@ -398,7 +413,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()
-  if t.val_fraction <= 0 and (step >= t.steps):
+  if t.val_fraction <= 0 and (step >= t.steps) and primary:
     export(tr, state["params"], meta)
   return {"step": step, "metrics": last, "best_val": meta["best_val"], "run_dir": out_dir,
           "stopped_early": meta["stopped_early"], "state": state}
