@@ -172,13 +172,14 @@ def build_pipeline(path: str = PIPE_DIR, seed: int = 0) -> str:
   return path
 
 
-def build_classifiers(path: str = CLF_DIR, seed: int = 0) -> str:
-  """Random timm ViT-L/16 classifiers in UnlearnCanvas' layout (safetensors)."""
+def build_classifiers(path: str = CLF_DIR, seed: int = 0, width: int = 1024, depth: int = 24) -> str:
+  """Random timm ViT-L/16 classifiers in UnlearnCanvas' layout (safetensors);
+  ``width`` / ``depth`` smaller for the toy run."""
   import numpy as np
   from safetensors.numpy import save_file
   from saemnesia_jax.unlearncanvas import FILES, OBJECT_CLASSES, STYLE_CLASSES
   os.makedirs(path, exist_ok=True)
-  width, depth, mlp, patch, side = 1024, 24, 4096, 16, 14
+  mlp, patch, side = 4 * width, 16, 14
   rng = np.random.default_rng(seed)
   n = lambda *s: (rng.standard_normal(s, np.float32) * 0.02).astype(np.float32)
   for task, classes in (("object", OBJECT_CLASSES), ("style", STYLE_CLASSES)):
@@ -205,11 +206,12 @@ def build_classifiers(path: str = CLF_DIR, seed: int = 0) -> str:
 # ------------------------------------------------------------------ stages
 
 
-def stage_commands(workdir: str, size: int, steps: int) -> list[tuple[str, str, list[str]]]:
+def stage_commands(workdir: str, size: int, steps: int, pipe_dir: str = PIPE_DIR,
+                   clf_dir: str = CLF_DIR) -> list[tuple[str, str, list[str]]]:
   """(name, module, args) of every stage, in order."""
   cfg = os.path.join(ROOT, "configs", "sd15.py")
   sup = os.path.join(ROOT, "configs", "sd15_sup.py")
-  common = [f"--config.model.path={PIPE_DIR}", f"--config.workdir={workdir}",
+  common = [f"--config.model.path={pipe_dir}", f"--config.workdir={workdir}",
             f"--config.sampler.height={size}", f"--config.sampler.width={size}",
             f"--config.sampler.num_steps={steps}", "--config.sampler.batch_size=2",
             f"--config.concepts.objects={OBJECTS!r}", f"--config.concepts.styles={STYLES!r}",
@@ -220,7 +222,7 @@ def stage_commands(workdir: str, size: int, steps: int) -> list[tuple[str, str, 
            "--config.train.init_tokens=128"]
   sup_train = ["--config.train.steps=4", "--config.train.batch_size=2", "--config.train.eval_every=2",
                "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1"]
-  ev = [f"--config.evaluate.classifier_dir={CLF_DIR}", "--config.evaluate.gammas=(-10.0,)",
+  ev = [f"--config.evaluate.classifier_dir={clf_dir}", "--config.evaluate.gammas=(-10.0,)",
         "--config.evaluate.percentiles=(99.0,)", "--config.evaluate.eval_seeds=(188,)",
         "--config.evaluate.sweep_seeds=(1,)", f"--config.evaluate.sequential_objects={OBJECTS!r}",
         "--config.evaluate.max_latents=8"]
@@ -236,12 +238,13 @@ def stage_commands(workdir: str, size: int, steps: int) -> list[tuple[str, str, 
   ]
 
 
-def sample512_command(workdir: str, steps: int, dtype: str) -> tuple[str, str, list[str]]:
+def sample512_command(workdir: str, steps: int, dtype: str, pipe_dir: str = PIPE_DIR,
+                      size: int = 512) -> tuple[str, str, list[str]]:
   """One 512 px image with CFG (batch 1: 2 UNet rows), the issue's memory figure."""
   cfg = os.path.join(ROOT, "configs", "sd15.py")
   return (f"sample512_{dtype}", "saemnesia_jax.sample", [
-      f"--config={cfg}", f"--config.model.path={PIPE_DIR}", f"--config.workdir={workdir}",
-      "--config.sampler.height=512", "--config.sampler.width=512", f"--config.sampler.num_steps={steps}",
+      f"--config={cfg}", f"--config.model.path={pipe_dir}", f"--config.workdir={workdir}",
+      f"--config.sampler.height={size}", f"--config.sampler.width={size}", f"--config.sampler.num_steps={steps}",
       "--config.sampler.batch_size=1", f"--config.model.dtype={dtype}",
       "--config.prompts=('A Dogs image in Van_Gogh style.',)", "--config.seeds=(188,)"])
 
@@ -268,14 +271,14 @@ def child_main(stats_file: str, module: str, argv: list[str]) -> None:
   runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def run_stage(name: str, module: str, args: list[str], log_dir: str) -> dict:
+def run_stage(name: str, module: str, args: list[str], log_dir: str, nice: int = 10) -> dict:
   stats = os.path.join(log_dir, f"{name}.stats.json")
   log = os.path.join(log_dir, f"{name}.log")
   cmd = [sys.executable, os.path.abspath(__file__), "--child", stats, module, *args]
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   t0 = time.perf_counter()
   with open(log, "w") as f:
-    rc = subprocess.call(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    rc = subprocess.call(["nice", "-n", str(nice), *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   wall = time.perf_counter() - t0
   out = {"stage": name, "ok": rc == 0, "wall_s": round(wall, 1), "loadavg": open("/proc/loadavg").read().split()[:3]}
   if os.path.isfile(stats):
@@ -295,36 +298,49 @@ def main() -> None:
   ap.add_argument("--stages", default="all", help="comma-separated stage names, 'all', or 'sample512'")
   ap.add_argument("--memory_dtypes", default="bfloat16", help="dtypes of the 512 px one-image runs")
   ap.add_argument("--workdir", default=os.path.join(CACHE, "runs"))
+  ap.add_argument("--nice", type=int, default=10, help="niceness of the stage processes (a shared host)")
+  ap.add_argument("--toy", action="store_true",
+                  help="a tiny random SD-like pipeline and tiny classifiers instead (checks the script, in minutes)")
   ap.add_argument("--json_out", default=os.path.join(ROOT, "benchmarks", "results", "sd_scale.json"))
   a = ap.parse_args()
   t0 = time.perf_counter()
-  build_pipeline()
-  build_classifiers()
+  if a.toy:
+    from saemnesia_jax import models
+    pipe_dir, clf_dir = os.path.join(CACHE, "toy_pipeline"), os.path.join(CACHE, "toy_classifiers")
+    if not os.path.isdir(pipe_dir):
+      models.write_tiny_pipeline(pipe_dir, seed=0)
+    build_classifiers(clf_dir, width=64, depth=2)
+    a.size = min(a.size, 32)
+  else:
+    pipe_dir, clf_dir = build_pipeline(), build_classifiers()
   build_s = time.perf_counter() - t0
   import shutil
   shutil.rmtree(a.workdir, ignore_errors=True)
   os.makedirs(a.workdir)
-  cmds = stage_commands(a.workdir, a.size, a.steps)
-  cmds += [sample512_command(os.path.join(a.workdir, "s512"), a.steps, d) for d in a.memory_dtypes.split(",") if d]
+  rows = []
+  json_rows = lambda: {"size": a.size, "steps": a.steps, "build_s": round(build_s, 1), "stages": rows,
+                       "cpu_count": os.cpu_count(),
+                       "note": "random weights, SD v1.5 architecture; CPU timings are shared-host"}
+  # The one-image memory figure first: it does not depend on the other stages.
+  cmds = [sample512_command(os.path.join(a.workdir, "s512"), a.steps, d, pipe_dir, 32 if a.toy else 512)
+          for d in a.memory_dtypes.split(",") if d]
+  cmds += stage_commands(a.workdir, a.size, a.steps, pipe_dir, clf_dir)
   if a.stages != "all":
     want = a.stages.split(",")
     cmds = [c for c in cmds if c[0] in want or c[0].split("_")[0] in want]
-  rows = []
   for name, module, args in cmds:
-    r = run_stage(name, module, args, a.workdir)
+    r = run_stage(name, module, args, a.workdir, a.nice)
     rows.append(r)
     print(f"{name:16s} {'ok' if r['ok'] else 'FAILED':6s} wall {r['wall_s']:7.1f} s  compile "
           f"{r.get('compile_s', float('nan')):6.1f} s  peak host {r.get('peak_rss_gib', float('nan')):5.2f} GiB"
           f"  load {' '.join(r['loadavg'])}", flush=True)
     if not r["ok"]:
       print(r["log_tail"])
-      if name in ("collect", "train_unsup", "train_sup"):
-        break  # the later stages read this one's output
-  out = {"size": a.size, "steps": a.steps, "build_s": round(build_s, 1), "stages": rows,
-         "cpu_count": os.cpu_count(), "note": "random weights, SD v1.5 architecture; CPU timings are shared-host"}
-  os.makedirs(os.path.dirname(a.json_out), exist_ok=True)
-  with open(a.json_out, "w") as f:
-    json.dump(out, f, indent=1)
+    os.makedirs(os.path.dirname(a.json_out), exist_ok=True)
+    with open(a.json_out, "w") as f:  # after every stage: a partial run keeps its figures
+      json.dump(json_rows(), f, indent=1)
+    if not r["ok"] and name in ("collect", "train_unsup", "train_sup"):
+      break  # the later stages read this one's output
   print(f"wrote {a.json_out}")
 
 
