@@ -18,9 +18,10 @@ PYTHON=${PYTHON:-python3}
 RESULTS=benchmarks/results
 if [[ -n ${GPU_CHECK_TOY:-} ]]; then
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-  SD_ARGS=(--toy --stages sample512,sample,collect,train_unsup --json_out "$RESULTS/gpu_sd_scale_toy.json")
+  SD_ARGS=(--toy --nice 0 --workdir benchmarks/.cache/toy_runs --stages sample512,collect
+           --json_out "$RESULTS/gpu_sd_scale_toy.json")
   CHECK_ARGS=(--toy --json_out "$RESULTS/gpu_check_toy.json")
-  LIMIT=1200
+  LIMIT=900
 else
   SD_ARGS=(--size 512 --steps 2 --nice 0 --json_out "$RESULTS/gpu_sd_scale.json")
   CHECK_ARGS=(--json_out "$RESULTS/gpu_check.json")

@@ -220,7 +220,9 @@ def stage_commands(workdir: str, size: int, steps: int, pipe_dir: str = PIPE_DIR
   train = ["--config.train.steps=4", "--config.train.batch_size=128", "--config.train.eval_every=2",
            "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1",
            "--config.train.init_tokens=128"]
-  sup_train = ["--config.train.steps=4", "--config.train.batch_size=2", "--config.train.eval_every=2",
+  # 4 maps in 2 slices: the micro-batched step (configs/sd15_sup.py uses 8 slices of 128 maps).
+  sup_train = ["--config.train.steps=4", "--config.train.batch_size=4", "--config.train.micro_batches=2",
+               "--config.train.eval_every=2",
                "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1"]
   ev = [f"--config.evaluate.classifier_dir={clf_dir}", "--config.evaluate.gammas=(-10.0,)",
         "--config.evaluate.percentiles=(99.0,)", "--config.evaluate.eval_seeds=(188,)",
@@ -299,6 +301,8 @@ def main() -> None:
   ap.add_argument("--memory_dtypes", default="bfloat16", help="dtypes of the 512 px one-image runs")
   ap.add_argument("--workdir", default=os.path.join(CACHE, "runs"))
   ap.add_argument("--nice", type=int, default=10, help="niceness of the stage processes (a shared host)")
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the workdir and the JSON's rows (rerun some --stages of an earlier run)")
   ap.add_argument("--toy", action="store_true",
                   help="a tiny random SD-like pipeline and tiny classifiers instead (checks the script, in minutes)")
   ap.add_argument("--json_out", default=os.path.join(ROOT, "benchmarks", "results", "sd_scale.json"))
@@ -315,9 +319,12 @@ def main() -> None:
     pipe_dir, clf_dir = build_pipeline(), build_classifiers()
   build_s = time.perf_counter() - t0
   import shutil
-  shutil.rmtree(a.workdir, ignore_errors=True)
-  os.makedirs(a.workdir)
   rows = []
+  if a.resume and os.path.isfile(a.json_out):
+    rows = json.load(open(a.json_out))["stages"]
+  else:
+    shutil.rmtree(a.workdir, ignore_errors=True)
+  os.makedirs(a.workdir, exist_ok=True)
   json_rows = lambda: {"size": a.size, "steps": a.steps, "build_s": round(build_s, 1), "stages": rows,
                        "cpu_count": os.cpu_count(),
                        "note": "random weights, SD v1.5 architecture; CPU timings are shared-host"}
@@ -330,7 +337,7 @@ def main() -> None:
     cmds = [c for c in cmds if c[0] in want or c[0].split("_")[0] in want]
   for name, module, args in cmds:
     r = run_stage(name, module, args, a.workdir, a.nice)
-    rows.append(r)
+    rows = [x for x in rows if x["stage"] != name] + [r]
     print(f"{name:16s} {'ok' if r['ok'] else 'FAILED':6s} wall {r['wall_s']:7.1f} s  compile "
           f"{r.get('compile_s', float('nan')):6.1f} s  peak host {r.get('peak_rss_gib', float('nan')):5.2f} GiB"
           f"  load {' '.join(r['loadavg'])}", flush=True)
