@@ -206,6 +206,9 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
   micro = config.train.micro_batches
   if micro > 1 and mode != "supervised":
     raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
+  if micro > 1 and config.train.batch_size % micro:
+    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
+                     f"{config.train.batch_size} (maps per batch)")
 
   def step(state, batch):
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)

@@ -50,3 +50,17 @@ def test_block_shape_of_sd15():
   assert sizing.block_shape(unet, 4, "up_blocks.1.attentions.1", 512) == (256, 1280)
   assert sizing.block_shape(unet, 4, "mid_block.attentions.0", 512) == (64, 1280)
   assert sizing.block_shape(unet, 4, "down_blocks.1.attentions.0", 512) == (1024, 640)
+
+
+def test_micro_batches_must_divide_the_batch(tmp_path):
+  path = tmp_path / "acts"
+  make_concept_store(path, seeds=2)
+  c = tiny.get_config()
+  c.workdir, c.block, c.collect.store_path = str(tmp_path), BLOCK, str(path)
+  c.sae.mode, c.sae.assignment = "supervised", "random"
+  c.train.update(dict(batch_size=8, micro_batches=3))
+  with pytest.raises(ValueError, match="micro_batches=3 must divide config.train.batch_size=8"):
+    train.setup(c)
+  c.sae.mode = "unsupervised"
+  with pytest.raises(ValueError, match="supervised step only"):
+    train.setup(c)
