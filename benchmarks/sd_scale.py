@@ -220,7 +220,8 @@ def stage_commands(workdir: str, size: int, steps: int, pipe_dir: str = PIPE_DIR
   train = ["--config.train.steps=4", "--config.train.batch_size=128", "--config.train.eval_every=2",
            "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1",
            "--config.train.init_tokens=128"]
-  # 2 maps in 2 slices (the validation split holds 2 maps): the micro-batched step (configs/sd15_sup.py uses 8 slices of 128 maps).
+  # 2 maps in 2 slices (the validation split holds 2 maps): the micro-batched step
+  # (configs/sd15_sup.py: 128 maps in 8 slices).
   sup_train = ["--config.train.steps=4", "--config.train.batch_size=2", "--config.train.micro_batches=2",
                "--config.train.eval_every=2",
                "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1"]
