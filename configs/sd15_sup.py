@@ -20,4 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
   base = config_defaults.sibling_config(__file__, "sd15.py")
   return config_defaults.make_supervised(
       base, epochs=150.0, batch_size=128, learning_rate=5e-6, lr_decay="constant", adam_eps=1e-8,
-      eval_every=1000, patience=5, early_stop=True)
+      eval_every=1000, patience=5, early_stop=True,
+      micro_batches=8)  # 128 maps in 8 slices: 1.4 GiB of step temporaries instead of 12.7 (the same update)

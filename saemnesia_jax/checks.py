@@ -241,6 +241,8 @@ def _train(config) -> None:
     _fail("train.batch_size", t.batch_size, f"must be divisible by the {n} processes")
   if s.mode == "supervised" and s.assignment not in ("greedy", "random") and not os.path.isfile(s.assignment):
     _fail("sae.assignment", s.assignment, "no such file", "use greedy, random or the path of an assignment.json")
+  if config.get("dry_run"):
+    return  # sizing needs no store: the width comes from the model's config when none exists
   for c in per_block(config):
     d_in = store_manifest(c)["layout"]["d_in"]
     if s.d_in and s.d_in != d_in:

@@ -43,7 +43,7 @@ STAGES = {
     "sample": Stage("saemnesia_jax.sample", _COMMON + ("model", "sampler", "prompts", "seeds")),
     "collect": Stage("saemnesia_jax.collect", _BLOCKS + ("model", "sampler", "concepts", "collect")),
     "probe": Stage("saemnesia_jax.probe", _BLOCKS + ("collect.store_path", "probe")),
-    "train": Stage("saemnesia_jax.train", _BLOCKS + ("model", "collect.store_path", "sae", "train")),
+    "train": Stage("saemnesia_jax.train", _BLOCKS + ("dry_run", "model", "collect.store_path", "sae", "train")),
     "scores": Stage("saemnesia_jax.scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores")),
     "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("model", "sampler", "concepts", "evaluate")),
     "canvas_mini.build": Stage("saemnesia_jax.canvas_mini.build",

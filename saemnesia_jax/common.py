@@ -42,7 +42,8 @@ def from_pt(config: ml_collections.ConfigDict) -> bool | None:
 def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
   """The pipeline of ``config.model`` (see ``model_path``)."""
   print(f"loading the model {model_path(config)} ({config.model.dtype})", flush=True)
-  return models.load_pipeline(model_path(config, create=False), dtype=config.model.dtype, from_pt=from_pt(config))
+  return models.load_pipeline(model_path(config, create=False), dtype=config.model.dtype, from_pt=from_pt(config),
+                              attention=config.model.get("attention", "auto"))
 
 
 def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,

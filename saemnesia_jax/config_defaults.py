@@ -21,6 +21,7 @@ TOP = dict(
     block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it (objects)
     style_block="",  # the block of the style erasures ('' -> block): SAeUron's styles use up_blocks.1.attentions.2
     overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
+    dry_run=False,  # train: compile the step for the mesh without data; print per-device memory and tokens/s
     prompts=(),  # stage sample: the prompts to draw
     seeds=(),  # stage sample: seeds per prompt
 )
@@ -31,6 +32,7 @@ MODEL = dict(
     dtype="float32",  # float32 | bfloat16 | float16: parameters and activations
     weights="auto",  # auto (Flax if present, else PyTorch) | flax | pt
     seed=0,  # seed of the tiny random pipeline (path '')
+    attention="auto",  # UNet attention: auto (memory-efficient at >= 64x64 latents) | plain | memory_efficient
 )
 
 # DDIM (eta 0) with classifier-free guidance.
@@ -108,6 +110,7 @@ TRAIN = dict(
     ckpt_every=250,  # steps between checkpoints
     keep_checkpoints=2,  # checkpoints kept on disk
     stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+    micro_batches=1,  # supervised: slices per batch, gradients accumulated (the same update, 1/n of the memory)
     buffer_chunks=32,  # store chunks mixed in the reader's shuffle buffer
     init_tokens=4096,  # tokens for the geometric-median b_dec
     check_model=True,  # refuse a store made by another model (weights hash)
@@ -174,7 +177,7 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
   """Adds the collect / sae / train / evaluate sections, with ``overrides`` per
   section, the top-level ``overwrite`` field, and the defaults of any model /
   sampler / concepts field the config does not set."""
-  for field in ("overwrite", "style_block"):
+  for field in ("overwrite", "dry_run", "style_block"):  # the top-level fields every config gets
     if field not in config:
       config[field] = TOP[field]
   for name, defaults in SHARED.items():

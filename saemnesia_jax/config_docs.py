@@ -92,12 +92,14 @@ def parse_docs(source: str) -> dict[str, str]:
 
 
 def field_docs(*paths: str) -> dict[str, str]:
-  """The docs of config_defaults.py, then of each file in ``paths`` (later files win)."""
+  """The docs of config_defaults.py, then of each file in ``paths`` (added to the defaults')."""
   docs: dict[str, str] = {}
   for p in (DEFAULTS_FILE, *paths):
     if p and os.path.isfile(p):
       with open(p) as f:
-        docs.update(parse_docs(f.read()))
+        for k, doc in parse_docs(f.read()).items():
+          # A config file's own comment adds to the default's meaning.
+          docs[k] = doc if k not in docs or doc == docs[k] else f"{docs[k]}; here: {doc}"
   return docs
 
 

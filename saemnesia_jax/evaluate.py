@@ -481,7 +481,8 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
       labels.append(f"{name}: {m}")
   imgs = np.concatenate(rows)
   cols = [f"with {i + 1}" for i in range(n_with)] + [f"without {i + 1}" for i in range(n_without)]
-  g = img_utils.grid(imgs, len(rows), len(cols), scale=4, row_labels=labels, col_labels=cols,
+  g = img_utils.grid(imgs, len(rows), len(cols), scale=img_utils.tile_scale(imgs.shape[1]),
+                     row_labels=labels, col_labels=cols,
                      label_width=150)
   path = os.path.join(out_dir, "erasure_grid.png")
   img_utils.save_image(path, g)

@@ -245,6 +245,69 @@ def _cast(params, dtype):
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def _to_device(x, dtype):
+  """One host leaf -> a device array, floating leaves cast to ``dtype`` on the host first."""
+  x = np.asarray(x)
+  if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16:
+    x = x.astype(dtype, copy=False)
+  return jnp.asarray(x)
+
+
+def _place_leaves(params, dtype):
+  """Host params (nested dicts of numpy) -> device arrays in ``dtype``, one leaf
+  at a time, dropping each host leaf as soon as it is placed."""
+  out = {}
+  for k in list(params):
+    v = params.pop(k)
+    out[k] = _place_leaves(dict(v), dtype) if hasattr(v, "keys") else _to_device(v, dtype)
+    del v
+  return out
+
+
+def read_flax_weights(file: str, dtype) -> dict:
+  """A Flax msgpack weights file -> params on the device, in ``dtype``.
+
+  The file is streamed and every array is cast and placed as it is read, so
+  the host holds one copy of the weights in the target dtype (plus one array
+  in flight) instead of the file's bytes, their float32 arrays and the cast
+  copy side by side.
+  """
+  import msgpack
+  from flax import serialization
+
+  def hook(code, data):
+    out = serialization._msgpack_ext_unpack(code, data)
+    return _to_device(out, dtype) if isinstance(out, np.ndarray) else out
+
+  with open(file, "rb") as f:
+    # max_buffer_size=0: no cap (one array can be larger than msgpack's 100 MiB default).
+    unpacker = msgpack.Unpacker(f, ext_hook=hook, raw=False, strict_map_key=False,
+                                max_buffer_size=0, read_size=1 << 20)
+    try:
+      state = unpacker.unpack()
+    except Exception as e:  # msgpack raises several types on a bad file
+      raise ModelLoadError(f"cannot read Flax weights {file}: {e}") from e
+  # Arrays over 1 GiB are stored in chunks (flax); rejoin them (rare: none in SD).
+  state = serialization._unchunk_array_leaves_in_place(state)
+  return jax.tree_util.tree_map(lambda x: _to_device(x, dtype) if isinstance(x, np.ndarray) else x, state)
+
+
+ATTENTION = ("auto", "plain", "memory_efficient")
+# 'auto' turns on the chunked attention for UNets whose default latent has at
+# least this many positions (SD v1.5: 64 x 64): there one plain attention map
+# per row and head is 4096 x 4096 and the maps of a batch of 8 with CFG take
+# gigabytes; below it the plain einsum is faster.
+AUTO_MEMORY_EFFICIENT_TOKENS = 64 * 64
+
+
+def _memory_efficient(attention: str, unet_config: dict) -> bool:
+  if attention not in ATTENTION:
+    raise ValueError(f"config.model.attention={attention!r}; expected one of {ATTENTION}")
+  if attention == "auto":
+    return int(unet_config.get("sample_size", 0)) ** 2 >= AUTO_MEMORY_EFFICIENT_TOKENS
+  return attention == "memory_efficient"
+
+
 # The Flax VAE's attention keeps diffusers' old names (query/key/value/
 # proj_attn); current PyTorch checkpoints use to_q/to_k/to_v/to_out.0, and
 # diffusers' converters do not translate them (the weights would be dropped).
@@ -259,32 +322,61 @@ def _rename(key: str, pairs) -> str:
   return key
 
 
-def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, dtype):
+def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, dtype, **module_kwargs):
+  """(module, params in ``dtype`` on the device, weights file) of a diffusers model folder."""
   file, is_pt = _find_weights(folder, flax_name, pt_names, from_pt)
+  model = cls.from_config(cls.load_config(folder), dtype=dtype, **module_kwargs)
   if not is_pt:
-    model, params = cls.from_pretrained(folder, dtype=dtype)
+    params = read_flax_weights(file, dtype)
   else:
     # diffusers' own from_pt only looks for the .bin file; converting here
     # also reads .safetensors.
     from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-    model = cls.from_config(cls.load_config(folder), dtype=dtype)
     state = _load_pt_state_dict(file)
     if cls is FlaxAutoencoderKL:
       state = {_rename(k, _VAE_ATTN_PT_TO_FLAX): v for k, v in state.items()}
     params = convert_pytorch_state_dict_to_flax(state, model)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+    del state
+    params = _place_leaves(dict(params), dtype)
   _check_params(cls.__name__, model, params, file)
   return model, params, file
 
 
-def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None) -> Pipeline:
+def _load_text_encoder(folder: str, from_pt, dtype):
+  """(FlaxCLIPTextModel without params of its own, params in ``dtype``, weights file)."""
+  file, is_pt = _find_weights(folder, TEXT_FLAX_WEIGHTS, TEXT_PT_WEIGHTS, from_pt)
+  # _do_init=False: the wrapper keeps no float32 copy of its own beside ours.
+  model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder), dtype=dtype, _do_init=False)
+  if is_pt:  # transformers' converter needs a wrapper that holds params
+    params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, from_pt=True, _do_init=True).params
+    params = _place_leaves(dict(params), dtype)
+  else:
+    params = read_flax_weights(file, dtype)
+  shape = (1, int(model.config.max_position_embeddings))
+  expected = flatten_dict(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)))
+  got = flatten_dict(params)
+  bad = sorted("/".join(k) for k in set(expected) ^ set(got))
+  bad += sorted(f"{'/'.join(k)}: {got[k].shape} vs {expected[k].shape}"
+                for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+  if bad:
+    raise ModelLoadError(f"text encoder weights in {file} do not match its config.json: {bad[:3]}. "
+                         "Is the config from the same checkpoint?")
+  return model, params, file
+
+
+def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None,
+                  attention: str = "auto") -> Pipeline:
   """Loads a diffusers-format pipeline directory (see the module docstring).
 
   Args:
     path: the pipeline directory.
-    dtype: compute and parameter dtype: 'float32', 'bfloat16' or 'float16'.
+    dtype: compute and parameter dtype: 'float32', 'bfloat16' or 'float16';
+      the weights are cast as they are read (one host copy, in this dtype).
     from_pt: True to read PyTorch weights, False for Flax only, None (default)
       for Flax weights where present, else PyTorch.
+    attention: the UNet's attention: 'plain', 'memory_efficient' (diffusers'
+      chunked attention: no full attention map is held) or 'auto' (chunked for
+      UNets of 64 x 64 latents or more, e.g. SD v1.5 at 512 px).
   """
   jdtype = _parse_dtype(dtype)
   path = os.path.abspath(os.path.expanduser(path))
@@ -300,14 +392,12 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
   for sub in ("unet", "text_encoder"):
     _check_folder(path, sub)
 
+  unet_dir = os.path.join(path, "unet")
+  mem_eff = _memory_efficient(attention, FlaxUNet2DConditionModel.load_config(unet_dir))
   unet, unet_params, unet_file = _load_diffusers_model(
-      FlaxUNet2DConditionModel, os.path.join(path, "unet"), UNET_FLAX_WEIGHTS, UNET_PT_WEIGHTS,
-      from_pt, jdtype)
-
-  te_dir = os.path.join(path, "text_encoder")
-  te_file, te_pt = _find_weights(te_dir, TEXT_FLAX_WEIGHTS, TEXT_PT_WEIGHTS, from_pt)
-  text_encoder = FlaxCLIPTextModel.from_pretrained(te_dir, dtype=jdtype, from_pt=te_pt, _do_init=True)
-  te_params = jax.tree_util.tree_map(jnp.asarray, text_encoder.params)
+      FlaxUNet2DConditionModel, unet_dir, UNET_FLAX_WEIGHTS, UNET_PT_WEIGHTS,
+      from_pt, jdtype, use_memory_efficient_attention=mem_eff)
+  text_encoder, te_params, te_file = _load_text_encoder(os.path.join(path, "text_encoder"), from_pt, jdtype)
 
   vae = vae_params = None
   files = [unet_file, te_file]
@@ -330,9 +420,9 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
   # is read as DDIM, the sampler of METHOD.md.
   scheduler = FlaxDDIMScheduler.from_config(sched_config, dtype=jnp.float32)
 
-  params = {"unet": _cast(unet_params, jdtype), "text_encoder": _cast(te_params, jdtype)}
+  params = {"unet": unet_params, "text_encoder": te_params}
   if vae is not None:
-    params["vae"] = _cast(vae_params, jdtype)
+    params["vae"] = vae_params
   return Pipeline(path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                   scheduler=scheduler, vae=vae, params=params, dtype=jdtype,
                   weight_files=tuple(files))

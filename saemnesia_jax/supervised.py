@@ -236,3 +236,132 @@ def supervised_loss(params: Params, x_maps: jax.Array, object_ids: jax.Array, st
       "l1": l1, "decorr": decorr, "object_acc": obj_acc, "style_acc": sty_acc.astype(jnp.float32),
       "l0": l0, "fired": fired,
   }
+
+
+# ---------------------------------------------------------------------------
+# Micro-batching: the same update in slices of the batch
+
+
+def _batch_threshold(z_slices_fn, n_micro: int, keep: int) -> jax.Array:
+  """The ``keep``-th largest entry over all slices (BatchTopK's cut), from each
+  slice's own ``keep`` largest: the global top set lies in their union."""
+  def body(_, i):
+    flat = z_slices_fn(i).reshape(-1)
+    return None, jax.lax.top_k(flat, min(keep, flat.shape[0]))[0]
+  _, tops = jax.lax.scan(body, None, jnp.arange(n_micro))
+  return jax.lax.top_k(tops.reshape(-1), keep)[0][-1]
+
+
+def accumulated_value_and_grad(params: Params, x_maps: jax.Array, object_ids: jax.Array,
+                               style_ids: jax.Array, assignment: jax.Array, cfg: SupervisedConfig,
+                               n_micro: int):
+  """``jax.value_and_grad(supervised_loss, has_aux=True)`` computed over
+  ``n_micro`` slices of the maps, holding one slice's (tokens x latents)
+  arrays at a time: the same loss, gradients and metrics (up to float
+  summation order), for a batch whose full latent array does not fit.
+
+  The loss is not a sum over maps: L_sup and the decorrelation couple all
+  maps through their map-mean logits z_bar[A] (B x n_concepts, small), and
+  BatchTopK through its batch-wide cut. So a first pass (forward only) gets
+  every map's logits and the BatchTopK threshold; the batch-level terms are
+  differentiated with respect to the logits (g); a second pass
+  differentiates, per slice, its MSE and L1 shares plus <g, logits(slice)>,
+  and the gradients are summed. By the chain rule the sum is the gradient of
+  the whole-batch loss. Cost: one extra encoder forward.
+
+  Slice i holds maps i, i + n_micro, ...: with the maps split over devices in
+  contiguous blocks, each device's share of a slice stays on that device.
+  """
+  B, T, d = x_maps.shape
+  if B % n_micro:
+    raise ValueError(f"supervised micro-batching: {B} maps do not split into {n_micro} slices "
+                     "(config.train.micro_batches must divide config.train.batch_size)")
+  n_objects = cfg.n_objects
+  n_styles = assignment.shape[0] - n_objects
+  L = params["W_enc"].shape[1]
+  b = B // n_micro
+  xs = x_maps.reshape(b, n_micro, T, d).swapaxes(0, 1)  # (n_micro, b, T, d)
+  objs = object_ids.reshape(b, n_micro).T
+  stys = style_ids.reshape(b, n_micro).T
+  n_tok = B * T
+
+  def z_of(p, i):
+    return sae_lib.encode_pre(p, xs[i].reshape(-1, d))  # (b*T, L)
+
+  # Pass 1 (no gradients): logits of every map, the BatchTopK cut, x's mean.
+  def logits_of(p, i):
+    return jnp.take(map_mean(z_of(p, i), T), assignment, axis=1)
+
+  sg = jax.lax.stop_gradient(params)
+  _, logits = jax.lax.scan(lambda _, i: (None, logits_of(sg, i)), None, jnp.arange(n_micro))
+  thr = (_batch_threshold(lambda i: z_of(sg, i), n_micro, cfg.k * n_tok) if cfg.batch_topk else None)
+  x_mean = jnp.mean(x_maps.reshape(-1, d), axis=0)
+
+  # The batch-level terms, as functions of the logits.
+  flat_logits = logits.reshape(B, -1)
+  flat_obj, flat_sty = objs.reshape(-1), stys.reshape(-1)
+
+  def head(lg):
+    obj_logits, sty_logits = lg[:, :n_objects], lg[:, n_objects:]
+    targets = concept_targets(flat_obj, flat_sty, n_objects, n_styles)
+    bce = jnp.mean(optax.sigmoid_binary_cross_entropy(lg, targets))
+    has_style = flat_sty >= 0
+    n_styled = jnp.sum(has_style)
+    ce_obj = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(obj_logits, flat_obj))
+    obj_acc = jnp.mean((jnp.argmax(obj_logits, axis=-1) == flat_obj).astype(jnp.float32))
+    if n_styles:
+      safe = jnp.where(has_style, flat_sty, 0)
+      ce_each = optax.softmax_cross_entropy_with_integer_labels(sty_logits, safe)
+      ce_sty = jnp.sum(jnp.where(has_style, ce_each, 0.0)) / jnp.maximum(n_styled, 1)
+      sty_acc = jnp.sum((jnp.argmax(sty_logits, axis=-1) == flat_sty) & has_style) / jnp.maximum(n_styled, 1)
+      decorr = pearson_sq_mean(obj_logits, sty_logits, cfg.eps)
+    else:
+      ce_sty = sty_acc = decorr = jnp.zeros((), lg.dtype)
+    softmax_ce = ce_obj + ce_sty
+    l_sup = bce if cfg.sup_loss == "bce" else softmax_ce
+    value = cfg.w_sup * l_sup + cfg.w_decorr * decorr
+    return value, {"l_sup": l_sup, "bce": bce, "softmax_ce": softmax_ce, "decorr": decorr,
+                   "object_acc": obj_acc, "style_acc": sty_acc.astype(jnp.float32)}
+
+  (head_value, head_aux), g_logits = jax.value_and_grad(head, has_aux=True)(flat_logits)
+  g_logits = g_logits.reshape(logits.shape)
+
+  # Pass 2: per slice, its share of the token terms + <g, logits(slice)>.
+  def slice_terms(p, i):
+    x = xs[i].reshape(-1, d)
+    z = z_of(p, i)
+    if cfg.batch_topk:
+      codes = jnp.where(z >= thr, z, 0.0)
+      x_hat = sae_lib.decode(p, codes)
+      fired = sae_lib.fired_from_codes(codes)
+      n_active = jnp.sum(codes > 0)
+    else:
+      values, indices = sae_lib.topk(z, cfg.k)
+      x_hat = (sae_lib.decode_sparse(p, values, indices) if cfg.sparse_decode
+               else sae_lib.decode(p, sae_lib.scatter_codes(values, indices, L)))
+      fired = sae_lib.fired_from_sparse(values, indices, L)
+      n_active = jnp.sum(values > 0)
+    sq_err = jnp.sum(jnp.square(x_hat - x))
+    abs_z = jnp.sum(jnp.abs(z))
+    lg = jnp.take(map_mean(z, T), assignment, axis=1)
+    value = sq_err / (n_tok * d) + cfg.w_l1 * abs_z / (n_tok * L) + jnp.sum(g_logits[i] * lg)
+    var = jnp.sum(jnp.square(x - x_mean))
+    return value, (sq_err, abs_z, n_active, fired, jax.lax.stop_gradient(var))
+
+  def body(carry, i):
+    grads, sums = carry
+    (_, (sq, ab, na, fired, var)), g = jax.value_and_grad(slice_terms, has_aux=True)(params, i)
+    grads = jax.tree_util.tree_map(jnp.add, grads, g)
+    sums = (sums[0] + sq, sums[1] + ab, sums[2] + na, sums[3] | fired, sums[4] + var)
+    return (grads, sums), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  init = (zeros, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                  jnp.zeros((L,), bool), jnp.zeros((), jnp.float32)))
+  (grads, (sq, ab, n_active, fired, var)), _ = jax.lax.scan(body, init, jnp.arange(n_micro))
+  mse_ = sq / (n_tok * d)
+  l1 = ab / (n_tok * L)
+  loss = mse_ + cfg.w_l1 * l1 + head_value
+  l0 = n_active / n_tok
+  return (loss, {"mse": mse_, "fvu": sq / var, "l1": l1, "l0": l0.astype(jnp.float32), "fired": fired,
+                 **head_aux}), grads

@@ -63,7 +63,7 @@ MODES = ("unsupervised", "supervised")
 # logs and saves, how it is placed on devices.
 NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
               "train.stop_after", "train.mesh_shape", "train.sharding_rules", "train.check_model",
-              "train.style_block_epochs", "sae.scores_dir", "sae.init_from",
+              "train.style_block_epochs", "train.micro_batches", "sae.scores_dir", "sae.init_from",
               "sae.backward")  # the sparse and dense backward give the same SAE
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
@@ -217,9 +217,20 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
     return supervised.supervised_loss(params, batch["x"], batch["object"], batch["style"],
                                       batch["assignment"], supcfg)
 
+  micro = config.train.micro_batches
+  if micro > 1 and mode != "supervised":
+    raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
+  if micro > 1 and config.train.batch_size % micro:
+    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
+                     f"{config.train.batch_size} (maps per batch)")
+
   def step(state, batch):
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
+    if micro > 1:  # the supervised batch in slices: the same update (supervised.py)
+      (loss, aux), grads = supervised.accumulated_value_and_grad(
+          state["params"], batch["x"], batch["object"], batch["style"], batch["assignment"], supcfg, micro)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = sae_lib.normalize_decoder(optax.apply_updates(state["params"], updates))
     n_tokens = batch["x"].shape[0] * (batch["x"].shape[1] if batch["x"].ndim == 3 else 1)
@@ -246,11 +257,13 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
 
 
 def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: bool = True,
-                num_epochs: int | None = None):
+                num_epochs: int | None = None, **reader_kw):
+  """The store reader of this run; ``reader_kw`` (e.g. process_index /
+  process_count) go to the reader."""
   t = tr.config.train
   kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
             shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
-            prefetch=shuffle)
+            prefetch=shuffle, **reader_kw)
   if tr.mode == "unsupervised":
     return store.TokenBatches(tr.store, t.batch_size, **kw)
   return store.MapBatches(tr.store, t.batch_size, **kw)
@@ -385,6 +398,16 @@ def with_epoch_steps(config: ml_collections.ConfigDict, st: store.Store | None =
   return out
 
 
+def init_sample(tr: Trainer, local_tokens) -> jax.Array:
+  """The tokens of the b_dec initialisation as one global array: every
+  process's first ``init_tokens / process_count`` (so that all hosts
+  initialise from the same data), cut to a multiple of the local data shards."""
+  shards = max(1, tr.mesh.shape["data"] // jax.process_count())
+  n = min(len(local_tokens), max(tr.config.train.init_tokens // jax.process_count(), shards))
+  n -= n % shards
+  return store.to_global(np.asarray(local_tokens[:n], np.float32), tr.batch_sharding)
+
+
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
   from saemnesia_jax import blocks
@@ -418,13 +441,14 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     reader = make_reader(tr, "train")
     first = next(make_reader(tr, "train"))  # geometric-median init of b_dec from a first batch
     sample = first if tr.mode == "unsupervised" else first[0].reshape(-1, tr.store.d_in)
-    state = tr.init_fn(jnp.asarray(sample[: t.init_tokens]))
+    state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
             "stopped_early": False, "config": config.to_dict()}
-  if jax.process_index() == 0:
+  primary = jax.process_index() == 0  # several hosts: one writes the logs and the export
+  if primary:
     atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
   tokens_per_step = t.batch_size * (1 if tr.mode == "unsupervised" else tr.store.tokens_per_map)
-  log_f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+  log_f = open(os.path.join(out_dir, "metrics.jsonl") if primary else os.devnull, "a")
   start = int(meta["step"])
   pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
               disable=not progress)
@@ -451,7 +475,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
           meta["last_val"] = v["loss"]
           if meta["best_val"] is None or v["loss"] < meta["best_val"] - t.min_delta:
             meta["best_val"], meta["bad_evals"] = v["loss"], 0
-            if t.early_stop:  # export the best; without early stopping, the end of the schedule
+            if t.early_stop and primary:  # export the best; without early stopping, the end of the schedule
               export(tr, state["params"], meta)
           else:
             meta["bad_evals"] += 1
@@ -473,13 +497,16 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()
-  if (t.val_fraction <= 0 or not t.early_stop) and step >= t.steps:
+  if (t.val_fraction <= 0 or not t.early_stop) and step >= t.steps and primary:
     export(tr, state["params"], meta)
   return {"step": step, "metrics": last, "best_val": meta["best_val"], "run_dir": out_dir,
           "stopped_early": meta["stopped_early"], "state": state}
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  if config.get("dry_run"):
+    from saemnesia_jax import sizing
+    return sizing.dry_run(config)
   from saemnesia_jax import blocks
   if blocks.per_block(config):  # an SAE per block ({workdir}/{block}/{train.name})
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}

@@ -82,10 +82,29 @@ def test_tokenizer_pads_and_marks_eos(flax_pipe):
   assert flax_pipe.text_encoder.config.eos_token_id == tok.eos_token_id
 
 
-def test_bfloat16_load_casts_params(flax_dir):
+def test_bfloat16_load_casts_params(flax_dir, flax_pipe):
   pipe = models.load_pipeline(flax_dir, dtype="bfloat16")
   leaves = jax.tree_util.tree_leaves(pipe.params)
   assert all(x.dtype == jnp.bfloat16 for x in leaves)
+  # Read straight into bfloat16: the same values as a float32 load cast afterwards.
+  _assert_params_equal(pipe.params, models._cast(flax_pipe.params, jnp.bfloat16))
+  # The text-encoder wrapper keeps no (float32) weights of its own beside pipe.params.
+  assert not pipe.text_encoder._is_initialized
+
+
+def test_memory_efficient_attention_matches_plain(flax_dir, flax_pipe):
+  assert not flax_pipe.unet.use_memory_efficient_attention  # 'auto' at a 16 x 16 latent: plain
+  chunked = models.load_pipeline(flax_dir, attention="memory_efficient")
+  assert chunked.unet.use_memory_efficient_attention
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 4, 16, 16)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((2, SPEC.max_length, SPEC.text_width)), jnp.float32)
+  t = jnp.array([10, 500])
+  a = flax_pipe.unet_apply(flax_pipe.params, x, t, ctx).sample
+  b = chunked.unet_apply(chunked.params, x, t, ctx).sample
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+  with pytest.raises(ValueError, match="config.model.attention='flash'"):
+    models.load_pipeline(flax_dir, attention="flash")
 
 
 def test_hookable_blocks_follow_diffusers_names(flax_pipe):

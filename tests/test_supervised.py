@@ -152,3 +152,25 @@ def test_finetune_makes_assigned_latents_selective(data, sup_loss):
   np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=1e-5)
   # On held-out maps, each concept's assigned latent is its most selective latent.
   np.testing.assert_array_equal(_selectivity_argmax(params, x_val, obj_val, sty_val), np.asarray(assign))
+
+
+@pytest.mark.parametrize("batch_topk,sup_loss", [(True, "bce"), (False, "softmax")])
+def test_micro_batched_step_gives_the_same_update(data, batch_topk, sup_loss):
+  """Gradients accumulated over 4 slices == one pass over the whole batch."""
+  (x, obj, sty), _ = data
+  params = sae.init_params(jax.random.key(5), D_IN, N_LAT, x.reshape(-1, D_IN))
+  assign = sup.random_assignment(jax.random.key(6), N_OBJ, N_STY, N_LAT)
+  cfg = sup.SupervisedConfig(n_objects=N_OBJ, k=K, batch_topk=batch_topk, sup_loss=sup_loss)
+  whole = jax.jit(jax.value_and_grad(sup.supervised_loss, has_aux=True), static_argnums=5)
+  sliced = jax.jit(sup.accumulated_value_and_grad, static_argnums=(5, 6))
+  (loss, aux), grads = whole(params, x, obj, sty, assign, cfg)
+  (loss_m, aux_m), grads_m = sliced(params, x, obj, sty, assign, cfg, 4)
+  np.testing.assert_allclose(loss_m, loss, rtol=1e-5)
+  for k in ("mse", "fvu", "l_sup", "bce", "softmax_ce", "l1", "decorr", "object_acc", "style_acc", "l0"):
+    np.testing.assert_allclose(aux_m[k], aux[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  np.testing.assert_array_equal(aux_m["fired"], aux["fired"])
+  for k in grads:
+    scale = float(jnp.max(jnp.abs(grads[k]))) + 1e-12
+    np.testing.assert_allclose(grads_m[k], grads[k], atol=2e-5 * scale, rtol=1e-4, err_msg=k)
+  with pytest.raises(ValueError, match="micro_batches must divide"):
+    sup.accumulated_value_and_grad(params, x, obj, sty, assign, cfg, 5)

@@ -169,3 +169,47 @@ def test_config_typo_is_an_error(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode != 0 and "kk" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_two_processes_of_two_devices_train_as_one_of_four(concept_store, tmp_path):
+  """launch/local.sh: 2 jax.distributed processes x 2 fake devices reach the
+  parameters of 1 process x 4 devices fed the same global batches."""
+  overrides = dict(steps=4, batch_size=32, mesh_shape=(-1, 1), val_fraction=0.0, ckpt_every=2, log_every=2,
+                   eval_every=100)
+  script = tmp_path / "train2.py"
+  script.write_text(f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); sys.path.insert(0, {os.path.join(ROOT, 'configs')!r})
+import jax, numpy as np
+from test_train import _config
+from saemnesia_jax import train
+c = _config({str(tmp_path / 'two')!r}, {concept_store[0]!r}, **{overrides!r})
+r = train.train(c, progress=False)
+assert jax.device_count() == 4 and jax.process_count() == 2
+if jax.process_index() == 0:
+  np.savez({str(tmp_path / 'two.npz')!r}, **jax.device_get(r["state"]["params"]))
+""")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SAEMNESIA_") and k != "XLA_FLAGS"}
+  env.update(SAEMNESIA_LOG_DIR=str(tmp_path / "logs"), SAEMNESIA_LOCAL_DEVICES="2", SAEMNESIA_INIT_TIMEOUT="60",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  p = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", sys.executable, str(script)],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  logs = {f: (tmp_path / "logs" / f).read_text()[-2000:] for f in os.listdir(tmp_path / "logs")}
+  assert p.returncode == 0, (p.stderr[-2000:], logs)
+  two = dict(np.load(tmp_path / "two.npz"))
+
+  # One process, four devices, the two processes' readers side by side.
+  tr = train.setup(_config(tmp_path / "one", concept_store[0], **overrides))
+  assert tr.mesh.devices.shape == (4, 1)
+  readers = [train.make_reader(tr, "train", process_index=i, process_count=2) for i in range(2)]
+  firsts = [next(train.make_reader(tr, "train", process_index=i, process_count=2)) for i in range(2)]
+  state = tr.init_fn(train.init_sample(tr, np.concatenate(firsts)))
+  w0 = np.asarray(state["params"]["W_enc"])
+  for _ in range(overrides["steps"]):
+    batch = np.concatenate([next(r) for r in readers])
+    state, _ = tr.step_fn(state, train.place(tr, batch))
+  one = jax.device_get(state["params"])
+  assert sorted(two) == sorted(one)
+  for k in one:
+    np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert np.abs(two["W_enc"] - w0).max() > 1e-4  # it trained
