@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"
   model.weights = "auto"
   model.seed = 0
-  model.attention = "auto"  # UNet attention: auto (chunked at >= 64x64 latents) | plain | memory_efficient
+  model.attention = "auto"
   model.block_out_channels = (32, 64, 64)
   model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
   model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")

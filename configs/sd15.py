@@ -73,7 +73,7 @@ def get_config():
       dtype="bfloat16",
       weights="auto",
       seed=0,
-      attention="auto",  # UNet attention: auto (chunked at >= 64x64 latents: SD v1.5) | plain | memory_efficient
+      attention="auto",
   ))
   config.block = "up_blocks.1.attentions.1"  # objects (SAeUron's and SAEmnesia's)
   # SAeUron's published style results clamp here; each stage runs per block

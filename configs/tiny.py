@@ -23,7 +23,7 @@ def get_config():
       dtype="float32",  # float32 | bfloat16 | float16
       weights="auto",  # auto (Flax if present, else PyTorch) | flax | pt
       seed=0,  # seed of the tiny random pipeline
-      attention="auto",  # UNet attention: auto (chunked at >= 64x64 latents) | plain | memory_efficient
+      attention="auto",
   ))
   config.block = "up_blocks.1.attentions.1"
   config.sampler = ml_collections.ConfigDict(dict(
