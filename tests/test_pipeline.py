@@ -105,3 +105,20 @@ def test_pipeline_killed_mid_stage_resumes_to_the_same_numbers(full_run, tmp_pat
   done = pipeline.run(_config(work), progress=False)
   assert done["evaluate"] == "ran" and done["train"] == "skipped"
   assert _numbers(work) == _numbers(work_full)
+
+
+def test_unlearn_on_a_pipeline_run(full_run):
+  """The unlearn stage on another pipeline than CanvasMini: the workdir's SAEs, scores and
+  the settings its evaluation chose."""
+  from saemnesia_jax import unlearn
+  work, _ = full_run
+  c = _config(work)
+  c.unlearn.concepts = ("cat",)
+  c.unlearn.seeds = (188,)
+  m = unlearn.run(c)
+  assert m["chosen"] == os.path.join(str(work), "eval", "summary.json")
+  chosen = json.loads((work / "eval" / "summary.json").read_text())["chosen"]
+  assert m["methods"]["saemnesia"]["settings"] == {"object/cat": chosen["saemnesia/object/cat"]}
+  assert m["methods"]["saemnesia"]["sae_dir"] == os.path.join(str(work), "sae_sup", "export")
+  assert (work / "unlearn" / "grid.png").is_file()
+  assert len(m["images"]) == len(m["prompts"]) * 3

@@ -68,3 +68,17 @@ def test_gamma_override_and_unknown_concept(tmp_path):
     api.erasure(sae, tables, ["Dog"], "saemnesia", chosen=chosen)
   with pytest.raises(ValueError, match="no chosen gamma"):
     api.erasure(sae, tables, ["Disk"], "saemnesia")
+
+
+def test_the_documented_api_example_runs():
+  """The example in saemnesia_jax/api.py's docstring (the README's), run as written."""
+  lines = api.__doc__.split("\n")
+  start = next(i for i, l in enumerate(lines) if l.strip().startswith("from saemnesia_jax import api"))
+  end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+  ns = {}
+  exec("\n".join(l[2:] for l in lines[start:end]), ns)  # noqa: S102
+  before, after, pil = ns["before"], ns["after"], ns["pil"]
+  assert before.shape == after.shape == (2, 16, 16, 3)
+  assert np.abs(after[0] - before[0]).mean() > CHANGED  # the Disk prompt: erased
+  assert np.abs(after[1] - before[1]).mean() < KEPT  # the Ring prompt: kept
+  assert len(pil) == 2 and pil[0].size == (16, 16)
