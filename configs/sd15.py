@@ -71,5 +71,10 @@ def get_config():
       evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
                                         "Statues", "Sandwiches", "Waterfalls"),
                     classifier="unlearncanvas"),
+      # SAEmnesia's fine-tune at the published recipe (configs/sd15_sup.py): 150 epochs of the
+      # 80% train split (83,200 prompts x 50 steps x 0.8 / 128 maps), Adam 5e-6, early stopping.
+      pipeline=dict(sup_train=dict(steps=150 * 83_200 * 50 * 8 // 10 // 128, batch_size=128,
+                                   learning_rate=5e-6, lr_decay="constant", adam_eps=1e-8,
+                                   eval_every=1000, patience=5)),
   )
   return config

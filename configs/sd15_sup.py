@@ -12,8 +12,6 @@ from saemnesia_jax import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  # 150 epochs of the 80% train split: 83,200 prompts x 50 steps x 0.8 / 128 maps.
-  base = config_defaults.sibling_config(__file__, "sd15.py")
-  return config_defaults.make_supervised(
-      base, steps=150 * 83_200 * 50 * 8 // 10 // 128, batch_size=128, learning_rate=5e-6,
-      lr_decay="constant", adam_eps=1e-8, eval_every=1000, patience=5)
+  # The recipe is sd15.py's pipeline section (pipeline.sup_train), so that this file and
+  # `python -m saemnesia_jax.pipeline --config configs/sd15.py` run the same fine-tune.
+  return config_defaults.supervised_of(config_defaults.sibling_config(__file__, "sd15.py"))

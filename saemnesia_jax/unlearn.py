@@ -112,16 +112,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
   chosen = api.load_chosen(cpath) if cpath else {}
   gamma = float(u.gamma) if u.gamma else None
   percentile = float(u.percentile) if u.percentile else None
-  erasures, used = {}, {}
+  erasures, used, names = {}, {}, None
   for m, (sae_dir, scores_dir) in sources(config).items():
     sae, tables = api.load_sae(sae_dir), api.load_scores(scores_dir)
+    names = names or api.concept_names(tables)
     erasures[m] = api.erasure(sae, tables, list(u.concepts), m, gamma=gamma, percentile=percentile, chosen=chosen)
     used[m] = {"sae_dir": sae_dir, "scores_dir": scores_dir, "k": sae.k, "block": sae.block,
                "latents": [e.latents.tolist() for e in erasures[m].entries],
                "settings": {f"{d}/{n}": s for d, n, s in erasures[m].concepts}}
   first = next(iter(erasures.values()))
   erased = [(d, n) for d, n, _ in first.concepts]
-  objects, styles = api.concept_names(api.load_scores(sources(config)[first.method][1]))
+  objects, styles = names
   if u.prompts:
     prompts = list(u.prompts)
     has = [_holds(p, erased) for p in prompts]
