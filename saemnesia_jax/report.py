@@ -95,7 +95,7 @@ def plot_training(runs: dict[str, list[dict]], path: str) -> bool:
     return False
   from matplotlib.figure import Figure
   fig = Figure(figsize=(12, 3.2))
-  panels = (("fvu", "FVU (train)", "val_fvu"), ("dead_fraction", "dead latents (fraction)", None),
+  panels = (("fvu", "FVU (solid: train, dashed: validation)", "val_fvu"), ("dead_fraction", "dead latents (fraction)", None),
             ("object_acc", "supervised accuracy", "style_acc"))
   for i, (key, title, extra) in enumerate(panels):
     ax = fig.add_subplot(1, 3, i + 1)
