@@ -211,5 +211,9 @@ def get_config() -> ml_collections.ConfigDict:
       # a rerun of the evaluation.
       evaluate=dict(percentiles=(99.7, 99.9), gammas=(-0.1, -0.5, -2.0, -10.0),
                     eval_seeds=(188, 288), seed_images=False),
+      # The SAEmnesia fine-tune (configs/canvas_mini_sup.py explains the choice).
+      pipeline=dict(sup_loss="softmax",
+                    sup_train=dict(steps=2000, batch_size=32, learning_rate=1e-3, lr_decay="constant",
+                                   adam_eps=1e-8, eval_every=100)),
   )
   return config

@@ -38,8 +38,6 @@ from saemnesia_jax import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  base = config_defaults.sibling_config(__file__, "canvas_mini.py")
-  base.sae.sup_loss = "softmax"
-  return config_defaults.make_supervised(
-      base, steps=2000, batch_size=32, learning_rate=1e-3, lr_decay="constant", adam_eps=1e-8,
-      eval_every=100)
+  # The recipe is canvas_mini.py's pipeline section (sup_loss, sup_train), so
+  # that this file and `python -m saemnesia_jax.pipeline` run the same fine-tune.
+  return config_defaults.supervised_of(config_defaults.sibling_config(__file__, "canvas_mini.py"))

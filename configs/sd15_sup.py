@@ -15,10 +15,6 @@ from saemnesia_jax import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  # 150 epochs of the 80% train split of the store actually collected: the
-  # trainer derives the steps from the store (train.epochs) and prints them.
-  base = config_defaults.sibling_config(__file__, "sd15.py")
-  return config_defaults.make_supervised(
-      base, epochs=150.0, batch_size=128, learning_rate=5e-6, lr_decay="constant", adam_eps=1e-8,
-      eval_every=1000, patience=5, early_stop=True,
-      micro_batches=8)  # 128 maps in 8 slices: 1.4 GiB of step temporaries instead of 12.7 (the same update)
+  # The recipe is sd15.py's pipeline section (pipeline.sup_train), so that this file and
+  # `python -m saemnesia_jax.pipeline --config configs/sd15.py` run the same fine-tune.
+  return config_defaults.supervised_of(config_defaults.sibling_config(__file__, "sd15.py"))

@@ -52,5 +52,7 @@ def get_config():
       train=dict(steps=40, batch_size=256, learning_rate=1e-3, val_batches=4, eval_every=20,
                  log_every=10, ckpt_every=20),
       evaluate=dict(gammas=(-1.0, -10.0), percentiles=(99.0,), eval_seeds=(188,)),
+      # The supervised fine-tune of the pipeline: the tiny store holds few maps per batch.
+      pipeline=dict(sup_train=dict(batch_size=4)),
   )
   return config

@@ -303,13 +303,57 @@ def _evaluate(config) -> None:
                 "run python -m saemnesia_jax.scores on that SAE first")
 
 
+def _unlearn(config) -> None:
+  u = config.unlearn
+  check_model(config)
+  check_sampler(config)
+  if not u.concepts:
+    _fail("unlearn.concepts", tuple(u.concepts), "is empty", "e.g. --config.unlearn.concepts=\"('Disk',)\"")
+  names = list(config.concepts.objects) + list(config.concepts.styles)
+  low = [n.lower() for n in names]
+  for c in u.concepts:
+    if c.lower() not in low:
+      import difflib
+      close = difflib.get_close_matches(c, names, n=3)
+      _fail("unlearn.concepts", c, "not a concept of config.concepts",
+            f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(names)}")
+  for m in u.methods:
+    if m not in ("saemnesia", "saeuron"):
+      _fail("unlearn.methods", tuple(u.methods), f"unknown method {m!r}", "known: saemnesia, saeuron")
+  if u.gamma > 0:
+    _fail("unlearn.gamma", u.gamma, "must be negative (0 = each concept's chosen gamma)")
+  if not u.seeds:
+    _fail("unlearn.seeds", tuple(u.seeds), "is empty")
+
+
+def _pipeline_check(config) -> None:
+  from saemnesia_jax import pipeline  # light at import: JAX only when it runs
+  unknown = [st for st in config.pipeline.stages if st not in pipeline.STAGES]
+  if unknown:
+    _fail("pipeline.stages", tuple(config.pipeline.stages), f"unknown stages {unknown}",
+          f"known: {', '.join(pipeline.STAGES)}")
+  _collect(config)  # the first stage's checks; each later stage checks its inputs when it starts
+
+
+def _report(config) -> None:
+  if not os.path.isdir(config.workdir):
+    _fail("workdir", config.workdir, "no such folder", "run the stages (or python -m saemnesia_jax.pipeline) first")
+
+
+def _ship_saes(config) -> None:
+  for run in ("sae_unsup", "sae_sup"):
+    if not os.path.isfile(os.path.join(config.workdir, run, "export", "cfg.json")):
+      _fail("workdir", config.workdir, f"no SAE in {run}/export", "run the pipeline on CanvasMini first")
+
+
 def _build(config) -> None:
   _positive(config, "base_train.steps", "base_train.batch_size", "base_train.learning_rate")
 
 
 CHECKS: dict[str, Callable[[Any], None]] = {
     "sample": _sample, "collect": _collect, "probe": _probe, "train": _train, "scores": _scores,
-    "evaluate": _evaluate, "canvas_mini.build": _build,
+    "evaluate": _evaluate, "canvas_mini.build": _build, "unlearn": _unlearn, "pipeline": _pipeline_check,
+    "report": _report, "canvas_mini.ship_saes": _ship_saes,
 }
 
 

@@ -46,6 +46,11 @@ STAGES = {
     "train": Stage("saemnesia_jax.train", _BLOCKS + ("dry_run", "model", "collect.store_path", "sae", "train")),
     "scores": Stage("saemnesia_jax.scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores")),
     "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("model", "sampler", "concepts", "evaluate")),
+    "unlearn": Stage("saemnesia_jax.unlearn", _BLOCKS + ("model", "sampler", "concepts", "unlearn")),
+    "pipeline": Stage("saemnesia_jax.pipeline", _BLOCKS + ("model", "sampler", "concepts", "collect", "probe",
+                                                           "sae", "train", "scores", "evaluate", "pipeline")),
+    "report": Stage("saemnesia_jax.report", _COMMON + ("probe.out_dir", "evaluate.out_dir", "pipeline")),
+    "canvas_mini.ship_saes": Stage("saemnesia_jax.canvas_mini.ship_saes", _COMMON + ("unlearn.sae_root",)),
     "canvas_mini.build": Stage("saemnesia_jax.canvas_mini.build",
                                _COMMON + ("data", "classifier", "model", "base_train", "base_eval", "build")),
 }

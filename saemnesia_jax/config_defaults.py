@@ -166,8 +166,38 @@ EVALUATE = dict(
     grids=True,  # write before/after image grids
 )
 
+# Erase concepts now (stage unlearn): the same prompts and seeds with and without the erasure.
+UNLEARN = dict(
+    concepts=(),  # object / style names to erase at once, e.g. "('Disk',)" or "('Disk', 'Neon')"; required
+    methods=("saemnesia", "saeuron"),  # one column per method and seed: saemnesia | saeuron
+    gamma=0.0,  # the clamp multiplier for every concept (negative); 0 -> each concept's chosen gamma
+    percentile=0.0,  # saeuron's per-step score percentile for every concept; 0 -> the chosen one
+    sae_root="",  # folder with sae_unsup/ and sae_sup/ (export/ + scores/); '' -> shipped (canvas_mini) or workdir
+    sae_dir="",  # one method only: its SAE folder (sparsify layout); '' -> {sae_root}/sae_*/export
+    scores_dir="",  # one method only: its scores folder; '' -> {sae_root}/sae_*/scores
+    chosen="",  # JSON of chosen settings (chosen.json / evaluate's summary.json); '' -> found in sae_root
+    prompts=(),  # () -> 2 prompts with each concept and 2 without, from config.concepts' template
+    seeds=(188, 288),  # one column per seed and method
+    batch_size=0,  # images per sampler call; 0 -> all of one method at once (at most sampler.batch_size)
+    out_dir="",  # '' -> {workdir}/unlearn
+)
+
+# The whole method in one command (module pipeline): every stage in order, skipping finished ones.
+PIPELINE = dict(
+    stages=("collect", "probe", "train", "scores", "train_sup", "scores_sup", "evaluate", "report"),  # to run
+    sup_loss="",  # the supervised fine-tune's sae.sup_loss; '' -> config.sae.sup_loss
+    sup_train=dict(),  # train fields of the supervised fine-tune (config_defaults.make_supervised)
+    judge="",  # 'module:factory' of the evaluation's classifiers; '' -> config.evaluate.classifier
+    quick=False,  # a smaller run in {workdir}/quick (shares the store): the quick_* fields below
+    quick_train_steps=1500,  # quick: unsupervised SAE steps
+    quick_concepts=3,  # quick: erase the first n objects and the first n styles only
+    quick_gammas=(-0.5, -2.0),  # quick: the gamma grid of both methods
+    quick_percentiles=(99.9,),  # quick: SAeUron's percentile grid
+    quick_eval_seeds=(188,),  # quick: the held-out seeds of the table
+)
+
 SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "probe": PROBE,
-            "evaluate": EVALUATE}
+            "evaluate": EVALUATE, "unlearn": UNLEARN, "pipeline": PIPELINE}
 
 
 SHARED = {"model": MODEL, "sampler": SAMPLER, "concepts": CONCEPTS}
@@ -216,6 +246,17 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
     raise KeyError(f"config.train has no fields {sorted(extra)}; known: {sorted(TRAIN)}")
   config.train.update(train)
   return config
+
+
+def supervised_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The supervised fine-tune of ``config`` as its pipeline section describes it
+  (``pipeline.sup_loss``, ``pipeline.sup_train``): what the pipeline stage runs
+  and what a config such as configs/canvas_mini_sup.py returns."""
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy, fields references resolved below
+  p = config.pipeline
+  if p.sup_loss:
+    config.sae.sup_loss = p.sup_loss
+  return make_supervised(config, **p.sup_train.to_dict())
 
 
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:

@@ -210,16 +210,10 @@ class Evaluation:
     return concepts.lookup(name, names, domain)
 
   def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
-    s = self.sae(method, domain)["scores"]
-    c = self.concept_index(domain, name)
-    key = "objects" if domain == "object" else "styles"
-    mu, thr = s[f"mu_{key}"][c], s[f"threshold_{key}"]
-    if method == "saemnesia":
-      a = self.sae(method, domain)["assignment"]
-      latent = int(a[c] if domain == "object" else a[len(self.objects) + c])
-      return clamp.concept_entry(mu, thr, setting["gamma"], assigned=latent)
-    return clamp.concept_entry(mu, thr, setting["gamma"], scores_c=s[f"scores_{key}"][c],
-                               percentile=setting["percentile"])
+    from saemnesia_jax import erase
+    sae = self.sae(method, domain)
+    return erase.concept_entry(method, sae["scores"], domain, self.concept_index(domain, name), setting,
+                               assignment=sae.get("assignment"))
 
   def spec(self, method: str, erase: list[tuple[str, str, dict]], sampler) -> clamp.ClampSpec:
     n_steps = len(sampler.timesteps)

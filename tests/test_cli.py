@@ -54,6 +54,11 @@ BAD = {
     "scores": ("configs/tiny.py", "--config.scores.split=test"),
     "evaluate": ("configs/tiny.py", "--config.evaluate.methods=('saeuron','unknown')"),
     "canvas_mini.build": ("configs/canvas_mini.py", "--config.base_train.steps=0"),
+    "unlearn": ("configs/canvas_mini.py", "--config.unlearn.concepts=('Dsik',)"),
+    "pipeline": ("configs/tiny.py", "--config.pipeline.stages=('collect','bogus')"),
+    # The test's own --config.workdir (a folder that does not exist) is the bad value here.
+    "report": ("configs/tiny.py", "--config.workdir=-"),
+    "canvas_mini.ship_saes": ("configs/canvas_mini.py", "--config.workdir=-"),
 }
 
 

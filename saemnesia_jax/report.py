@@ -1,0 +1,235 @@
+"""Stage `report`: report.md and its figures, built only from what the stages wrote.
+
+  python -m saemnesia_jax.report --config configs/canvas_mini.py
+  python -m saemnesia_jax.report --config configs/canvas_mini.py --config.pipeline.quick=True  # the quick run's
+
+Reads ``{workdir}`` (the quick run's ``{workdir}/quick`` with
+``pipeline.quick``): the SAE runs' ``metrics.jsonl``, the scores stages'
+association reports, the probe, ``eval/`` (summary.json, cost, sequential,
+erasure grid), ``unlearn/grid.png`` if the unlearn stage ran, and the
+pipeline's stage records (wall times). Writes ``{workdir}/report/``:
+``report.md``, ``training.png`` and copies of the other figures, so the
+folder stands alone. Missing inputs are named in the report, not invented.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # flags, help and checks before the heavy imports
+  from saemnesia_jax import cli
+  cli.main("report")
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+
+import ml_collections
+
+from saemnesia_jax import metrics
+from saemnesia_jax.io_utils import atomic_write_bytes, read_json
+
+# Table 1 of the SAEmnesia paper (arXiv 2509.21379): Stable Diffusion v1.5 on UnlearnCanvas, in %.
+PUBLISHED = {
+    "published SD v1.5: SAeUron": dict(style_UA=95.80, style_IRA=99.10, style_CRA=99.40, object_UA=87.16,
+                                       object_IRA=85.57, object_CRA=74.14, avg=90.10),
+    "published SD v1.5: SAEmnesia": dict(style_UA=96.60, style_IRA=98.67, style_CRA=99.30, object_UA=94.65,
+                                         object_IRA=91.39, object_CRA=88.48, avg=94.85),
+}
+_KEYS = ("style_UA", "style_IRA", "style_CRA", "object_UA", "object_IRA", "object_CRA", "avg")
+
+
+def _read(path):
+  return read_json(path) if os.path.isfile(path) else None
+
+
+def _jsonl(path):
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _pct(v):
+  return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def table1(summary: dict) -> str:
+  """Table 1: the measured rows, then the published ones (marked, in italics)."""
+  lines = ["| method | style UA | IRA | CRA | object UA | IRA | CRA | avg |", "|---|---|---|---|---|---|---|---|"]
+  for m, row in summary["table"].items():
+    lines.append(f"| {m} | " + " | ".join(_pct(row.get(k)) for k in _KEYS) + " |")
+  for m, row in PUBLISHED.items():
+    lines.append(f"| *{m} (published, not measured here)* | " + " | ".join(f"*{row[k]:.2f}*" for k in _KEYS) + " |")
+  return "\n".join(lines)
+
+
+def cost_table(summary: dict) -> str:
+  lines = ["| method | sweep trials per concept | trials in all | wall (sweep + final, min) |", "|---|---|---|---|"]
+  for m in summary["table"]:
+    lines.append(f"| {m} | {summary['trials_per_concept'].get(m, 0)} | {summary['trials_total'].get(m, 0)} | "
+                 f"{summary['wall_s'].get(m, 0.0) / 60:.1f} |")
+  return "\n".join(lines)
+
+
+def per_concept_table(summary: dict) -> str:
+  lines = ["| method | domain | concept | UA | IRA | CRA | setting |", "|---|---|---|---|---|---|---|"]
+  for r in summary["per_concept"]:
+    setting = ", ".join(f"{k} {v}" for k, v in r.get("setting", {}).items())
+    lines.append(f"| {r['method']} | {r['domain']} | {r['concept']} | {_pct(r['UA'])} | {_pct(r['IRA'])} | "
+                 f"{_pct(r['CRA'])} | {setting} |")
+  return "\n".join(lines)
+
+
+def sequential_table(summary: dict) -> str:
+  seq = summary.get("sequential") or {}
+  if not seq:
+    return ""
+  methods = list(seq)
+  lines = ["| n | " + " | ".join(f"{m} UA / IRA / CRA" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+  for i, r in enumerate(seq[methods[0]]):
+    cells = [" / ".join(f"{100 * seq[m][i][k]:.1f}" for k in ("UA", "IRA", "CRA")) for m in methods]
+    lines.append(f"| {r['n']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_training(runs: dict[str, list[dict]], path: str) -> bool:
+  """FVU, dead latents and (supervised) concept accuracy against the step, per SAE run."""
+  if not any(runs.values()):
+    return False
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(12, 3.2))
+  panels = (("fvu", "FVU (solid: train, dashed: validation)", "val_fvu"), ("dead_fraction", "dead latents (fraction)", None),
+            ("object_acc", "supervised accuracy", "style_acc"))
+  for i, (key, title, extra) in enumerate(panels):
+    ax = fig.add_subplot(1, 3, i + 1)
+    for name, rows in runs.items():
+      pts = [(r["step"], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=f"{name} {key}")
+      if extra:
+        pts = [(r["step"], r[extra]) for r in rows if extra in r]
+        if pts:
+          ax.plot(*zip(*pts), linestyle="--", label=f"{name} {extra}")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=7)
+  atomic_write_bytes(path, metrics._png(fig))
+  return True
+
+
+def _commit() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown (no git)"
+  return (head or "unknown (not a git checkout)") + (" with uncommitted changes" if dirty else "")
+
+
+def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None:
+  if not os.path.isfile(src):
+    missing.append(src)
+    return None
+  shutil.copyfile(src, os.path.join(out_dir, name))
+  return name
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes {workdir}/report/report.md (and figures); returns its path."""
+  from saemnesia_jax import scores as scores_lib
+  out_dir = os.path.join(workdir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  eval_dir = config.evaluate.out_dir or os.path.join(workdir, "eval")
+  missing: list[str] = []
+  md = [f"# SAEmnesia vs SAeUron: report of {workdir}", "",
+        "Built by `python -m saemnesia_jax.report` from the files the stages wrote; nothing here is typed in "
+        "by hand except the published rows, marked as such.", ""]
+  if config.pipeline.quick:
+    p = config.pipeline
+    md += [f"**Quick run** (`pipeline.quick`): SAE trained {p.quick_train_steps} steps; erasing the first "
+           f"{p.quick_concepts} objects and styles only; gamma grid {tuple(p.quick_gammas)}, SAeUron percentiles "
+           f"{tuple(p.quick_percentiles)}, held-out seeds {tuple(p.quick_eval_seeds)}. Not comparable to the "
+           "full table.", ""]
+  summary = _read(os.path.join(eval_dir, "summary.json"))
+  md += ["## Table 1: unlearning (UA / IRA / CRA, %)", ""]
+  if summary:
+    md += [table1(summary), "", "Sweep trials and the time of sampling and judging per method:", "",
+           cost_table(summary), ""]
+  else:
+    missing.append(os.path.join(eval_dir, "summary.json"))
+    md += ["(no evaluation yet)", ""]
+  if summary and summary.get("sequential"):
+    md += ["## Sequential unlearning (objects erased at once)", "", sequential_table(summary), ""]
+    name = _figure(os.path.join(eval_dir, "sequential.png"), out_dir, "sequential.png", missing)
+    if name:
+      md += [f"![sequential]({name})", ""]
+  md += ["## Concept-latent association (scores stage)", ""]
+  for run, label in (("sae_unsup", "unsupervised SAE (SAeUron)"), ("sae_sup", "supervised SAE (SAEmnesia)")):
+    sdir = os.path.join(workdir, run, "scores")
+    rep = _read(os.path.join(sdir, scores_lib.REPORT_FILE))
+    if rep is None:
+      missing.append(os.path.join(sdir, scores_lib.REPORT_FILE))
+      continue
+    md += [f"### {label}", "", "```", scores_lib.format_report(rep), "```", ""]
+    name = _figure(os.path.join(sdir, scores_lib.PLOT_FILE), out_dir, f"association_{run}.png", missing)
+    if name:
+      md += [f"![association {run}]({name})", ""]
+  runs = {run: _jsonl(os.path.join(workdir, run, "metrics.jsonl")) for run in ("sae_unsup", "sae_sup")}
+  md += ["## SAE training", ""]
+  for run, rows in runs.items():
+    if not rows:
+      missing.append(os.path.join(workdir, run, "metrics.jsonl"))
+      continue
+    last = rows[-1]
+    vals = ", ".join(f"{k} {last[k]:.4g}" for k in ("fvu", "val_fvu", "val_loss", "dead_fraction", "object_acc",
+                                                      "style_acc") if k in last)
+    md.append(f"- {run}: step {last['step']}: {vals}")
+  md.append("")
+  if plot_training(runs, os.path.join(out_dir, "training.png")):
+    md += ["![training curves](training.png)", ""]
+  probe = _read(os.path.join(config.probe.out_dir or os.path.join(workdir, "probe"), "probe.json"))
+  if probe:
+    md += ["## Probe of the hooked block (held-out accuracy of map-mean activations)", ""]
+    md += [f"- {d}: {r['accuracy']:.3f} (chance {r['chance']:.3f})" for d, r in probe["domains"].items()]
+    md.append("")
+  md += ["## Erasure grid (the same prompts without and with each method's chosen erasure)", ""]
+  name = _figure(os.path.join(eval_dir, "erasure_grid.png"), out_dir, "erasure_grid.png", missing)
+  if name:
+    md += [f"![erasure grid]({name})", ""]
+  if os.path.isfile(os.path.join(workdir, "unlearn", "grid.png")):
+    _figure(os.path.join(workdir, "unlearn", "grid.png"), out_dir, "unlearn_grid.png", missing)
+    md += ["The unlearn stage's grid:", "", "![unlearn grid](unlearn_grid.png)", ""]
+  if summary:
+    md += ["## Per concept", "", per_concept_table(summary), ""]
+  records = {s: _read(os.path.join(workdir, "pipeline", f"{s}.json")) for s in
+             ("collect", "probe", "train", "scores", "train_sup", "scores_sup", "evaluate")}
+  if any(records.values()):
+    md += ["## Stage wall times (the pipeline's records)", "", "| stage | wall (s) | finished |", "|---|---|---|"]
+    md += [f"| {s} | {r['wall_s']:.1f} | {r['finished']} |" for s, r in records.items() if r]
+    md.append("")
+  md += ["## What produced it", "", f"- commit: `{_commit()}`",
+         f"- written: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "- config:", "", "```json",
+         json.dumps(config.to_dict(), indent=1, sort_keys=True, default=str), "```", ""]
+  if missing:
+    md += ["## Missing inputs", ""] + [f"- {m}" for m in missing] + [""]
+  path = os.path.join(out_dir, "report.md")
+  atomic_write_bytes(path, "\n".join(md).encode())
+  return path
+
+
+def run(config: ml_collections.ConfigDict) -> str:
+  import jax
+  from saemnesia_jax import pipeline
+  if jax.process_index() != 0:
+    return ""
+  c = pipeline.quick_config(config) if config.pipeline.quick else config
+  path = build(c, c.workdir)
+  print(f"wrote {path}")
+  return path
+
