@@ -1,4 +1,4 @@
-"""CanvasMini: the miniature UnlearnCanvas (METHOD.md section 7).
+"""CanvasMini: the miniature UnlearnCanvas (docs/method.md section 7).
 
 Train and ship the object / style classifiers (writes
 saemnesia_jax/assets/canvas_mini/classifiers/):
@@ -21,7 +21,7 @@ Sections: ``data`` is the generator, ``classifier`` the judges, ``model`` /
 ``block``, ``sampler``, ``prompts`` and ``seeds`` are what every pipeline
 stage (sample, collect, ...) reads, as in configs/tiny.py and configs/sd15.py.
 
-Why this model (measured on 2 CPU cores, FINDINGS.md and benchmarks): pixel
+Why this model (measured on 2 CPU cores, benchmarks/): pixel
 space at 16x16 (32x32 costs 4-10x per step); three levels (16, 8, 4 px) with
 channels (32, 64, 64) so that, as in SD, ``up_blocks.1`` is the
 second-coarsest up level; cross-attention at 8x8 (down_blocks.1, up_blocks.1)

@@ -6,7 +6,7 @@ configs/canvas_mini.py (run that one's collect, train and scores first):
 
 It reads {workdir}/sae_unsup/export and the greedy assignment in
 {workdir}/sae_unsup/scores, and writes {workdir}/sae_sup/ and
-{workdir}/sae_sup/scores. The published recipe (METHOD.md section 3) is sigmoid BCE, Adam 5e-6, 128
+{workdir}/sae_sup/scores. The published recipe (docs/method.md section 3) is sigmoid BCE, Adam 5e-6, 128
 maps per batch, up to 150 epochs with early stopping (patience 5): on SD's
 store that is hours of GPU time. The miniature's store holds 13,000 maps of
 16 tokens; here the fine-tune takes 32 maps (512 tokens) per batch and at

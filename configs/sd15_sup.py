@@ -1,5 +1,5 @@
 """SAEmnesia on Stable Diffusion v1.5 / UnlearnCanvas: the supervised fine-tune
-of configs/sd15.py's unsupervised SAE at the published recipe (METHOD.md
+of configs/sd15.py's unsupervised SAE at the published recipe (docs/method.md
 section 3): Adam 5e-6, 128 maps per batch, up to 150 epochs with early
 stopping (patience 5) on a 20% validation split. The epochs are those of the
 store actually collected: the trainer derives the steps from it (train.epochs)

@@ -1,4 +1,4 @@
-"""Unlearning: the latent clamp (METHOD.md section 5) as a pure function.
+"""Unlearning: the latent clamp (docs/method.md section 5) as a pure function.
 
 At every sampling step and for both CFG halves, at the hooked block:
 

@@ -65,7 +65,7 @@ COLLECT = dict(
     max_units=0,  # >0: stop after this many units (a partial run; rerun to finish)
 )
 
-# The sparse autoencoder (stage train; METHOD.md sections 2-3).
+# The sparse autoencoder (stage train; docs/method.md sections 2-3).
 SAE = dict(
     mode="unsupervised",  # unsupervised (SAeUron) | supervised (SAEmnesia)
     d_in=0,  # 0: the store's width; else it must match the store
@@ -119,7 +119,7 @@ TRAIN = dict(
                     ("W_dec", ("model", None)), (".*", ())),  # (name regex, partition); first match wins
 )
 
-# Importance scores and the concept -> latent assignment (stage scores; METHOD.md section 3).
+# Importance scores and the concept -> latent assignment (stage scores; docs/method.md section 3).
 SCORES = dict(
     sae_dir="",  # '' -> {workdir}/sae_unsup/export; the supervised run: {workdir}/sae_sup/export
     out_dir="",  # '' -> {sae_dir}/../scores (beside the SAE run)
@@ -141,7 +141,7 @@ PROBE = dict(
     out_dir="",  # '' -> {workdir}/probe
 )
 
-# Unlearning and its evaluation (stage evaluate; METHOD.md sections 5-6).
+# Unlearning and its evaluation (stage evaluate; docs/method.md sections 5-6).
 EVALUATE = dict(
     out_dir="",  # '' -> {workdir}/eval
     methods=("none", "saeuron", "saemnesia"),  # none (no erasure) | saeuron | saemnesia
@@ -152,7 +152,7 @@ EVALUATE = dict(
     saemnesia_assignment="trained",  # trained (the SAE's own, saemnesia.json) | rescored (greedy on its scores)
     objects=(),  # concepts to erase; () -> all
     styles=(),  # styles to erase; () -> all
-    gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (METHOD.md)
+    gammas=(-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0),  # the clamp multiplier (docs/method.md)
     percentiles=(99.99, 99.995, 99.999),  # SAeUron: per-step score percentile (3 / 2 / 1 of 20,480)
     num_steps=0,  # DDIM steps of every evaluation sample (the protocol: 100); 0 -> sampler.num_steps
     sweep_seeds=(1,),  # seeds of the answer sets that choose each concept's setting

@@ -16,7 +16,7 @@ every object's unstyled prompt (UnlearnCanvas' Seed_Images); ``seeds``) is
 sampled (``evaluate.num_steps`` DDIM steps) with the clamp inside the jitted
 sampler, at ``config.block`` for objects and ``config.style_block`` for
 styles, each with that block's SAEs (``blocks.py``), classified by the style and object
-classifiers, and scored (METHOD.md section 6). The sweep picks, per concept,
+classifiers, and scored (docs/method.md section 6). The sweep picks, per concept,
 the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
 reports that setting on the held-out ``eval_seeds``. Sequential unlearning
 erases the first 1, 2, ..., n objects of ``sequential_objects`` at once,
@@ -26,7 +26,7 @@ Work is cut into units (method x concept x setting x seed set), each written
 atomically when done (``units.py``): a rerun after a crash does only what is
 missing, and several processes (``jax.distributed``; see launch/) split the
 units by ``jax.process_index()``. Process 0 merges: ``{out_dir}/`` gets
-``table.md`` / ``table.csv`` (Table 1 of METHOD.md), ``per_concept.csv``,
+``table.md`` / ``table.csv`` (Table 1 of docs/method.md), ``per_concept.csv``,
 ``sequential.md`` / ``.csv`` / ``.png``, ``trials.json`` and image grids of
 the same prompts with and without erasure.
 """

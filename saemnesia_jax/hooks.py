@@ -8,7 +8,7 @@ Flax module path of that block is ``('up_blocks_1', 'attentions_1')``.
 * Edit uses ``nn.intercept_methods`` around the UNet call: the block's
   ``__call__`` output ``x`` (B, H, W, C), channels last) is replaced by
   ``edit(x)``. The interceptor must be entered *inside* the jitted function
-  (see FINDINGS.md: entered outside, the edit is baked into the compile cache).
+  (entered outside, the edit is baked into the compile cache).
 """
 from __future__ import annotations
 

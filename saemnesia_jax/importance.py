@@ -1,4 +1,4 @@
-"""SAeUron's importance scores and feature selection (METHOD.md section 4).
+"""SAeUron's importance scores and feature selection (docs/method.md section 4).
 
 Inputs are per-map latent means: for each collected map (one prompt at one
 sampling step), the TopK codes averaged over its T tokens, (n_maps, n_latents),

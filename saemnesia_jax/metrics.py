@@ -1,4 +1,4 @@
-"""UnlearnCanvas metrics (METHOD.md section 6): UA, IRA, CRA and the tables.
+"""UnlearnCanvas metrics (docs/method.md section 6): UA, IRA, CRA and the tables.
 
 Inputs are plain numpy arrays over the *answer set* of one erasure experiment:
 the images generated for every object x style prompt (several seeds each),
@@ -50,10 +50,10 @@ DOMAINS = ("object", "style")
 METRICS = ("UA", "IRA", "CRA")
 # Table 1 of SAEmnesia: keys of ``average_table``'s dict, in column order.
 TABLE1_KEYS = ("style_UA", "style_IRA", "style_CRA", "object_UA", "object_IRA", "object_CRA", "avg")
-# Printed header of Table 1, as in METHOD.md section 6.
+# Printed header of Table 1, as in docs/method.md section 6.
 TABLE1_HEADER = ("style UA", "IRA", "CRA", "object UA", "IRA", "CRA", "avg")
 
-# Published Table 1 of SAEmnesia (METHOD.md section 6), as fractions; the six
+# Published Table 1 of SAEmnesia (docs/method.md section 6), as fractions; the six
 # numbers are style UA, IRA, CRA, object UA, IRA, CRA. The paper's SAeUron avg
 # (90.10) is not the mean of its six numbers (90.195); ``table1_rows``
 # recomputes avg, so this row prints 90.19 (the float mean is 90.19499...).
@@ -222,7 +222,7 @@ def sequential_metrics(true_obj: Any, true_sty: Any, pred_obj: Any, pred_sty: An
 
 def sweep_score(metrics: Mapping[str, float]) -> float:
   """(UA + IRA) / 2: the criterion by which the hyperparameter sweep picks a
-  setting per concept (METHOD.md section 5)."""
+  setting per concept (docs/method.md section 5)."""
   return (float(metrics["UA"]) + float(metrics["IRA"])) / 2.0
 
 
@@ -295,7 +295,7 @@ def format_markdown(rows: Mapping[str, Any], columns: Sequence[str] | None = Non
   """A Markdown table, one line per method, numbers in percent (2 decimals).
 
   ``columns=None``: Table 1 (six numbers per method, avg appended, header as
-  in METHOD.md). Otherwise the named columns, e.g. ``("UA", "IRA", "CRA")``
+  in docs/method.md). Otherwise the named columns, e.g. ``("UA", "IRA", "CRA")``
   for sequential unlearning, each row a mapping or a sequence of fractions.
   """
   header, table = _table(rows, columns)

@@ -417,7 +417,7 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
   sched_dir = os.path.join(path, "scheduler")
   sched_config = FlaxDDIMScheduler.load_config(sched_dir)
   # Any SD scheduler config (PNDM, DDIM, ...) carries the beta schedule; it
-  # is read as DDIM, the sampler of METHOD.md.
+  # is read as DDIM, the sampler of docs/method.md.
   scheduler = FlaxDDIMScheduler.from_config(sched_config, dtype=jnp.float32)
 
   params = {"unet": unet_params, "text_encoder": te_params}

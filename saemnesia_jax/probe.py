@@ -1,6 +1,6 @@
 """Does the hooked block carry the concepts? A linear probe on map-mean activations.
 
-SAEmnesia supervises each assigned latent's *map mean* (METHOD.md section 3)
+SAEmnesia supervises each assigned latent's *map mean* (docs/method.md section 3)
 and SAeUron's importance scores are map means of TopK codes (section 4): both
 presuppose that a concept moves the map-averaged activation of the hooked
 block along some direction. This stage measures that premise on a collected

@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder (METHOD.md section 2) as parameters plus pure functions.
+"""The TopK sparse autoencoder (docs/method.md section 2) as parameters plus pure functions.
 
 Parameters are a plain dict of arrays (``d_in`` = width of the hooked
 activations, ``n_latents`` = dictionary size, ``d_in * expansion``)::

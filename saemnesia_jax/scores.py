@@ -5,7 +5,7 @@ concept -> latent assignment, and the concept-latent association report.
   python -m saemnesia_jax.scores --config configs/canvas_mini.py \\
       --config.scores.sae_dir=runs/canvas_mini/sae_sup/export
 
-What it computes (METHOD.md section 4):
+What it computes (docs/method.md section 4):
 
 1. For every stored map (one prompt at one sampling step) of the activation
    store, the SAE's per-token TopK codes (k from the SAE's cfg.json; per-token

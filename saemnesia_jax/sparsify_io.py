@@ -1,4 +1,4 @@
-"""Import and export of SAEs in EleutherAI sparsify's layout (METHOD.md section 8).
+"""Import and export of SAEs in EleutherAI sparsify's layout (docs/method.md section 8).
 
 A sparsify SAE is a folder (one per hooked block) holding:
 

@@ -1,4 +1,4 @@
-"""SAEmnesia's supervised objective (METHOD.md section 3).
+"""SAEmnesia's supervised objective (docs/method.md section 3).
 
 Each concept (object or style) owns one designated latent.  The *assignment*
 is an int array of latent ids laid out objects first, then styles::

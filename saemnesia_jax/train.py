@@ -23,7 +23,7 @@ the latent axis on 'model', batches on 'data'), and writes into
 A rerun with the same config resumes from the latest checkpoint exactly
 (parameters, optimizer, reader position, counters).
 
-Unsupervised step (METHOD.md section 2): tokens -> FVU + AuxK/32 (BatchTopK or
+Unsupervised step (docs/method.md section 2): tokens -> FVU + AuxK/32 (BatchTopK or
 TopK), decoder rows unit norm after each step with the parallel gradient
 component removed, Adam with linear decay, clipping 1.0. Supervised step
 (section 3): whole maps with their labels -> MSE + w_sup * BCE (or softmax CE)

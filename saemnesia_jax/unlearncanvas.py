@@ -1,6 +1,6 @@
 """The UnlearnCanvas judges: its ViT-L/16 style and object classifiers, run in JAX.
 
-UnlearnCanvas (METHOD.md section 6) scores images with two fine-tuned timm
+UnlearnCanvas (docs/method.md section 6) scores images with two fine-tuned timm
 ``vit_large_patch16_224`` classifiers saved as PyTorch checkpoints:
 
   {classifier_dir}/style_classifier.pth   51 classes: the 50 styles and Seed_Images

@@ -134,7 +134,7 @@ def test_average_table():
 
 def test_table1_markdown_matches_the_paper():
   md = metrics.format_markdown(metrics.PUBLISHED_TABLE1).splitlines()
-  # These lines are copied from METHOD.md section 6 (Table 1 of SAEmnesia).
+  # These lines are copied from docs/method.md section 6 (Table 1 of SAEmnesia).
   assert md[0] == "| method | style UA | IRA | CRA | object UA | IRA | CRA | avg |"
   assert md[1] == "|---|---|---|---|---|---|---|---|"
   assert md[2] == "| ESD | 98.58 | 80.97 | 93.96 | 92.15 | 55.78 | 44.23 | 77.61 |"

@@ -1,6 +1,6 @@
 """CanvasMini judges: an object classifier and a style classifier (Flax CNNs).
 
-They play the part of UnlearnCanvas' ViT-L/16 classifiers (METHOD.md section
+They play the part of UnlearnCanvas' ViT-L/16 classifiers (docs/method.md section
 6): UA, IRA and CRA are computed from their predictions on generated images.
 Both take float32 NHWC images in [0, 1] (16x16x3 by default); the object head
 has ``data.N_OBJECTS`` classes, the style head ``data.N_STYLE_CLASSES`` (the

@@ -1,4 +1,4 @@
-"""CanvasMini: the UnlearnCanvas benchmark in miniature (METHOD.md section 7).
+"""CanvasMini: the UnlearnCanvas benchmark in miniature (docs/method.md section 7).
 
 Procedurally drawn images of ``N_OBJECTS`` objects (bold shapes) in
 ``N_STYLES`` styles (palettes, textures, line treatments) plus a plain
@@ -39,7 +39,7 @@ from scipy.ndimage import gaussian_filter
 GENERATOR_VERSION = 1
 
 # Objects: bold silhouettes that survive at 16 px.  A first attempt
-# (FINDINGS.md) showed that a small diffusion model learns thin or pointed
+# (an earlier miniature, measured) showed that a small diffusion model learns thin or pointed
 # shapes (triangle, star, heart, arrow, cross, diamond) slowly, and filled
 # disks and squares fast.  So every object here is a union / difference of
 # disks and axis-aligned boxes with strokes at least 3-4 px thick and holes at
