@@ -125,6 +125,10 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   # or 6kd gathering the k active rows.
   s = config.sae
   hand = 4 * d_in * L + (6 * s.k * d_in if s.sparse_decode else 6 * d_in * L)
+  # The unsupervised step with the sparse backward (sae.backward; auto: sparse
+  # except on TPU): the encoder forward 2dL plus O(k) gathers and scatters
+  # (about 8kd), AuxK left out (0 while nothing is dead).
+  hand_sparse = 2 * d_in * L + 8 * s.k * d_in if not sup and s.backward != "dense" else hand
   n_dev = tr.mesh.size
   out = {
       "mode": tr.mode, "d_in": d_in, "n_latents": L, "batch_size": t.batch_size,
@@ -141,10 +145,12 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   pb = out["per_device_bytes"]
   # The state is donated: outputs reuse the argument buffers.
   pb["total"] = pb["params"] + pb["optimizer"] + pb["dead_counter"] + pb["batch"] + (pb["temporaries"] or 0)
-  per_dev_tokens_s = {name: peak / hand for name, peak in PEAK_FLOPS.items()}
-  out["predicted_tokens_per_s"] = {name: v * n_dev for name, v in per_dev_tokens_s.items()}
+  def flops_on(name: str) -> float:  # 'auto' runs the dense backward on TPUs
+    return hand if s.backward == "auto" and name.startswith("TPU") else hand_sparse
+  out["hand_flops_per_token_sparse"] = hand_sparse
+  out["predicted_tokens_per_s"] = {name: peak / flops_on(name) * n_dev for name, peak in PEAK_FLOPS.items()}
   here = peak_flops(out["device_kind"])
-  out["predicted_tokens_per_s_here"] = None if here is None else here / hand * n_dev
+  out["predicted_tokens_per_s_here"] = None if here is None else here / flops_on(out["device_kind"]) * n_dev
   print_fn(f"dry run: train ({tr.mode}), SAE d_in {d_in} x {L} latents, k {s.k}, "
            f"{'BatchTopK' if s.batch_topk else 'TopK'}; batch {t.batch_size} "
            f"{'maps x ' + str(st.tokens_per_map) + ' tokens' if sup else 'tokens'}; mesh "
@@ -152,7 +158,8 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   print_fn(f"  per device: params {_gib(pb['params'])}, optimizer {_gib(pb['optimizer'])}, batch "
            f"{_gib(pb['batch'])}, step temporaries {_gib(pb['temporaries'] or 0)}; total {_gib(pb['total'])}")
   print_fn(f"  FLOPs per step: {xla_flops / 1e12:.3f} T per device (XLA); by hand {hand / 1e6:.1f} M per token "
-           f"x {tokens_per_step} tokens = {hand * tokens_per_step / 1e12:.3f} T")
+           f"x {tokens_per_step} tokens = {hand * tokens_per_step / 1e12:.3f} T"
+           + (f" dense, {hand_sparse / 1e6:.1f} M per token with the sparse backward" if hand_sparse != hand else ""))
   print_fn("  predicted tokens/s at the bf16 matmul peak, all devices: " + ", ".join(
       f"{n} {v:,.0f}" for n, v in out["predicted_tokens_per_s"].items()))
   if here is not None:
