@@ -158,6 +158,35 @@ def pearson_sq_mean(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
   return jnp.mean(jnp.square(cov / (sa[:, None] * sb[None, :])))
 
 
+def concept_terms(logits: jax.Array, object_ids: jax.Array, style_ids: jax.Array, n_objects: int,
+                  n_styles: int, cfg: SupervisedConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The batch-level terms of the loss from the maps' assigned-latent logits
+  z_bar[A] (B, n_objects + n_styles): ``w_sup * L_sup + w_decorr * decorr``
+  and the metrics (bce, softmax_ce, l_sup, decorr, object_acc, style_acc).
+  Shared by the one-pass loss and the micro-batched one."""
+  obj_logits, sty_logits = logits[:, :n_objects], logits[:, n_objects:]
+  targets = concept_targets(object_ids, style_ids, n_objects, n_styles)
+  bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+  has_style = style_ids >= 0
+  n_styled = jnp.sum(has_style)
+  ce_obj = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(obj_logits, object_ids))
+  obj_acc = jnp.mean((jnp.argmax(obj_logits, axis=-1) == object_ids).astype(jnp.float32))
+  if n_styles:
+    safe_sty = jnp.where(has_style, style_ids, 0)
+    ce_sty_each = optax.softmax_cross_entropy_with_integer_labels(sty_logits, safe_sty)
+    ce_sty = jnp.sum(jnp.where(has_style, ce_sty_each, 0.0)) / jnp.maximum(n_styled, 1)
+    sty_hit = (jnp.argmax(sty_logits, axis=-1) == style_ids) & has_style
+    sty_acc = jnp.sum(sty_hit) / jnp.maximum(n_styled, 1)
+    decorr = pearson_sq_mean(obj_logits, sty_logits, cfg.eps)
+  else:
+    ce_sty = sty_acc = decorr = jnp.zeros((), logits.dtype)
+  softmax_ce = ce_obj + ce_sty
+  l_sup = bce if cfg.sup_loss == "bce" else softmax_ce
+  value = cfg.w_sup * l_sup + cfg.w_decorr * decorr
+  return value, {"l_sup": l_sup, "bce": bce, "softmax_ce": softmax_ce, "decorr": decorr,
+                 "object_acc": obj_acc, "style_acc": sty_acc.astype(jnp.float32)}
+
+
 def supervised_loss(params: Params, x_maps: jax.Array, object_ids: jax.Array, style_ids: jax.Array,
                     assignment: jax.Array, cfg: SupervisedConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SAEmnesia's loss on a batch of maps.
@@ -208,34 +237,10 @@ def supervised_loss(params: Params, x_maps: jax.Array, object_ids: jax.Array, st
 
   z_bar = map_mean(z, n_tok)  # (B, L)
   logits = jnp.take(z_bar, assignment, axis=1)  # (B, n_concepts)
-  obj_logits, sty_logits = logits[:, :n_objects], logits[:, n_objects:]
-
-  targets = concept_targets(object_ids, style_ids, n_objects, n_styles)
-  bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
-
-  has_style = style_ids >= 0
-  n_styled = jnp.sum(has_style)
-  ce_obj = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(obj_logits, object_ids))
-  obj_acc = jnp.mean((jnp.argmax(obj_logits, axis=-1) == object_ids).astype(jnp.float32))
-  if n_styles:
-    safe_sty = jnp.where(has_style, style_ids, 0)
-    ce_sty_each = optax.softmax_cross_entropy_with_integer_labels(sty_logits, safe_sty)
-    ce_sty = jnp.sum(jnp.where(has_style, ce_sty_each, 0.0)) / jnp.maximum(n_styled, 1)
-    sty_hit = (jnp.argmax(sty_logits, axis=-1) == style_ids) & has_style
-    sty_acc = jnp.sum(sty_hit) / jnp.maximum(n_styled, 1)
-    decorr = pearson_sq_mean(obj_logits, sty_logits, cfg.eps)
-  else:
-    ce_sty = sty_acc = decorr = jnp.zeros((), z.dtype)
-  softmax_ce = ce_obj + ce_sty
-
-  l_sup = bce if cfg.sup_loss == "bce" else softmax_ce
+  head_value, head = concept_terms(logits, object_ids, style_ids, n_objects, n_styles, cfg)
   l1 = jnp.mean(jnp.abs(z))
-  loss = mse_ + cfg.w_sup * l_sup + cfg.w_l1 * l1 + cfg.w_decorr * decorr
-  return loss, {
-      "mse": mse_, "fvu": sae_lib.fvu(x, x_hat), "l_sup": l_sup, "bce": bce, "softmax_ce": softmax_ce,
-      "l1": l1, "decorr": decorr, "object_acc": obj_acc, "style_acc": sty_acc.astype(jnp.float32),
-      "l0": l0, "fired": fired,
-  }
+  loss = mse_ + cfg.w_l1 * l1 + head_value
+  return loss, {"mse": mse_, "fvu": sae_lib.fvu(x, x_hat), **head, "l1": l1, "l0": l0, "fired": fired}
 
 
 # ---------------------------------------------------------------------------
@@ -302,26 +307,7 @@ def accumulated_value_and_grad(params: Params, x_maps: jax.Array, object_ids: ja
   flat_obj, flat_sty = objs.reshape(-1), stys.reshape(-1)
 
   def head(lg):
-    obj_logits, sty_logits = lg[:, :n_objects], lg[:, n_objects:]
-    targets = concept_targets(flat_obj, flat_sty, n_objects, n_styles)
-    bce = jnp.mean(optax.sigmoid_binary_cross_entropy(lg, targets))
-    has_style = flat_sty >= 0
-    n_styled = jnp.sum(has_style)
-    ce_obj = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(obj_logits, flat_obj))
-    obj_acc = jnp.mean((jnp.argmax(obj_logits, axis=-1) == flat_obj).astype(jnp.float32))
-    if n_styles:
-      safe = jnp.where(has_style, flat_sty, 0)
-      ce_each = optax.softmax_cross_entropy_with_integer_labels(sty_logits, safe)
-      ce_sty = jnp.sum(jnp.where(has_style, ce_each, 0.0)) / jnp.maximum(n_styled, 1)
-      sty_acc = jnp.sum((jnp.argmax(sty_logits, axis=-1) == flat_sty) & has_style) / jnp.maximum(n_styled, 1)
-      decorr = pearson_sq_mean(obj_logits, sty_logits, cfg.eps)
-    else:
-      ce_sty = sty_acc = decorr = jnp.zeros((), lg.dtype)
-    softmax_ce = ce_obj + ce_sty
-    l_sup = bce if cfg.sup_loss == "bce" else softmax_ce
-    value = cfg.w_sup * l_sup + cfg.w_decorr * decorr
-    return value, {"l_sup": l_sup, "bce": bce, "softmax_ce": softmax_ce, "decorr": decorr,
-                   "object_acc": obj_acc, "style_acc": sty_acc.astype(jnp.float32)}
+    return concept_terms(lg, flat_obj, flat_sty, n_objects, n_styles, cfg)
 
   (head_value, head_aux), g_logits = jax.value_and_grad(head, has_aux=True)(flat_logits)
   g_logits = g_logits.reshape(logits.shape)
