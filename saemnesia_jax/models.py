@@ -224,6 +224,15 @@ def _load_pt_state_dict(file: str):
   return load_state_dict(file)
 
 
+def _tree_mismatches(expected, params) -> list[str]:
+  """Names missing or extra in ``params`` against the abstract tree
+  ``expected``, then the leaves whose shapes differ."""
+  expected, got = flatten_dict(expected), flatten_dict(params)
+  bad = sorted("/".join(k) for k in set(expected) ^ set(got))
+  return bad + sorted(f"{'/'.join(k)}: {got[k].shape} vs {expected[k].shape}"
+                      for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+
+
 def _check_params(name: str, module, params, file: str) -> None:
   """Refuses weights whose parameter tree does not match the module's config."""
   expected = flatten_dict(jax.eval_shape(module.init_weights, jax.random.PRNGKey(0)))
@@ -353,11 +362,7 @@ def _load_text_encoder(folder: str, from_pt, dtype):
   else:
     params = read_flax_weights(file, dtype)
   shape = (1, int(model.config.max_position_embeddings))
-  expected = flatten_dict(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)))
-  got = flatten_dict(params)
-  bad = sorted("/".join(k) for k in set(expected) ^ set(got))
-  bad += sorted(f"{'/'.join(k)}: {got[k].shape} vs {expected[k].shape}"
-                for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+  bad = _tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)), params)
   if bad:
     raise ModelLoadError(f"text encoder weights in {file} do not match its config.json: {bad[:3]}. "
                          "Is the config from the same checkpoint?")
@@ -736,11 +741,8 @@ def vit_from_timm(file: str, num_heads: int = 0, layer_norm_eps: float = 1e-6,
   }
   model = FlaxViTForImageClassification(config, dtype=_parse_dtype(dtype), _do_init=False)
   size = side * patch  # init_weights takes NHWC (the wrapper's __call__ transposes NCHW)
-  expected = flatten_dict(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, size, size, 3))))
-  got = flatten_dict(params)
-  bad = sorted("/".join(k) for k in set(expected) ^ set(got))
-  bad += sorted(f"{'/'.join(k)}: {got[k].shape} vs {expected[k].shape}"
-                for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+  bad = _tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, size, size, 3))),
+                         params)
   if bad:
     raise ModelLoadError(f"{file}: the timm ViT weights do not map onto a ViT of width {width}, depth {depth}, "
                          f"{heads} heads: {bad[:4]}")
