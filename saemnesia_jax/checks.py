@@ -250,6 +250,11 @@ def _train(config) -> None:
     latents = s.n_latents or d_in * s.expansion_factor
     if s.k > latents:
       _fail("sae.k", s.k, f"more than the SAE's {latents} latents", "lower sae.k or raise sae.n_latents")
+    if s.mode == "supervised" and s.assignment == "greedy":
+      path = os.path.join(c.sae.scores_dir or os.path.join(c.workdir, "sae_unsup", "scores"), "assignment.json")
+      if not os.path.isfile(path):
+        _fail("sae.assignment", "greedy", f"no {path}",
+              "run the scores stage on the unsupervised SAE first, or use --config.sae.assignment=random")
     if c.sae.init_from:
       cfg = sae_cfg("sae.init_from", c.sae.init_from)
       if cfg.get("d_in", d_in) != d_in:
