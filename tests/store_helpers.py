@@ -9,8 +9,10 @@ the data it should contain.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
+import pytest
 
 from saemnesia_jax import store as st
 
@@ -73,3 +75,18 @@ def make_ref(path: str) -> str:
 
 def epoch(reader, n):
   return [next(reader) for _ in range(n)]
+
+
+# The fixtures of the store and reader tests (imported by both modules).
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> str:
+  """A complete reference store, one per test module."""
+  return make_ref(str(tmp_path_factory.mktemp("ref") / "store"))
+
+
+@pytest.fixture
+def copy(ref, tmp_path) -> str:
+  """A fresh copy of the reference store, for tests that change it."""
+  dst = str(tmp_path / "store")
+  shutil.copytree(ref, dst)
+  return dst

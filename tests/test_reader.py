@@ -3,27 +3,15 @@ of tests/store_helpers.py."""
 from __future__ import annotations
 
 import json
-import shutil
 import weakref
 
 import numpy as np
 import pytest
 
 from saemnesia_jax import store as st
-from store_helpers import MPC, N_MAPS, STEPS, T, D, epoch as _epoch, make_ref, manifest, map_data
-from store_helpers import map_labels, write_units
+from store_helpers import MPC, N_MAPS, STEPS, T, D, epoch as _epoch, manifest, map_data
+from store_helpers import copy, map_labels, ref, write_units  # noqa: F401 (fixtures)
 
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory) -> str:
-  return make_ref(str(tmp_path_factory.mktemp("ref") / "store"))
-
-
-@pytest.fixture
-def copy(ref, tmp_path) -> str:
-  dst = str(tmp_path / "store")
-  shutil.copytree(ref, dst)
-  return dst
 
 
 def test_token_batches_cover_every_token_once_per_epoch(ref):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +27,8 @@ except ImportError:  # pragma: no cover
 
 from saemnesia_jax import store as st
 from saemnesia_jax import store_units
-from store_helpers import MPC, MPU, N_MAPS, OBJECTS, STEPS, T, D, epoch as _epoch, make_ref, manifest, map_data
-from store_helpers import map_labels, tree, write_units
+from store_helpers import MPC, MPU, N_MAPS, OBJECTS, STEPS, T, D, epoch as _epoch, manifest, map_data
+from store_helpers import copy, map_labels, ref, tree, write_units  # noqa: F401 (fixtures)
 
 
 def _writer_main(argv: list[str]) -> None:
@@ -100,17 +99,6 @@ if __name__ == "__main__":
     _writer_main(sys.argv[1:])
   sys.exit(0)
 
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory) -> str:
-  return make_ref(str(tmp_path_factory.mktemp("ref") / "store"))
-
-
-@pytest.fixture
-def copy(ref, tmp_path) -> str:
-  dst = str(tmp_path / "store")
-  shutil.copytree(ref, dst)
-  return dst
 
 
 
