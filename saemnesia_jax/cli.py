@@ -40,12 +40,12 @@ class Stage:
 _COMMON = ("workdir", "overwrite")
 _BLOCKS = _COMMON + ("block", "style_block")
 STAGES = {
-    "sample": Stage("saemnesia_jax.sample", _COMMON + ("model", "sampler", "prompts", "seeds")),
-    "collect": Stage("saemnesia_jax.collect", _BLOCKS + ("model", "sampler", "concepts", "collect")),
+    "sample": Stage("saemnesia_jax.sample", _COMMON + ("dry_run", "model", "sampler", "prompts", "seeds")),
+    "collect": Stage("saemnesia_jax.collect", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "collect")),
     "probe": Stage("saemnesia_jax.probe", _BLOCKS + ("collect.store_path", "probe")),
     "train": Stage("saemnesia_jax.train", _BLOCKS + ("dry_run", "model", "collect.store_path", "sae", "train")),
     "scores": Stage("saemnesia_jax.scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores")),
-    "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("model", "sampler", "concepts", "evaluate")),
+    "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "evaluate")),
     "unlearn": Stage("saemnesia_jax.unlearn", _BLOCKS + ("model", "sampler", "concepts", "unlearn")),
     "pipeline": Stage("saemnesia_jax.pipeline", _BLOCKS + ("model", "sampler", "concepts", "collect", "probe",
                                                            "sae", "train", "scores", "evaluate", "pipeline")),
@@ -173,6 +173,45 @@ def parse(stage: str, argv: Sequence[str]) -> Any:
   return fv.config
 
 
+# ------------------------------------------------------- XLA:CPU memory
+
+# XLA:CPU runs bf16/fp16 matmuls and convolutions in fp32: each weight gets an
+# fp32 copy. Its default scheduler makes all the copies at once, and the
+# sampler's lax.scan hoists them out of the loop as invariants, so a bf16 SD
+# v1.5 image held the UNet's weights twice over (4.3 GB extra). With these
+# two flags each copy lives only around its own matmul. CPU only: GPU and TPU
+# compute in bf16 natively and keep their defaults.
+XLA_CPU_LOW_MEMORY_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                            "--xla_disable_hlo_passes=while-loop-invariant-code-motion")
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
+                        "libtpu")
+
+
+def cpu_only(environ: dict | None = None) -> bool:
+  """Whether JAX will run on the CPU (read before JAX starts: no backend init)."""
+  platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return set(platforms.split(",")) == {"cpu"}
+  return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS)
+
+
+def set_xla_cpu_flags(config: Any, environ: dict | None = None) -> bool:
+  """Adds XLA_CPU_LOW_MEMORY_FLAGS to XLA_FLAGS for a half-precision model on the CPU.
+
+  Must run before JAX initialises its backend (XLA reads XLA_FLAGS once).
+  Returns whether it added them. A flag the user already set is kept.
+  """
+  environ = os.environ if environ is None else environ
+  model = config.get("model") if hasattr(config, "get") else None
+  if model is None or str(model.get("dtype", "float32")) not in ("bfloat16", "float16") or not cpu_only(environ):
+    return False
+  flags = environ.get("XLA_FLAGS", "")
+  extra = [f for f in XLA_CPU_LOW_MEMORY_FLAGS if f.split("=")[0] not in flags]
+  if extra:
+    environ["XLA_FLAGS"] = " ".join([flags] + extra).strip()
+  return bool(extra)
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -194,6 +233,7 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
     config = parse(stage, argv)
     from saemnesia_jax import checks
     checks.check(stage, config)
+    set_xla_cpu_flags(config)
     module = importlib.import_module(STAGES[stage].module)
     module.run(config)
   except UserError as e:

@@ -74,3 +74,45 @@ def test_bad_value_is_one_clear_error(stage, tmp_path):
   assert not os.path.exists(tmp_path / "w")
   debug = _run(f"saemnesia_jax.{stage}", "--config", config, bad, f"--config.workdir={tmp_path}/w", "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_half_precision_on_cpu_gets_the_low_memory_xla_flags():
+  import ml_collections
+  bf16 = ml_collections.ConfigDict({"model": {"dtype": "bfloat16"}})
+  env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert cli.set_xla_cpu_flags(bf16, env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *cli.XLA_CPU_LOW_MEMORY_FLAGS]
+  assert not cli.set_xla_cpu_flags(bf16, env)  # already there: not added twice
+  fp32 = ml_collections.ConfigDict({"model": {"dtype": "float32"}})
+  assert not cli.set_xla_cpu_flags(fp32, {"JAX_PLATFORMS": "cpu"})
+  assert not cli.set_xla_cpu_flags(bf16, {"JAX_PLATFORMS": "cuda"})  # accelerators keep XLA's defaults
+  user = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
+  cli.set_xla_cpu_flags(bf16, user)  # the user's own choice of a flag wins
+  assert "scheduler=false" not in user["XLA_FLAGS"]
+
+
+_BF16_SCAN = """
+import jax, jax.numpy as jnp, ml_collections, sys
+from saemnesia_jax import cli
+if sys.argv[1] == "1":
+  cli.set_xla_cpu_flags(ml_collections.ConfigDict({"model": {"dtype": "bfloat16"}}))
+ws = [jnp.ones((256, 256), jnp.bfloat16) for _ in range(8)]
+def loop(x, ws):
+  def body(c, _):
+    for w in ws:
+      c = jnp.tanh(c @ w)
+    return c, None
+  return jax.lax.scan(body, x, jnp.arange(3))[0]
+print(jax.jit(loop).lower(jnp.ones((4, 256), jnp.bfloat16), ws).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_low_memory_flags_keep_bf16_weights_from_being_copied_to_fp32_all_at_once():
+  """A bf16 scan over 8 weights: XLA:CPU's defaults hold all 8 as fp32 copies; the flags hold ~one."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  temp = [int(subprocess.run([sys.executable, "-c", _BF16_SCAN, flag], env=env, capture_output=True, text=True,
+                             check=True, timeout=120).stdout.split()[-1]) for flag in ("0", "1")]
+  fp32_weights = 8 * 256 * 256 * 4
+  assert temp[0] >= fp32_weights  # the default: every weight upcast at once
+  assert temp[1] < fp32_weights / 4, temp
