@@ -206,6 +206,16 @@ def build_classifiers(path: str = CLF_DIR, seed: int = 0, width: int = 1024, dep
 # ------------------------------------------------------------------ stages
 
 
+def anchor_prompts(folder: str = os.path.join(CACHE, "anchor_prompts")) -> str:
+  """Two anchor prompts per object in UnlearnCanvas' sd_prompt_<object>.txt layout
+  (configs/sd15.py collects on them, apart from the evaluation's prompts)."""
+  os.makedirs(folder, exist_ok=True)
+  for o in OBJECTS:
+    with open(os.path.join(folder, f"sd_prompt_{o}.txt"), "w") as f:
+      f.write(f"A photo of {o.lower()} in a garden.\nA painting of {o.lower()} at night.\n")
+  return folder
+
+
 def stage_commands(workdir: str, size: int, steps: int, pipe_dir: str = PIPE_DIR,
                    clf_dir: str = CLF_DIR) -> list[tuple[str, str, list[str]]]:
   """(name, module, args) of every stage, in order."""
@@ -215,20 +225,27 @@ def stage_commands(workdir: str, size: int, steps: int, pipe_dir: str = PIPE_DIR
             f"--config.sampler.height={size}", f"--config.sampler.width={size}",
             f"--config.sampler.num_steps={steps}", "--config.sampler.batch_size=2",
             f"--config.concepts.objects={OBJECTS!r}", f"--config.concepts.styles={STYLES!r}",
-            "--config.collect.seeds=(1,)", "--config.seeds=(188,)"]
-  # 6 prompts x 2 steps x (size/32)^2 tokens: a few hundred tokens at 256 px.
-  train = ["--config.train.steps=4", "--config.train.batch_size=128", "--config.train.eval_every=2",
+            "--config.collect.seeds=(1,)", "--config.seeds=(188,)",
+            f"--config.collect.anchor_prompts_dir={anchor_prompts()}", "--config.collect.prompts_per_object=1"]
+  # 8 anchor prompts (2 objects x 1 line x (2 styles + Seed Images + plain)) x 2 steps per block.
+  # train.epochs=0: the tiny budgets below in steps (sd15 states its budgets in epochs of the store).
+  train = ["--config.train.steps=4", "--config.train.epochs=0", "--config.train.style_block_epochs=0",
+           "--config.train.batch_size=128", "--config.train.eval_every=2",
            "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1",
            "--config.train.init_tokens=128"]
   # 2 maps in 2 slices (the validation split holds 2 maps): the micro-batched step
   # (configs/sd15_sup.py: 128 maps in 8 slices).
-  sup_train = ["--config.train.steps=4", "--config.train.batch_size=2", "--config.train.micro_batches=2",
+  sup_train = ["--config.train.steps=4", "--config.train.epochs=0", "--config.train.style_block_epochs=0",
+               "--config.train.batch_size=2", "--config.train.micro_batches=2",
                "--config.train.eval_every=2",
                "--config.train.log_every=2", "--config.train.ckpt_every=4", "--config.train.val_batches=1"]
+  # One object and one style to erase (an SD UNet call is ~10 s per image here at 256 px): every
+  # evaluate phase (sweep, final, sequential) runs once per method.
   ev = [f"--config.evaluate.classifier_dir={clf_dir}", "--config.evaluate.gammas=(-10.0,)",
-        "--config.evaluate.percentiles=(99.0,)", "--config.evaluate.eval_seeds=(188,)",
-        "--config.evaluate.sweep_seeds=(1,)", f"--config.evaluate.sequential_objects={OBJECTS!r}",
-        "--config.evaluate.max_latents=8"]
+        "--config.evaluate.percentiles=(99.99,)", "--config.evaluate.eval_seeds=(188,)",
+        f"--config.evaluate.objects={OBJECTS[:1]!r}", f"--config.evaluate.styles={STYLES[:1]!r}",
+        "--config.evaluate.sweep_seeds=(1,)", f"--config.evaluate.sequential_objects={OBJECTS[:1]!r}",
+        "--config.evaluate.max_latents=8", f"--config.evaluate.num_steps={steps}"]
   return [
       ("sample", "saemnesia_jax.sample", [f"--config={cfg}", *common, f"--config.prompts=('A Dogs image in Van_Gogh style.',)"]),
       ("collect", "saemnesia_jax.collect", [f"--config={cfg}", *common]),

@@ -191,10 +191,19 @@ def _sample(config) -> None:
 
 
 def _collect(config) -> None:
+  c = config.collect
+  if c.anchor_prompts_dir and not config.get("dry_run"):  # a placeholder path fails first, in a second
+    from saemnesia_jax.concepts import ANCHOR_FILE
+    missing = [o for o in config.concepts.objects
+               if not os.path.isfile(os.path.join(c.anchor_prompts_dir, ANCHOR_FILE.format(object=o)))]
+    if missing:
+      _fail("collect.anchor_prompts_dir", c.anchor_prompts_dir,
+            f"has no {ANCHOR_FILE.format(object=missing[0])} (missing for {len(missing)} of "
+            f"{len(config.concepts.objects)} objects)",
+            "point it at UnlearnCanvas' anchor_prompts/finetune_prompts folder, or '' to collect on the concept grid")
   check_model(config)
   check_sampler(config)
   check_concepts(config)
-  c = config.collect
   if not c.seeds:
     _fail("collect.seeds", tuple(c.seeds), "is empty", "give at least one seed")
   _one_of(config, "collect.dtype", ("bfloat16", "float16"))
@@ -294,7 +303,16 @@ def _evaluate(config) -> None:
       if not 0 < p < 100:
         _fail("evaluate.percentiles", tuple(ev.percentiles), "each must be in (0, 100)")
   _positive(config, "evaluate.max_latents")
+  from saemnesia_jax import variants  # JAX-free: the rule strings fail here, before the model loads
+  variants.variants(config)
+  if ev.chosen_from and not os.path.isfile(ev.chosen_from):
+    _fail("evaluate.chosen_from", ev.chosen_from, "no such file",
+          "give an earlier evaluation's summary.json (or chosen.json), or '' to sweep")
+  if not 0 <= ev.recognised_confidence <= 1:
+    _fail("evaluate.recognised_confidence", ev.recognised_confidence, "must be a probability in [0, 1]")
   _one_of(config, "evaluate.classifier", ("canvas_mini", "unlearncanvas"))
+  if config.get("dry_run"):
+    return  # sizing the sampler needs no SAE, scores or classifiers
   if ev.classifier == "unlearncanvas" and not os.path.isdir(ev.classifier_dir):
     _fail("evaluate.classifier_dir", ev.classifier_dir, "no such folder",
           "give the folder with style_classifier.pth and object_classifier.pth")

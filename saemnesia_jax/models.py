@@ -331,10 +331,20 @@ def _rename(key: str, pairs) -> str:
   return key
 
 
-def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, dtype, **module_kwargs):
-  """(module, params in ``dtype`` on the device, weights file) of a diffusers model folder."""
-  file, is_pt = _find_weights(folder, flax_name, pt_names, from_pt)
+def _abstract(init, dtype):
+  """The parameter shapes ``init(rng)`` would give, as ShapeDtypeStructs in ``dtype`` (nothing allocated)."""
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), dict(shapes))
+
+
+def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, dtype, abstract=False,
+                          **module_kwargs):
+  """(module, params in ``dtype`` on the device, weights file) of a diffusers model folder;
+  ``abstract``: shapes only, from config.json (no weights file needed)."""
   model = cls.from_config(cls.load_config(folder), dtype=dtype, **module_kwargs)
+  if abstract:
+    return model, _abstract(model.init_weights, dtype), ""
+  file, is_pt = _find_weights(folder, flax_name, pt_names, from_pt)
   if not is_pt:
     params = read_flax_weights(file, dtype)
   else:
@@ -351,17 +361,19 @@ def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, d
   return model, params, file
 
 
-def _load_text_encoder(folder: str, from_pt, dtype):
+def _load_text_encoder(folder: str, from_pt, dtype, abstract=False):
   """(FlaxCLIPTextModel without params of its own, params in ``dtype``, weights file)."""
-  file, is_pt = _find_weights(folder, TEXT_FLAX_WEIGHTS, TEXT_PT_WEIGHTS, from_pt)
   # _do_init=False: the wrapper keeps no float32 copy of its own beside ours.
   model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder), dtype=dtype, _do_init=False)
+  shape = (1, int(model.config.max_position_embeddings))
+  if abstract:
+    return model, _abstract(lambda rng: model.init_weights(rng, shape), dtype), ""
+  file, is_pt = _find_weights(folder, TEXT_FLAX_WEIGHTS, TEXT_PT_WEIGHTS, from_pt)
   if is_pt:  # transformers' converter needs a wrapper that holds params
     params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, from_pt=True, _do_init=True).params
     params = _place_leaves(dict(params), dtype)
   else:
     params = read_flax_weights(file, dtype)
-  shape = (1, int(model.config.max_position_embeddings))
   bad = _tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)), params)
   if bad:
     raise ModelLoadError(f"text encoder weights in {file} do not match its config.json: {bad[:3]}. "
@@ -370,7 +382,7 @@ def _load_text_encoder(folder: str, from_pt, dtype):
 
 
 def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None,
-                  attention: str = "auto") -> Pipeline:
+                  attention: str = "auto", abstract: bool = False) -> Pipeline:
   """Loads a diffusers-format pipeline directory (see the module docstring).
 
   Args:
@@ -382,6 +394,8 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
     attention: the UNet's attention: 'plain', 'memory_efficient' (diffusers'
       chunked attention: no full attention map is held) or 'auto' (chunked for
       UNets of 64 x 64 latents or more, e.g. SD v1.5 at 512 px).
+    abstract: parameters as ``jax.ShapeDtypeStruct`` from the config files
+      alone (no weights read or needed): for compile-only sizing (dry runs).
   """
   jdtype = _parse_dtype(dtype)
   path = os.path.abspath(os.path.expanduser(path))
@@ -401,15 +415,16 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
   mem_eff = _memory_efficient(attention, FlaxUNet2DConditionModel.load_config(unet_dir))
   unet, unet_params, unet_file = _load_diffusers_model(
       FlaxUNet2DConditionModel, unet_dir, UNET_FLAX_WEIGHTS, UNET_PT_WEIGHTS,
-      from_pt, jdtype, use_memory_efficient_attention=mem_eff)
-  text_encoder, te_params, te_file = _load_text_encoder(os.path.join(path, "text_encoder"), from_pt, jdtype)
+      from_pt, jdtype, abstract, use_memory_efficient_attention=mem_eff)
+  text_encoder, te_params, te_file = _load_text_encoder(os.path.join(path, "text_encoder"), from_pt, jdtype,
+                                                        abstract)
 
   vae = vae_params = None
   files = [unet_file, te_file]
   if os.path.isdir(os.path.join(path, "vae")):
     _check_folder(path, "vae")
     vae, vae_params, vae_file = _load_diffusers_model(
-        FlaxAutoencoderKL, os.path.join(path, "vae"), VAE_FLAX_WEIGHTS, VAE_PT_WEIGHTS, from_pt, jdtype)
+        FlaxAutoencoderKL, os.path.join(path, "vae"), VAE_FLAX_WEIGHTS, VAE_PT_WEIGHTS, from_pt, jdtype, abstract)
     files.append(vae_file)
 
   try:
@@ -430,7 +445,7 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
     params["vae"] = vae_params
   return Pipeline(path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                   scheduler=scheduler, vae=vae, params=params, dtype=jdtype,
-                  weight_files=tuple(files))
+                  weight_files=tuple(f for f in files if f))
 
 
 def weight_files(path: str, from_pt: bool | None = None) -> list[str]:
@@ -747,3 +762,16 @@ def vit_from_timm(file: str, num_heads: int = 0, layer_norm_eps: float = 1e-6,
     raise ModelLoadError(f"{file}: the timm ViT weights do not map onto a ViT of width {width}, depth {depth}, "
                          f"{heads} heads: {bad[:4]}")
   return model, _cast(jax.tree_util.tree_map(jnp.asarray, params), _parse_dtype(dtype))
+
+
+def vit_features_and_logits(model: Any, params: dict, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(class-token features, logits) of a ``FlaxViTForImageClassification`` for
+  NCHW pixels: the features are what its classifier head reads (after the
+  final layer norm), for the evaluation's image-quality measure."""
+  from flax import linen as nn
+
+  def head(m, x):
+    feats = m.vit(x, deterministic=True)[0][:, 0]
+    return feats, m.classifier(feats)
+  x = jnp.transpose(pixel_values, (0, 2, 3, 1))  # the wrapper's own NCHW -> NHWC
+  return nn.apply(head, model.module)({"params": params}, x)

@@ -80,7 +80,7 @@ class ViTJudge:
                num_heads: int = 0):
     import jax  # JAX, diffusers, transformers: only when judging (configs import the names above)
     from saemnesia_jax import models
-    self._logits = jax.jit(self._logits_fn, static_argnums=(0,))
+    self._heads = jax.jit(self._heads_fn, static_argnums=(0,))
     self.batch_size = batch_size
     self.models = {}
     for task, file, classes in (("object", object_file, object_classes), ("style", style_file, style_classes)):
@@ -92,30 +92,45 @@ class ViTJudge:
     self.object_map = class_map(object_classes, objects, "object")
     self.style_map = class_map(style_classes, styles, "style", no_style=no_style_class)
 
-  def _logits_fn(self, task: str, params, images):
+  def _heads_fn(self, task: str, params, images):
     import jax
     import jax.numpy as jnp
+    from saemnesia_jax import models
     model, _ = self.models[task]
     size = model.config.image_size
     x = jax.image.resize(images, (images.shape[0], size, size, 3), "linear", antialias=True)
     x = (x - 0.5) / 0.5  # torchvision Normalize([0.5], [0.5]) after ToTensor
-    return model(jnp.transpose(x, (0, 3, 1, 2)), params=params).logits
+    feats, logits = models.vit_features_and_logits(model, params, jnp.transpose(x, (0, 3, 1, 2)))
+    return jnp.argmax(logits, -1), jnp.max(jax.nn.softmax(logits.astype(jnp.float32), -1), -1), feats
 
-  def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
+  def assess(self, images) -> dict[str, np.ndarray]:
+    """Ids as ``predict``, plus ``object_conf``/``style_conf`` (softmax
+    probability of the predicted class) and ``features`` (both ViTs' class
+    tokens side by side) for the evaluation's quality measures."""
+    import jax
     import jax.numpy as jnp
     images = np.asarray(images, np.float32)
-    out = {"object": [], "style": []}
-    for i in range(0, len(images), self.batch_size):
-      chunk = images[i:i + self.batch_size]
+    out = {t: ([], [], []) for t in ("object", "style")}
+    bs = max(1, min(self.batch_size, len(images)))  # a small answer set is not padded to a full batch
+    for i in range(0, len(images), bs):
+      chunk = images[i:i + bs]
       n = len(chunk)
-      if n < self.batch_size:  # one compiled size
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - n, 0)])
-      for task in out:
-        logits = self._logits(task, self.models[task][1], jnp.asarray(chunk))
-        out[task].append(np.asarray(jnp.argmax(logits, -1))[:n])
-    obj = np.concatenate(out["object"]) if out["object"] else np.zeros(0, np.int64)
-    sty = np.concatenate(out["style"]) if out["style"] else np.zeros(0, np.int64)
-    return self.object_map[obj], self.style_map[sty]
+      if n < bs:  # one compiled size
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, 0)])
+      for task, acc in out.items():
+        for a, r in zip(acc, jax.device_get(self._heads(task, self.models[task][1], jnp.asarray(chunk)))):
+          a.append(np.asarray(r)[:n])
+    cat = {t: [np.concatenate(a) if a else np.zeros(0) for a in acc] for t, acc in out.items()}
+    obj = cat["object"][0].astype(np.int64)
+    sty = cat["style"][0].astype(np.int64)
+    feats = [cat[t][2].reshape(len(images), -1) for t in ("object", "style")]
+    return {"object": self.object_map[obj], "style": self.style_map[sty],
+            "object_conf": cat["object"][1].astype(np.float32), "style_conf": cat["style"][1].astype(np.float32),
+            "features": np.concatenate(feats, -1).astype(np.float32)}
+
+  def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
+    a = self.assess(images)
+    return a["object"], a["style"]
 
 
 def unlearncanvas_judge(config) -> ViTJudge:

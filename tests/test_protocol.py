@@ -235,6 +235,10 @@ def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="anchor_prompts_dir"):
     c.collect.anchor_prompts_dir = str(tmp_path)
     collect.plan(c)
+  # The CLI's checks say so before the model loads (sd15's placeholder path).
+  from saemnesia_jax import checks
+  with pytest.raises(checks.ConfigError, match="has no sd_prompt_Architectures.txt .missing for 20 of 20"):
+    checks.check("collect", sd15.get_config())
 
 
 # ---------------------------------------------------- 5: a block per domain

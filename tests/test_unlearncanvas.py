@@ -36,7 +36,7 @@ def _save(path, sd):
   return str(path)
 
 
-def _numpy_vit(sd, images_nhwc):
+def _numpy_vit(sd, images_nhwc, features=False):
   """timm's VisionTransformer forward: class token, pre-norm blocks, head on the class token."""
   from math import erf
   gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))
@@ -60,7 +60,8 @@ def _numpy_vit(sd, images_nhwc):
     h = ln(tok, sd[b + "norm2.weight"], sd[b + "norm2.bias"])
     h = gelu(h @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
     tok = tok + h @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
-  return ln(tok, sd["norm.weight"], sd["norm.bias"])[:, 0] @ sd["head.weight"].T + sd["head.bias"]
+  cls = ln(tok, sd["norm.weight"], sd["norm.bias"])[:, 0]
+  return cls if features else cls @ sd["head.weight"].T + sd["head.bias"]
 
 
 def test_timm_vit_maps_onto_flax_vit(tmp_path):
@@ -84,6 +85,15 @@ def test_judge_maps_classes_to_concept_ids(tmp_path):
   ref_sty = np.argmax(_numpy_vit(sty_sd, (x - 0.5) / 0.5), -1)
   np.testing.assert_array_equal(obj, np.array([1, 2, 0])[ref_obj])  # Bears -> 1, Cats -> 2, Dogs -> 0
   np.testing.assert_array_equal(sty, np.array([1, concepts.NO_STYLE, 0, -2])[ref_sty])
+  # The quality measures' inputs: class-token features and the winning class's probability.
+  a = judge.assess(x)
+  np.testing.assert_array_equal(a["object"], obj)
+  np.testing.assert_array_equal(a["style"], sty)
+  want = np.concatenate([_numpy_vit(sd, (x - 0.5) / 0.5, features=True) for sd in (obj_sd, sty_sd)], -1)
+  np.testing.assert_allclose(a["features"], want, atol=2e-4, rtol=2e-4)
+  logits = _numpy_vit(sty_sd, (x - 0.5) / 0.5)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(a["style_conf"], (p / p.sum(-1, keepdims=True)).max(-1), atol=1e-4)
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
