@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from saemnesia_jax.errors import UserError
-from saemnesia_jax.io_utils import atomic_write_json, read_json
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json
 
 ENV_COORDINATOR = "SAEMNESIA_COORDINATOR"
 ENV_NUM_PROCESSES = "SAEMNESIA_NUM_PROCESSES"
@@ -47,6 +50,7 @@ ENV_INIT_TIMEOUT = "SAEMNESIA_INIT_TIMEOUT"  # seconds to wait for every process
 
 UNITS_DIR = "units"
 RESULTS_FILE = "results.json"
+ARRAYS = "arrays"  # result key: {name: numpy array} stored beside the JSON in <id>.npz
 _TMP_PREFIX = ".tmp-"  # io_utils.atomic_write_bytes' temp files: .tmp-<random><name>
 _HASH_CHARS = 12
 _PREFIX_CHARS = 48
@@ -162,11 +166,20 @@ class UnitResults:
   def write(self, unit: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     """Stores ``result`` (a JSON-able dict) beside the unit's fields,
     atomically; a stale temp file of this unit is removed first. Returns the
-    path."""
+    path. Numpy arrays under ``result[ARRAYS]`` (e.g. image features, too
+    large for JSON) go to ``<id>.npz``, written before the JSON that marks the
+    unit done; ``read_arrays`` returns them."""
     if not isinstance(result, Mapping):
       raise UnitsError(f"a unit result is a dict, got {type(result).__name__}")
     uid = unit_id(unit)
-    for stale in glob.glob(os.path.join(glob.escape(self.dir), f"{_TMP_PREFIX}*{uid}.json")):
+    result = dict(result)
+    arrays = result.pop(ARRAYS, None)
+    if arrays:
+      buf = io.BytesIO()
+      np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+      atomic_write_bytes(os.path.join(self.dir, uid + ".npz"), buf.getvalue())
+      result[ARRAYS] = sorted(arrays)
+    for stale in glob.glob(os.path.join(glob.escape(self.dir), f"{_TMP_PREFIX}*{uid}.*")):
       try:
         os.unlink(stale)
       except FileNotFoundError:
@@ -193,6 +206,19 @@ class UnitResults:
     if not os.path.isfile(path):
       raise UnitsError(f"unit {canonical(unit)!r} has no result yet ({path})")
     return self._load(path)["result"]
+
+  def read_arrays(self, unit: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays stored with ``unit``'s result ({} if it stored none)."""
+    names = self.read(unit).get(ARRAYS)
+    if not names:
+      return {}
+    path = os.path.join(self.dir, unit_id(unit) + ".npz")
+    try:
+      with np.load(path) as f:
+        return {k: f[k] for k in names}
+    except (OSError, KeyError, ValueError) as e:
+      raise UnitsError(f"the arrays of unit result {self.path(unit)} cannot be read from {path} ({e}): delete "
+                       "both files and rerun to redo the unit") from e
 
   def records(self) -> list[dict[str, Any]]:
     """Every stored ``{"id", "unit", "result"}``, sorted by the canonical

@@ -68,7 +68,8 @@ def test_pipeline_end_to_end_and_rerun(full_run, capsys):
   assert done == {s: "ran" for s in pipeline.STAGES}
   report = (work / "report" / "report.md").read_text()
   for text in ("## Table 1", "published, not measured here", "saemnesia", "saeuron", "## Per concept",
-               "## Sequential unlearning", "training.png", "commit:"):
+               "## Sequential unlearning", "training.png", "commit:", "## Image quality under erasure",
+               "| saemnesia | object |"):
     assert text in report, text
   for f in ("training.png", "erasure_grid.png", "sequential.png", "association_sae_sup.png"):
     assert (work / "report" / f).is_file(), f

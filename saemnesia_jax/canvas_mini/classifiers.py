@@ -59,14 +59,17 @@ class ConvNet(nn.Module):
   n_classes: int
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, features: bool = False):
+    """Logits; with ``features``, (logits, the head's input: the flattened last feature map)."""
     x = 2.0 * x - 1.0
     for i, w in enumerate(self.widths):
       if i:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       x = nn.relu(nn.Conv(w, (3, 3))(x))
       x = nn.relu(nn.Conv(w, (3, 3))(x))
-    return nn.Dense(self.n_classes)(x.reshape(x.shape[0], -1))
+    h = x.reshape(x.shape[0], -1)
+    logits = nn.Dense(self.n_classes)(h)
+    return (logits, h) if features else logits
 
 
 def _nets(widths: tuple[int, ...]) -> dict[str, ConvNet]:
@@ -97,6 +100,16 @@ def _logits(params, widths, images):
 @jax.jit
 def _classify(clfs: Classifiers, images: jax.Array):
   return _logits(clfs.params, clfs.widths, images)
+
+
+@jax.jit
+def _assess(clfs: Classifiers, images: jax.Array):
+  """Per head: (argmax, softmax confidence of it, penultimate features)."""
+  nets, out = _nets(clfs.widths), []
+  for h in HEADS:
+    logits, feats = nets[h].apply({"params": clfs.params[h]}, images, features=True)
+    out.append((jnp.argmax(logits, -1), jnp.max(jax.nn.softmax(logits, -1), -1), feats))
+  return tuple(out)
 
 
 def _check_images(clfs: Classifiers, images: Any) -> jax.Array:
@@ -134,6 +147,29 @@ def predict(clfs: Classifiers, images: Any, batch_size: int = 1024) -> tuple[np.
   if not out_o:
     return np.zeros(0, np.int32), np.zeros(0, np.int32)
   return np.concatenate(out_o).astype(np.int32), np.concatenate(out_s).astype(np.int32)
+
+
+def assess(clfs: Classifiers, images: Any, batch_size: int = 1024) -> dict[str, np.ndarray]:
+  """What the evaluation's quality measures need: ``object``/``style`` ids (as
+  ``predict``), ``object_conf``/``style_conf`` (softmax probability of the
+  predicted class) and ``features`` (both heads' penultimate features side by
+  side, (B, 2 x 512) at the shipped widths), as numpy."""
+  images = np.asarray(images, np.float32)
+  _check_images(clfs, images)
+  n, parts = len(images), []
+  bs = min(batch_size, max(n, 1))
+  for i in range(0, n, bs):
+    chunk = images[i:i + bs]
+    pad = bs - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+    (io, co, fo), (is_, cs, fs) = jax.device_get(_assess(clfs, jnp.asarray(chunk)))
+    parts.append((io[:bs - pad], is_[:bs - pad], co[:bs - pad], cs[:bs - pad],
+                  np.concatenate([fo, fs], -1)[:bs - pad]))
+  cat = [np.concatenate(x) for x in zip(*parts)] if parts else [np.zeros(0)] * 5
+  return {"object": cat[0].astype(np.int32), "style": cat[1].astype(np.int32),
+          "object_conf": cat[2].astype(np.float32), "style_conf": cat[3].astype(np.float32),
+          "features": cat[4].astype(np.float32)}
 
 
 # ----------------------------------------------------------- corruptions
