@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saemnesia_jax import sae as sae_lib
+from saemnesia_jax.variants import SCALES, THRESHOLDS
 
 
 class ClampSpec(NamedTuple):
@@ -113,6 +114,29 @@ def concept_entry(mu_c: np.ndarray, threshold: np.ndarray, gamma: float, *,
   sel = scores_c > cut  # (n_steps, L)
   latents = np.flatnonzero(sel.any(0)).astype(np.int32)
   return Entry(latents, sel[:, latents], mu_c, threshold, gamma)
+
+
+def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: float = 1.0) -> Entry:
+  """``e`` under other clamp rules.
+
+  ``scale='self'``: ``z_i <- gamma * z_i`` (gamma unitless, relative to the
+  latent's own value: -1 flips it, 0 removes it) instead of gamma *
+  mu_target(i, t) * z_i, whose push grows with the concept's mean activation.
+  ``threshold='zero'``: edit every token where the latent is active.
+  ``steps``: the share of the trajectory, from the noisiest step, in which the
+  clamp acts (1.0: every step; 0.5: the first half, where layout is decided).
+  """
+  if scale not in SCALES:
+    raise ValueError(f"clamp scale {scale!r}; known: {SCALES}")
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"clamp threshold {threshold!r}; known: {THRESHOLDS}")
+  if not 0.0 < steps <= 1.0:
+    raise ValueError(f"clamp steps={steps}: the share of the sampling steps with the clamp on, in (0, 1]")
+  mu = np.ones_like(e.mu) if scale == "self" else e.mu
+  thr = np.zeros_like(e.threshold) if threshold == "zero" else e.threshold
+  active = e.active.copy()
+  active[int(np.ceil(steps * len(active))):] = False  # score steps run from the noisiest (index 0)
+  return Entry(e.latents, active, mu, thr, e.gamma)
 
 
 def build_spec(entries: Sequence[Entry], sampler_timesteps: Sequence[int], score_timesteps: Sequence[int],

@@ -21,7 +21,7 @@ TOP = dict(
     block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it (objects)
     style_block="",  # the block of the style erasures ('' -> block): SAeUron's styles use up_blocks.1.attentions.2
     overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
-    dry_run=False,  # train: compile the step for the mesh without data; print per-device memory and tokens/s
+    dry_run=False,  # compile only, print per-device memory and speed at peak: train (the step, for the mesh) | sample / collect / evaluate (the sampler, from config files alone)
     prompts=(),  # stage sample: the prompts to draw
     seeds=(),  # stage sample: seeds per prompt
 )
@@ -164,6 +164,9 @@ EVALUATE = dict(
     classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)
     classifier_dir="",  # unlearncanvas: the folder with style_classifier.pth and object_classifier.pth
     grids=True,  # write before/after image grids
+    variants=(),  # other erasure rules, each run for every method beside the papers': "<name>: scale=self gammas=0/-1 select=ua_ira_cra ..." (variants.py)
+    chosen_from="",  # an earlier evaluation's summary.json / chosen.json (same grid): the rows it covers skip their sweep
+    recognised_confidence=0.8,  # quality: softmax probability at which the other domain's classifier still recognises an erased concept's image
 )
 
 # Erase concepts now (stage unlearn): the same prompts and seeds with and without the erasure.

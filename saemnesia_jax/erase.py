@@ -18,6 +18,7 @@ import numpy as np
 from saemnesia_jax import clamp
 
 METHODS = ("saemnesia", "saeuron")
+RULES = ("scale", "threshold", "steps")  # optional setting keys: clamp.with_rules
 DOMAINS = ("object", "style")
 
 
@@ -32,7 +33,8 @@ def concept_entry(method: str, tables: Mapping[str, np.ndarray], domain: str, in
 
   ``setting``: {'gamma'} for SAEmnesia (the concept's assigned latent at every
   step), {'percentile', 'gamma'} for SAeUron (the latents above that
-  percentile of the step's importance scores). ``assignment``: SAEmnesia's
+  percentile of the step's importance scores); optionally the clamp rules
+  ``scale`` / ``threshold`` / ``steps`` of ``clamp.with_rules``. ``assignment``: SAEmnesia's
   concept -> latent ids (objects, then styles) as the SAE was trained
   (saemnesia.json); None falls back to the scores' greedy assignment.
   """
@@ -48,9 +50,12 @@ def concept_entry(method: str, tables: Mapping[str, np.ndarray], domain: str, in
     a = tables["assignment"] if assignment is None else assignment
     n_objects = tables["mu_objects"].shape[0]
     latent = int(a[index if domain == "object" else n_objects + index])
-    return clamp.concept_entry(mu, thr, float(setting["gamma"]), assigned=latent)
-  return clamp.concept_entry(mu, thr, float(setting["gamma"]), scores_c=tables[f"scores_{key}"][index],
-                             percentile=float(setting["percentile"]))
+    e = clamp.concept_entry(mu, thr, float(setting["gamma"]), assigned=latent)
+  else:
+    e = clamp.concept_entry(mu, thr, float(setting["gamma"]), scores_c=tables[f"scores_{key}"][index],
+                            percentile=float(setting["percentile"]))
+  rules = {k: setting[k] for k in RULES if k in setting}  # absent: the papers' rule
+  return clamp.with_rules(e, **rules) if rules else e
 
 
 def spec_size(entries: Sequence[clamp.Entry], minimum: int = 8) -> int:

@@ -47,16 +47,18 @@ import numpy as np
 
 from saemnesia_jax import blocks, clamp, concepts, metrics, runs
 from saemnesia_jax import units as units_lib
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files
+from saemnesia_jax import variants as variants_lib
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are
 # fingerprinted as inputs), batching, output options.
 NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scores", "evaluate.saemnesia_sae",
               "evaluate.saemnesia_scores", "evaluate.classifier_dir", "evaluate.grids", "evaluate.max_latents",
+              "evaluate.recognised_confidence", "evaluate.chosen_from",
               "sampler.batch_size", "model.path", "model.weights", "model.seed")
 # Units are keyed by their concept, setting and seeds: a changed grid adds units.
-CONTINUABLE = ("evaluate.methods", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
+CONTINUABLE = ("evaluate.methods", "evaluate.variants", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
                "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.sequential",
                "evaluate.sequential_objects")
 
@@ -82,6 +84,12 @@ class CanvasMiniJudge:
   def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     obj, sty = self._lib.predict(self.clfs, images)
     return obj.astype(np.int32), np.where(sty == self._no_style, concepts.NO_STYLE, sty).astype(np.int32)
+
+  def assess(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """``predict``'s ids plus confidences and penultimate features (quality.py)."""
+    out = self._lib.assess(self.clfs, images)
+    out["style"] = np.where(out["style"] == self._no_style, concepts.NO_STYLE, out["style"]).astype(np.int32)
+    return out
 
 
 def make_judge(config) -> Any:
@@ -253,11 +261,20 @@ class Evaluation:
     seed_list = [s for _ in self.prompts for s in seeds]
     imgs = sample_prompts(sampler, prompts, seed_list, self.config.sampler.guidance_scale,
                           edit_params=(sae_m["params"], spec), progress=False)
-    pred_obj, pred_sty = self.judge.predict(imgs)
-    return {"pred_object": pred_obj.tolist(), "pred_style": pred_sty.tolist(),
+    out = {}
+    if hasattr(self.judge, "assess"):  # ids, confidences and features: the quality measures too
+      a = self.judge.assess(imgs)
+      pred_obj, pred_sty = a["object"], a["style"]
+      out = {"conf_object": np.round(a["object_conf"], 4).tolist(),
+             "conf_style": np.round(a["style_conf"], 4).tolist()}
+      if unit["phase"] == "final":  # the FD's inputs; float16 keeps a unit's file small
+        out[units_lib.ARRAYS] = {"features": a["features"].astype(np.float16)}
+    else:
+      pred_obj, pred_sty = self.judge.predict(imgs)
+    return {"pred_object": np.asarray(pred_obj).tolist(), "pred_style": np.asarray(pred_sty).tolist(),
             "true_object": np.repeat(self.true_obj, len(seeds)).tolist(),
             "true_style": np.repeat(self.true_sty, len(seeds)).tolist(),
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, **out}
 
 
 def fingerprint(config, ctx: Evaluation) -> dict:
@@ -265,6 +282,8 @@ def fingerprint(config, ctx: Evaluation) -> dict:
   model's weights, each block's SAEs and scores, and the judge."""
   inputs = {"weights": ctx.pipe.weights_hash(),
             "judge": getattr(ctx.judge, "identity", type(ctx.judge).__name__)}
+  if config.evaluate.get("chosen_from"):
+    inputs["chosen_from"] = hash_files([config.evaluate.chosen_from])
   for block, methods in ctx.by_block.items():
     for m, sae in methods.items():
       inputs.update({f"{block}/{m}_{k}": v for k, v in sae["identity"].items()})
@@ -275,13 +294,32 @@ def fingerprint(config, ctx: Evaluation) -> dict:
 # ------------------------------------------------------------------- plan
 
 
-def settings(config, method: str) -> list[dict]:
+def settings(config, method: str, variant: variants_lib.Variant = variants_lib.PAPER) -> list[dict]:
+  """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp rules)."""
   ev = config.evaluate
+  gammas = variant.gammas or tuple(ev.gammas)
+  rules = dict(variant.rules)
   if method == "saemnesia":
-    return [{"gamma": float(g)} for g in ev.gammas]
+    return [{"gamma": float(g), **rules} for g in gammas]
   if method == "saeuron":
-    return [{"percentile": float(p), "gamma": float(g)} for p in ev.percentiles for g in ev.gammas]
+    return [{"percentile": float(p), "gamma": float(g), **rules} for p in ev.percentiles for g in gammas]
   return [{}]
+
+
+def arms(config) -> list[tuple[str, variants_lib.Variant]]:
+  """(method, variant) of every erasing row: the papers' rule, then each variant."""
+  return [(m, v) for v in variants_lib.variants(config) for m in config.evaluate.methods if m != "none"]
+
+
+def _unique(units: list[dict]) -> list[dict]:
+  """Units once each (a variant may share units with the papers' rule)."""
+  seen, out = set(), []
+  for u in units:
+    uid = units_lib.unit_id(u)
+    if uid not in seen:
+      seen.add(uid)
+      out.append(u)
+  return out
 
 
 def targets(config) -> list[tuple[str, str]]:
@@ -298,14 +336,19 @@ def targets(config) -> list[tuple[str, str]]:
 def sweep_units(config) -> list[dict]:
   ev = config.evaluate
   out = [{"phase": "sweep", "method": "none", "seeds": list(ev.sweep_seeds)}] if "none" in ev.methods else []
-  for m in ev.methods:
-    if m == "none":
+  reused = {label for label, _, _ in reused_choices(config)}
+  for m, v in arms(config):
+    if v.label(m) in reused:
       continue
     for d, n in targets(config):
-      for s in settings(config, m):
-        out.append({"phase": "sweep", "method": m, "domain": d, "concept": n, "setting": s,
-                    "erase": [[d, n, s]], "seeds": list(ev.sweep_seeds)})
-  return out
+      for s in settings(config, m, v):
+        out.append(_sweep_unit(config, m, d, n, s))
+  return _unique(out)
+
+
+def _sweep_unit(config, method: str, domain: str, name: str, setting: dict) -> dict:
+  return {"phase": "sweep", "method": method, "domain": domain, "concept": name, "setting": setting,
+          "erase": [[domain, name, setting]], "seeds": list(config.evaluate.sweep_seeds)}
 
 
 def _answer(result: dict):
@@ -319,27 +362,90 @@ def _metrics(result: dict, domain: str, erased: list[str], config) -> dict:
                                  style_names=list(config.concepts.styles))
 
 
+def _quality(config, results: units_lib.UnitResults, unit: dict, base: dict | None, domain: str,
+             name: str) -> dict:
+  """quality.erasure_quality of one final unit against the no-erasure unit
+  (same prompts and seeds); {} where the judge gave no confidences."""
+  from saemnesia_jax import quality
+  r = results.read(unit)
+  if "conf_object" not in r:
+    return {}
+  true_obj, true_sty = np.asarray(r["true_object"]), np.asarray(r["true_style"])
+  names = config.concepts.objects if domain == "object" else config.concepts.styles
+  cid = concepts.lookup(name, names, domain)
+  erased = (true_obj if domain == "object" else true_sty) == cid
+  other = "style" if domain == "object" else "object"
+  feats = results.read_arrays(unit).get("features")
+  base_feats = results.read_arrays(base).get("features") if base is not None else None
+  return quality.erasure_quality(erased, feats, base_feats, np.asarray(r[f"true_{other}"]),
+                                 np.asarray(r[f"pred_{other}"]), np.asarray(r[f"conf_{other}"]),
+                                 float(config.evaluate.recognised_confidence))
+
+
+def _recognised(config, result: dict, domain: str, name: str) -> float | None:
+  """Share of the erased concept's images the other domain still recognises (None: no confidences)."""
+  from saemnesia_jax import quality
+  if "conf_object" not in result:
+    return None
+  names = config.concepts.objects if domain == "object" else config.concepts.styles
+  erased = np.asarray(result[f"true_{domain}"]) == concepts.lookup(name, names, domain)
+  other = "style" if domain == "object" else "object"
+  return quality.recognised_share(*(np.asarray(result[f"{k}_{other}"])[erased] for k in ("true", "pred", "conf")),
+                                  float(config.evaluate.recognised_confidence))
+
+
 def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
-  """Per (method, domain, concept): the sweep setting with the best (UA + IRA) / 2."""
-  best = {}
-  for u in sweep_units(config):
-    if u["method"] == "none":
+  """Per (row label, domain, concept): the sweep setting that scores best by
+  the row's criterion (the papers': (UA + IRA) / 2; see variants.py)."""
+  best, reused = {}, reused_choices(config)
+  reused_labels = {label for label, _, _ in reused}
+  for m, v in arms(config):
+    if v.label(m) in reused_labels:
       continue
-    m = _metrics(results.read(u), u["domain"], [u["concept"]], config)
-    key = (u["method"], u["domain"], u["concept"])
-    score = metrics.sweep_score(m)
-    if key not in best or score > best[key][0]:
-      best[key] = (score, u["setting"])
-  return {k: v[1] for k, v in best.items()}
+    for d, n in targets(config):
+      for s in settings(config, m, v):
+        r = results.read(_sweep_unit(config, m, d, n, s))
+        score = variants_lib.score(v.select, _metrics(r, d, [n], config),
+                                   _recognised(config, r, d, n) if v.select == "ua_ira_recognised" else None)
+        key = (v.label(m), d, n)
+        if key not in best or score > best[key][0]:
+          best[key] = (score, s)
+  return {**reused, **{k: v[1] for k, v in best.items()}}
+
+
+def reused_choices(config) -> dict[tuple[str, str, str], dict]:
+  """The settings ``evaluate.chosen_from`` (an earlier evaluation's
+  summary.json or chosen.json, same grid) chose, for every row it covers
+  whole: those rows skip their sweep. A choice outside this grid is an error."""
+  path = config.evaluate.get("chosen_from", "")
+  if not path:
+    return {}
+  data = read_json(path)
+  chosen, out = data.get("chosen", data), {}
+  for m, v in arms(config):
+    label = v.label(m)
+    picked = {(d, n): chosen.get(f"{label}/{d}/{n}") for d, n in targets(config)}
+    if any(s is None for s in picked.values()):
+      continue
+    grid = settings(config, m, v)
+    for (d, n), s in picked.items():
+      if s not in grid:
+        raise ValueError(f"config.evaluate.chosen_from={path}: {label}/{d}/{n} chose {s}, which is not in "
+                         f"this evaluation's grid {grid}: give the grid it was chosen from, or drop chosen_from")
+      out[(label, d, n)] = dict(s)
+  return out
+
+
+def final_unit(config, label: str, domain: str, name: str, setting: dict) -> dict:
+  return {"phase": "final", "method": variants_lib.method_of(label), "domain": domain, "concept": name,
+          "setting": setting, "erase": [[domain, name, setting]], "seeds": list(config.evaluate.eval_seeds)}
 
 
 def final_units(config, chosen) -> list[dict]:
   ev = config.evaluate
   out = [{"phase": "final", "method": "none", "seeds": list(ev.eval_seeds)}] if "none" in ev.methods else []
-  for (m, d, n), s in sorted(chosen.items()):
-    out.append({"phase": "final", "method": m, "domain": d, "concept": n, "setting": s,
-                "erase": [[d, n, s]], "seeds": list(ev.eval_seeds)})
-  return out
+  out += [final_unit(config, label, d, n, s) for (label, d, n), s in sorted(chosen.items())]
+  return _unique(out)
 
 
 def sequential_units(config, chosen) -> list[dict]:
@@ -366,31 +472,41 @@ def sequential_units(config, chosen) -> list[dict]:
 
 
 def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
+  from saemnesia_jax import quality
   ev = config.evaluate
-  rows, per_concept, wall = {}, [], {}
+  rows, per_concept, wall, qual = {}, [], {}, {}
   base = next((u for u in finals if u["method"] == "none"), None)
-  for m in ev.methods:
+  labels = (["none"] if "none" in ev.methods else []) + [v.label(m) for m, v in arms(config)]
+  for m in labels:
     concept_rows = []
     for d, n in targets(config):
-      if m == "none":
-        r = results.read(base)
-      else:
-        u = next(u for u in finals if u["method"] == m and u["domain"] == d and u["concept"] == n)
-        r = results.read(u)
+      u = base if m == "none" else final_unit(config, m, d, n, chosen[(m, d, n)])
+      r = results.read(u)
       met = _metrics(r, d, [n], config)
+      q = _quality(config, results, u, base, d, n)
       concept_rows.append({"domain": d, **met})
-      per_concept.append({"method": m, "domain": d, "concept": n, **met,
+      per_concept.append({"method": m, "domain": d, "concept": n, **met, **q,
                           "setting": chosen.get((m, d, n), {})})
     rows[m] = metrics.average_table(concept_rows)
+    by_domain = {d: quality.mean_rows([p for p in per_concept if p["method"] == m and p["domain"] == d])
+                 for d in ("object", "style")}
+    if any(by_domain.values()):
+      qual[m] = by_domain
   for u in sweep_units(config) + finals:
     wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
   n_concepts = len(targets(config))
-  trials = {m: len(settings(config, m)) for m in ev.methods if m != "none"}
+  trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}
   metrics.write_table(os.path.join(out_dir, "table"), rows)
-  # What each method cost: sweep trials (per concept and in all) and sampling + judging time.
-  cost = ["| method | trials per concept | trials | wall (min) |", "|---|---|---|---|"]
-  cost += [f"| {m} | {trials.get(m, 0)} | {trials.get(m, 0) * n_concepts} | {wall.get(m, 0.0) / 60:.1f} |"
-           for m in ev.methods]
+  # What each row cost: sweep trials (per concept and in all); sampling + judging time per method.
+  cost = ["| method | trials per concept | trials | wall of the method's units (min) |", "|---|---|---|---|"]
+  cost += [f"| {m} | {trials.get(m, 0)} | {trials.get(m, 0) * n_concepts} | "
+           f"{wall.get(variants_lib.method_of(m), 0.0) / 60:.1f} |" for m in labels]
+  reused = sorted({label for label, _, _ in reused_choices(config)})
+  if reused:
+    cost += ["", f"Chosen by the sweep of {ev.chosen_from} (same grid; not rerun here): {', '.join(reused)}"]
+  vs = variants_lib.variants(config)
+  if len(vs) > 1:
+    cost += ["", "Rules: " + "; ".join(f"[{v.name or 'paper'}] {variants_lib.describe(v, ev.gammas)}" for v in vs)]
   atomic_write_bytes(os.path.join(out_dir, "cost.md"), ("\n".join(cost) + "\n").encode())
   seq_rows = {}
   for u in seqs:
@@ -400,7 +516,9 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     flat = {f"{m} n={r['n']}": r for m, rs in seq_rows.items() for r in rs}
     metrics.write_table(os.path.join(out_dir, "sequential"), flat, columns=("UA", "IRA", "CRA"))
     _plot_sequential(os.path.join(out_dir, "sequential.png"), seq_rows)
-  summary = {"table": rows, "per_concept": per_concept, "sequential": seq_rows,
+  if qual:
+    atomic_write_bytes(os.path.join(out_dir, "quality.md"), quality.format_markdown(qual).encode())
+  summary = {"table": rows, "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
              "trials_per_concept": trials,
              "trials_total": {m: t * n_concepts for m, t in trials.items()},
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
@@ -465,19 +583,20 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   for i, (domain, name) in enumerate(shown):
     rows.append(plain[i])
     labels.append(f"{name}: no erasure")
-    for m in ev_ctx.methods:
+    for m, v in arms(config):  # each method under the papers' rule, then under each variant
+      label = v.label(m)
       sae_m = ev_ctx.sae(m, domain)
       s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
-      spec = ev_ctx.spec(m, [(domain, name, chosen[(m, domain, name)])], s)
+      spec = ev_ctx.spec(m, [(domain, name, chosen[(label, domain, name)])], s)
       rows.append(sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
                                  config.sampler.guidance_scale, edit_params=(sae_m["params"], spec),
                                  progress=False))
-      labels.append(f"{name}: {m}")
+      labels.append(f"{name}: {label}")
   imgs = np.concatenate(rows)
   cols = [f"with {i + 1}" for i in range(n_with)] + [f"without {i + 1}" for i in range(n_without)]
   g = img_utils.grid(imgs, len(rows), len(cols), scale=img_utils.tile_scale(imgs.shape[1]),
                      row_labels=labels, col_labels=cols,
-                     label_width=150)
+                     label_width=max(150, 7 * max(len(label) for label in labels)))
   path = os.path.join(out_dir, "erasure_grid.png")
   img_utils.save_image(path, g)
   return {"path": path, "rows": labels, "columns": cols}
@@ -487,6 +606,9 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
 
 
 def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict | None:
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
+    from saemnesia_jax import sizing
+    return sizing.sampler_dry_run(config, "evaluate")
   units_lib.initialize_distributed()
   ev = config.evaluate
   out_dir = _default(ev.out_dir, config.workdir, "eval")
@@ -514,6 +636,12 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
     summary["erasure_grid"] = erasure_grid(ctx, chosen, out_dir)
   summary["wall_s_total"] = time.perf_counter() - t0
   print(metrics.format_markdown(summary["table"]))
+  if summary["quality"]:
+    from saemnesia_jax import quality
+    print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
+          f"lower is better; recognised: the other domain's classifier at >= "
+          f"{config.evaluate.recognised_confidence:g} confidence):")
+    print(quality.format_markdown(summary["quality"]))
   print("trials per concept:", summary["trials_per_concept"], "total:", summary["trials_total"])
   print(f"wrote {out_dir}")
   return summary

@@ -127,3 +127,24 @@ def test_gamma_and_concept_sweep_compiles_the_sampler_once(tmp_path):
   plain = Sampler(pipe, SamplerSpec(num_steps=3, batch_size=2))(pipe.params, cond, uncond, seeds, np.float32(7.0))
   np.testing.assert_allclose(np.asarray(base.images), np.asarray(plain.images), atol=1e-6)
   assert float(jnp.abs(outs[1] - outs[0]).max()) > 0  # gamma matters
+
+
+def test_rules_the_papers_leave_open():
+  """scale=self: the multiplier is gamma alone; threshold=zero; steps: the first share of the trajectory."""
+  n_steps, L = 4, 6
+  mu = np.arange(n_steps * L, dtype=np.float32).reshape(n_steps, L) + 1
+  thr = np.full((n_steps, L), 0.5, np.float32)
+  e = clamp.concept_entry(mu, thr, -2.0, assigned=3)
+  spec = clamp.build_spec([e], [40, 30, 20, 10], [40, 30, 20, 10], 2)
+  np.testing.assert_allclose(spec.multiplier[:, 0], -2.0 * mu[:, 3])  # the papers': gamma * mu_target
+  r = clamp.with_rules(e, scale="self", threshold="zero", steps=0.5)
+  spec = clamp.build_spec([r], [40, 30, 20, 10], [40, 30, 20, 10], 2)
+  np.testing.assert_allclose(spec.multiplier[:, 0], [-2.0, -2.0, 0.0, 0.0])
+  np.testing.assert_array_equal(spec.active[:, 0], [True, True, False, False])  # the noisiest half
+  np.testing.assert_array_equal(spec.threshold[:, 0], 0.0)
+  same = clamp.with_rules(e)  # the defaults are the papers' rule
+  assert np.array_equal(same.mu, e.mu) and np.array_equal(same.active, e.active)
+  with pytest.raises(ValueError, match="steps"):
+    clamp.with_rules(e, steps=0.0)
+  with pytest.raises(ValueError, match="scale"):
+    clamp.with_rules(e, scale="own")

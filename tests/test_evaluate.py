@@ -29,6 +29,18 @@ class StubJudge:
     return obj, sty
 
 
+class AssessingStubJudge(StubJudge):
+  """The stub plus what the quality measures read: confidences and features
+  (each image's downsampled pixels)."""
+
+  def assess(self, images):
+    obj, sty = self.predict(images)
+    x = np.asarray(images, np.float32)
+    feats = x[:, ::4, ::4].reshape(len(x), -1)
+    conf = np.abs(x.mean((1, 2, 3)) - 0.5) + 0.5
+    return {"object": obj, "style": sty, "object_conf": conf, "style_conf": conf, "features": feats}
+
+
 def _config(workdir, model_dir):
   c = tiny.get_config()
   c.workdir = str(workdir)
@@ -61,10 +73,11 @@ def prepared(tmp_path_factory):
 def test_evaluation_tables_trials_and_resume(prepared):
   work, model_dir = prepared
   c = _config(work, model_dir)
-  judge = StubJudge()
+  judge = AssessingStubJudge()
   summary = evaluate.run(c, judge=judge, progress=False)
   out = work / "eval"
-  for name in ("table.md", "table.csv", "sequential.md", "sequential.png", "summary.json", "erasure_grid.png"):
+  for name in ("table.md", "table.csv", "sequential.md", "sequential.png", "summary.json", "erasure_grid.png",
+               "quality.md"):
     assert (out / name).exists(), name
   cost = (out / "cost.md").read_text()
   assert "| saeuron | 2 | 8 |" in cost and "| saemnesia | 2 | 8 |" in cost, cost
@@ -76,30 +89,60 @@ def test_evaluation_tables_trials_and_resume(prepared):
   # sweep: 1 baseline + 4 concepts x (2 + 2); final: 1 + 4 x 2; sequential: 2 methods x 1
   assert n_units == 17 + 9 + 2
   assert judge.calls == n_units
+  # Image quality: the no-erasure row compares the base images with themselves.
+  q = summary["quality"]
+  assert set(q) == {"none", "saeuron", "saemnesia"}
+  assert q["none"]["object"]["FD_erased"] == pytest.approx(0, abs=1e-9)
+  assert q["none"]["style"]["FD_kept"] == pytest.approx(0, abs=1e-9)
+  assert all(np.isfinite(q[m][d]["FD_erased"]) and 0 <= q[m][d]["recognised"] <= 1
+             for m in ("saeuron", "saemnesia") for d in ("object", "style"))
+  assert "| saemnesia | style |" in (out / "quality.md").read_text()
+  # Features go to each final unit's .npz, not into the JSON.
+  assert len(list((out / "units" / "units").glob("*.npz"))) == 9
   # A crash that lost some results: the rerun computes only those.
   lost = sorted((out / "units" / "units").glob("*saemnesia*.json"))[:3]
   for p in lost:
     p.unlink()
-  judge2 = StubJudge()
+  judge2 = AssessingStubJudge()
   again = evaluate.run(c, judge=judge2, progress=False)
   assert judge2.calls == 3
   assert again["table"] == summary["table"]
+  assert again["quality"] == summary["quality"]
 
 
-def test_erasing_a_subset_draws_its_grid(prepared, tmp_path):
-  """Erasing only the second object and style (not the config's first ones):
-  the grid shows those, with a no-erasure row and one row per method each."""
+def test_erasing_a_subset_with_variants_draws_its_grid(prepared, tmp_path):
+  """Erasing only the second object and style (not the config's first ones),
+  under the papers' rule and two variants: every method gets every variant's
+  row with the same trials, a select-only variant reuses the papers' sweep,
+  and the grid shows a no-erasure row and one row per method and rule."""
   work, model_dir = prepared
   c = _config(work, model_dir)
   c.evaluate.update(dict(objects=("dog",), styles=("pastel",), sequential=False,
-                         out_dir=str(tmp_path / "eval_subset")))
-  summary = evaluate.run(c, judge=StubJudge(), progress=False)
-  assert summary["erasure_grid"]["rows"] == [
-      "dog: no erasure", "dog: saeuron", "dog: saemnesia",
-      "pastel: no erasure", "pastel: saeuron", "pastel: saemnesia"]
+                         out_dir=str(tmp_path / "eval_subset"),
+                         variants=("self: scale=self gammas=0/-1", "cra: select=ua_ira_cra")))
+  judge = AssessingStubJudge()
+  summary = evaluate.run(c, judge=judge, progress=False)
+  rows = [f"{m}{v}" for v in ("", " [self]", " [cra]") for m in ("saeuron", "saemnesia")]
+  assert list(summary["table"]) == ["none"] + rows
+  assert set(summary["trials_per_concept"].values()) == {2}  # the same budget for every rule
+  assert summary["chosen"]["saemnesia [self]/object/dog"]["scale"] == "self"
+  assert "scale" not in summary["chosen"]["saemnesia [cra]/style/pastel"]
+  # sweep: 1 baseline + 2 concepts x 2 methods x 2 settings x 2 sampled rules (cra shares the papers')
+  sweep = [u for u in evaluate.sweep_units(c) if u["method"] != "none"]
+  assert len(sweep) == 16 and judge.calls <= 1 + 16 + 1 + 2 * 6
+  assert summary["erasure_grid"]["rows"] == [f"{n}: no erasure" if not r else f"{n}: {r}"
+                                             for n in ("dog", "pastel") for r in [""] + rows]
   # tiny has 2 objects and 2 styles: 2 prompts with the concept and 2 without.
   assert summary["erasure_grid"]["columns"] == ["with 1", "with 2", "without 1", "without 2"]
   assert (tmp_path / "eval_subset" / "erasure_grid.png").exists()
+  assert "[self] self: scale=self" in (tmp_path / "eval_subset" / "cost.md").read_text()
+  # Re-evaluating with the settings this run chose: no sweep unit besides the baseline, the same tables.
+  c.evaluate.update(dict(out_dir=str(tmp_path / "eval_reuse"), grids=False,
+                         chosen_from=str(tmp_path / "eval_subset" / "summary.json")))
+  assert [u["method"] for u in evaluate.sweep_units(c)] == ["none"]
+  again = evaluate.run(c, judge=AssessingStubJudge(), progress=False)
+  assert again["table"] == summary["table"] and again["chosen"] == summary["chosen"]
+  assert "not rerun here" in (tmp_path / "eval_reuse" / "cost.md").read_text()
 
 
 def test_a_sweep_compiles_the_sampler_once(prepared):

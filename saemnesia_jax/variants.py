@@ -1,0 +1,132 @@
+"""Erasure rules beside the papers' (``evaluate.variants``), with the same trial budget.
+
+The papers fix how the clamp pushes (``z_i <- gamma * mu_target * z_i`` at
+every step, where z_i exceeds the mean activation over concepts) and how a
+sweep setting is chosen ((UA + IRA) / 2). They leave open the rest; a variant
+names other choices, and the evaluation runs it for *every* method (SAeUron
+and SAEmnesia alike) beside the papers' rule, whose rows keep the method's
+plain name (the Table-1 rows labelled with the paper's name).
+
+A variant is one string, ``"<name>: key=value key=value ..."``:
+
+* ``scale=mu|self``, ``threshold=mean|zero``, ``steps=<share>``: the clamp
+  rules of ``clamp.with_rules``;
+* ``gammas=<g1>/<g2>/...``: the variant's gamma grid (default
+  ``evaluate.gammas``); give as many as the papers' grid for the same trials;
+* ``select=ua_ira|ua_ira_cra|ua_ira_recognised``: how the sweep picks a
+  setting per concept: (UA + IRA) / 2 (the papers'), (UA + IRA + CRA) / 3,
+  or (UA + IRA + recognised) / 3 (quality.py: the other domain still
+  recognised on the erased concept's images).
+
+E.g. ``"self: scale=self gammas=0/-0.5/-1/-2"``. A variant that changes only
+``select`` reuses the papers' sweep (no extra sampling).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+from saemnesia_jax.errors import ConfigError
+from saemnesia_jax.metrics import sweep_score
+
+# Clamp rules (clamp.with_rules); the first value of each is the papers'.
+SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (relative to z_i itself)
+THRESHOLDS = ("mean", "zero")  # edit where z_i > mean over concepts of mu_c(i, t) | wherever z_i > 0
+SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised")
+_KEYS = ("scale", "threshold", "steps", "gammas", "select")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str  # '' for the papers' rule
+  rules: tuple[tuple[str, Any], ...] = ()  # clamp.with_rules keywords that differ from the papers'
+  gammas: tuple[float, ...] | None = None  # None: evaluate.gammas
+  select: str = "ua_ira"
+
+  def label(self, method: str) -> str:
+    """The method's row label: its plain name under the papers' rule."""
+    return method if not self.name else f"{method} [{self.name}]"
+
+
+PAPER = Variant("")
+
+
+def _fail(text: str, why: str) -> None:
+  raise ConfigError(f"config.evaluate.variants: {text!r}: {why}; write \"<name>: key=value ...\" with keys "
+                    f"{', '.join(_KEYS)} (e.g. \"self: scale=self gammas=0/-0.5/-1/-2\")")
+
+
+def parse(text: str) -> Variant:
+  name, sep, body = str(text).partition(":")
+  name = name.strip()
+  if not sep or not name or any(c in name for c in "[]/"):
+    _fail(text, "no name (or a name with [ ] /) before ':'")
+  rules, gammas, select = {}, None, "ua_ira"
+  for tok in body.split():
+    key, eq, value = tok.partition("=")
+    if not eq or key not in _KEYS:
+      _fail(text, f"{tok!r} is not key=value with a known key")
+    if key == "gammas":
+      try:
+        gammas = tuple(float(g) for g in value.split("/"))
+      except ValueError:
+        _fail(text, f"gammas={value!r} are not numbers separated by '/'")
+      if any(not math.isfinite(g) or g > 0 for g in gammas):
+        _fail(text, "gammas must be <= 0 (the clamp erases by pushing against the concept)")
+    elif key == "select":
+      if value not in SELECTIONS:
+        _fail(text, f"select={value!r}; known: {', '.join(SELECTIONS)}")
+      select = value
+    elif key == "steps":
+      try:
+        rules["steps"] = float(value)
+      except ValueError:
+        _fail(text, f"steps={value!r} is not a number")
+      if not 0 < rules["steps"] <= 1:
+        _fail(text, "steps is the share of the sampling steps with the clamp on, in (0, 1]")
+    else:
+      known = SCALES if key == "scale" else THRESHOLDS
+      if value not in known:
+        _fail(text, f"{key}={value!r}; known: {', '.join(known)}")
+      rules[key] = value
+  # The papers' value of a rule is no rule: such settings share the papers' units.
+  papers = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0}
+  rules = {k: v for k, v in rules.items() if v != papers[k]}
+  return Variant(name, tuple(sorted(rules.items())), gammas, select)
+
+
+def variants(config) -> list[Variant]:
+  """The papers' rule, then ``evaluate.variants`` in order (names unique)."""
+  out = [PAPER] + [parse(t) for t in config.evaluate.get("variants", ())]
+  names = [v.name for v in out[1:]]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ConfigError(f"config.evaluate.variants: the name {dup[0]!r} is used twice; give each variant its own")
+  return out
+
+
+def method_of(label: str) -> str:
+  return label.split(" [", 1)[0]
+
+
+def score(select: str, metrics: Mapping[str, float], recognised: float | None = None) -> float:
+  """The sweep's criterion (higher is better), from a unit's UA / IRA / CRA (fractions)."""
+  if select == "ua_ira":
+    return sweep_score(metrics)
+  if select == "ua_ira_cra":
+    return (metrics["UA"] + metrics["IRA"] + metrics["CRA"]) / 3
+  if select == "ua_ira_recognised":
+    if recognised is None:
+      raise ConfigError("select=ua_ira_recognised needs a judge with assess() (confidences): the built-in "
+                        "canvas_mini and unlearncanvas judges have it")
+    return (metrics["UA"] + metrics["IRA"] + (0.0 if math.isnan(recognised) else recognised)) / 3
+  raise ValueError(f"unknown selection {select!r}; known: {SELECTIONS}")
+
+
+def describe(v: Variant, default_gammas: Sequence[float]) -> str:
+  """One line for the tables' notes."""
+  if not v.name:
+    return "the papers' rule: gamma x mu_target, threshold mean mu, every step, (UA + IRA) / 2"
+  rules = ", ".join(f"{k}={val}" for k, val in v.rules) or "the papers' clamp"
+  return f"{v.name}: {rules}; gammas {tuple(v.gammas or default_gammas)}; select {v.select}"

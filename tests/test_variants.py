@@ -1,0 +1,52 @@
+"""Erasure rules beside the papers' (evaluate.variants): parsing, labels, selection."""
+import math
+
+import ml_collections
+import pytest
+
+from saemnesia_jax import erase, variants
+from saemnesia_jax.errors import ConfigError
+
+
+def _config(*texts):
+  return ml_collections.ConfigDict({"evaluate": {"variants": texts}})
+
+
+def test_parse_names_rules_gammas_and_selection():
+  vs = variants.variants(_config("self: scale=self gammas=0/-0.5/-1", "cra: select=ua_ira_cra",
+                                 "same: scale=mu threshold=mean steps=1"))
+  assert vs[0] == variants.PAPER and vs[0].label("saemnesia") == "saemnesia"
+  assert vs[1].rules == (("scale", "self"),) and vs[1].gammas == (0.0, -0.5, -1.0)
+  assert vs[1].label("saeuron") == "saeuron [self]" and variants.method_of("saeuron [self]") == "saeuron"
+  assert vs[2].rules == () and vs[2].select == "ua_ira_cra"
+  assert vs[3].rules == ()  # the papers' values are no rule: the papers' units are reused
+
+
+@pytest.mark.parametrize("text, why", [
+    ("noname scale=self", "no name"), ("x: scale=own", "scale='own'"), ("x: steps=0", r"\(0, 1\]"),
+    ("x: gammas=1/-1", "<= 0"), ("x: select=best", "select='best'"), ("x: colour=red", "known key")])
+def test_bad_variants_name_the_problem(text, why):
+  with pytest.raises(ConfigError, match=why):
+    variants.variants(_config(text))
+  with pytest.raises(ConfigError, match="used twice"):
+    variants.variants(_config("a: scale=self", "a: steps=0.5"))
+
+
+def test_selection_criteria():
+  m = {"UA": 0.9, "IRA": 0.8, "CRA": 0.5}
+  assert variants.score("ua_ira", m) == pytest.approx(0.85)
+  assert variants.score("ua_ira_cra", m) == pytest.approx(2.2 / 3)
+  assert variants.score("ua_ira_recognised", m, 0.2) == pytest.approx(1.9 / 3)
+  assert variants.score("ua_ira_recognised", m, math.nan) == pytest.approx(1.7 / 3)
+  with pytest.raises(ConfigError, match="assess"):
+    variants.score("ua_ira_recognised", m, None)
+
+
+def test_rules_reach_the_clamp_entry_through_the_setting():
+  import numpy as np
+  tables = {"mu_objects": np.ones((2, 3, 5), np.float32) * 4, "threshold_objects": np.ones((3, 5), np.float32),
+            "assignment": np.array([1, 2, 3, 4])}
+  paper = erase.concept_entry("saemnesia", tables, "object", 0, {"gamma": -2.0})
+  assert paper.mu[0, 1] == 4 and paper.active.all()
+  ruled = erase.concept_entry("saemnesia", tables, "object", 0, {"gamma": -2.0, "scale": "self", "steps": 0.34})
+  assert ruled.mu[0, 1] == 1 and ruled.active[:, 0].tolist() == [True, True, False]
