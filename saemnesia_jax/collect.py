@@ -214,6 +214,9 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 def run(config: ml_collections.ConfigDict) -> dict:
   from saemnesia_jax import blocks
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
+    from saemnesia_jax import sizing
+    return sizing.sampler_dry_run(config, "collect")
   if blocks.per_block(config):  # a store per block ({workdir}/{block}/activations)
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   from saemnesia_jax.units import initialize_distributed

@@ -25,6 +25,9 @@ from saemnesia_jax.sampler import sample_prompts
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
+    from saemnesia_jax import sizing
+    return sizing.sampler_dry_run(config, "sample")
   if not config.prompts:
     raise ValueError("config.prompts is empty: give at least one prompt, e.g. "
                      "--config.prompts=\"('A cat image in neon style.',)\"")

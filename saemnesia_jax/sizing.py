@@ -165,3 +165,52 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   if here is not None:
     print_fn(f"  on this device kind ({out['device_kind']}): {out['predicted_tokens_per_s_here']:,.0f} tokens/s")
   return out
+
+
+def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, print_fn=print) -> dict:
+  """Compiles the sampler of ``stage`` (sample; collect: capturing the block;
+  evaluate: with the clamp) from the model's config files alone (no weights)
+  at ``config.sampler``'s batch and size; returns (and prints) its per-device
+  memory and the images/s it would reach at the matmul peak."""
+  from saemnesia_jax import clamp, common, evaluate, models, train
+  path = common.model_path(config, create=False)
+  pipe = models.load_pipeline(path, dtype=config.model.dtype, from_pt=common.from_pt(config),
+                              attention=config.model.get("attention", "auto"), abstract=True)
+  cfg = evaluate.sampling_config(config) if stage == "evaluate" else config
+  edit_params = None
+  if stage == "evaluate":
+    sampler = common.make_sampler(cfg, pipe, edit_fn=clamp.make_edit_fn(config.sae.k))
+    d_in = sampler.block_output_shape(config.block)[-1]
+    L, m, n = train.n_latents(config, d_in), int(config.evaluate.max_latents), cfg.sampler.num_steps
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    sae = {"W_enc": f32(d_in, L), "b_enc": f32(L), "W_dec": f32(L, d_in), "b_dec": f32(d_in)}
+    edit_params = (sae, clamp.ClampSpec(jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((n, m), bool),
+                                        f32(n, m), f32(n, m)))
+  else:
+    sampler = common.make_sampler(cfg, pipe, capture=stage == "collect")
+  bs = sampler.spec.batch_size
+  ids = jax.ShapeDtypeStruct((bs, pipe.max_length), jnp.int32)
+  compiled = sampler.fn.lower(pipe.params, ids, ids, jax.ShapeDtypeStruct((bs,), jnp.uint32),
+                              jax.ShapeDtypeStruct((), jnp.float32), edit_params).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", float("nan")))
+  weights = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(pipe.params)))
+  temp = int(mem.temp_size_in_bytes) if mem is not None else 0
+  out = {"stage": stage, "batch_size": bs, "height": sampler.height, "width": sampler.width,
+         "num_steps": cfg.sampler.num_steps, "dtype": config.model.dtype,
+         "device_kind": jax.devices()[0].device_kind,
+         "per_device_bytes": {"weights": weights, "temporaries": temp,
+                              "outputs": int(mem.output_size_in_bytes) if mem is not None else None,
+                              "total": weights + temp},
+         "xla_flops_per_call": flops,
+         "predicted_images_per_s": {k: peak / (flops / bs) for k, peak in PEAK_FLOPS.items()}}
+  print_fn(f"dry run: {stage} sampler, {bs} images of {sampler.height}x{sampler.width} px with CFG "
+           f"({2 * bs} UNet rows), {cfg.sampler.num_steps} steps, {config.model.dtype}, on one "
+           f"{out['device_kind']} device")
+  print_fn(f"  per device: weights {_gib(weights)}, sampler temporaries {_gib(temp)}; total {_gib(weights + temp)}")
+  print_fn(f"  FLOPs per call: {flops / 1e12:.2f} T (XLA), {flops / bs / 1e12:.2f} T per image")
+  print_fn("  predicted images/s at the bf16 matmul peak: " + ", ".join(
+      f"{k} {v:,.1f}" for k, v in out["predicted_images_per_s"].items()))
+  return out

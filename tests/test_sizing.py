@@ -64,3 +64,23 @@ def test_micro_batches_must_divide_the_batch(tmp_path):
   c.sae.mode = "unsupervised"
   with pytest.raises(ValueError, match="supervised step only"):
     train.setup(c)
+
+
+def test_sampler_dry_run_reads_no_weights_and_sizes_the_real_ones(tmp_path, stage="evaluate"):
+  """Compile-only sizing of the sampling stages from config files alone: the
+  weights it counts are the loaded pipeline's, and the compile is the real sampler's."""
+  from saemnesia_jax import models
+  model_dir = models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
+  c = tiny.get_config()
+  c.workdir, c.model.path = str(tmp_path), model_dir
+  c.sampler.update(dict(num_steps=2, batch_size=3))
+  real = models.load_pipeline(model_dir)
+  for f in models.weight_files(model_dir):
+    os.rename(f, f + ".hidden")  # the dry run must not need them
+  lines = []
+  out = sizing.sampler_dry_run(c, stage, print_fn=lines.append)
+  weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(real.params))
+  assert out["per_device_bytes"]["weights"] == weights
+  assert out["per_device_bytes"]["temporaries"] > 0 and out["xla_flops_per_call"] > 0
+  assert out["batch_size"] == 3 and lines[0].startswith(f"dry run: {stage} sampler, 3 images")
+  assert all(v > 0 for v in out["predicted_images_per_s"].values())
