@@ -21,7 +21,8 @@ Then per run: UA on these images (the concept's own classifier), the share
 recognised by the other domain's classifier (>= 0.8 confidence), and the FD of
 the judge features against the same prompts unerased (quality.py).
 Rules: ``paper`` (the chosen gamma x mu_target) or ``self:<gamma>`` (z <- gamma
-x z, clamp.with_rules scale='self'). Prints a table and writes JSON and a
+x z, clamp.with_rules scale='self'), each optionally followed by
+``|steps=<share>`` / ``|threshold=zero`` (e.g. ``paper|steps=0.4``). Prints a table and writes JSON and a
 figure (--out, default benchmarks/results/canvas_mini/erasure_diagnosis.*).
 """
 from __future__ import annotations
@@ -111,13 +112,18 @@ def main() -> None:
                           np.full_like(base_entry.threshold, -np.inf), 1.0)
       runs = [("none", ident)]
       for rule in a.rules.split(","):
-        if rule == "paper":
-          runs.append(("paper", base_entry))
+        # "paper" or "self:<gamma>", then optional "|key=value" rules (clamp.with_rules).
+        head, *extra = rule.split("|")
+        rules = dict(kv.split("=") for kv in extra)
+        for k in ("steps", "start"):
+          if k in rules:
+            rules[k] = float(rules[k])
+        if head == "paper":
+          s_rule = {**setting, **rules}
         else:
-          g = float(rule.split(":")[1])
-          runs.append((rule, erase_lib.concept_entry(method, tables, domain, index,
-                                                     {**setting, "gamma": g, "scale": "self"},
-                                                     assignment=sae.assignment)))
+          s_rule = {**setting, "gamma": float(head.split(":")[1]), "scale": "self", **rules}
+        runs.append((rule, erase_lib.concept_entry(method, tables, domain, index, s_rule,
+                                                   assignment=sae.assignment)))
       out = {}
       for label, entry in runs:
         current["run"] = f"{method}/{name}/{label}"
@@ -148,7 +154,7 @@ def main() -> None:
                "per_step": {k: per(k) for k in ("edited", "push", "z_edit", "norm_out")} | {"z_max": z_max},
                "wall_s": round(wall, 1)}
         rows.append(row)
-        print(f"{method:9s} {name:9s} {label:7s} UA {row['UA']:.2f} recognised {row['recognised']:.2f} "
+        print(f"{method:9s} {name:9s} {label:20s} UA {row['UA']:.2f} recognised {row['recognised']:.2f} "
               f"FD {row['FD']:8.2f}  edited {row['edited_mean']:.3f} push mean {row['push_mean']:7.2f} "
               f"max {row['push_max']:7.2f}  z_edit/z_max {row['z_edit_over_z_max']:8.1f}  "
               f"norm x{row['norm_ratio_max']:.1f}", flush=True)

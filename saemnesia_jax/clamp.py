@@ -116,7 +116,8 @@ def concept_entry(mu_c: np.ndarray, threshold: np.ndarray, gamma: float, *,
   return Entry(latents, sel[:, latents], mu_c, threshold, gamma)
 
 
-def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: float = 1.0) -> Entry:
+def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: float = 1.0,
+               start: float = 0.0) -> Entry:
   """``e`` under other clamp rules.
 
   ``scale='self'``: ``z_i <- gamma * z_i`` (gamma unitless, relative to the
@@ -125,6 +126,8 @@ def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: floa
   ``threshold='zero'``: edit every token where the latent is active.
   ``steps``: the share of the trajectory, from the noisiest step, in which the
   clamp acts (1.0: every step; 0.5: the first half, where layout is decided).
+  ``start``: the share of the trajectory that passes before the clamp acts
+  (0.5: only the second half, where detail and texture are drawn).
   """
   if scale not in SCALES:
     raise ValueError(f"clamp scale {scale!r}; known: {SCALES}")
@@ -132,10 +135,13 @@ def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: floa
     raise ValueError(f"clamp threshold {threshold!r}; known: {THRESHOLDS}")
   if not 0.0 < steps <= 1.0:
     raise ValueError(f"clamp steps={steps}: the share of the sampling steps with the clamp on, in (0, 1]")
+  if not 0.0 <= start < 1.0:
+    raise ValueError(f"clamp start={start}: the share of the sampling steps before the clamp acts, in [0, 1)")
   mu = np.ones_like(e.mu) if scale == "self" else e.mu
   thr = np.zeros_like(e.threshold) if threshold == "zero" else e.threshold
   active = e.active.copy()
   active[int(np.ceil(steps * len(active))):] = False  # score steps run from the noisiest (index 0)
+  active[:int(np.floor(start * len(active)))] = False
   return Entry(e.latents, active, mu, thr, e.gamma)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from saemnesia_jax import clamp
 
 METHODS = ("saemnesia", "saeuron")
-RULES = ("scale", "threshold", "steps")  # optional setting keys: clamp.with_rules
+RULES = ("scale", "threshold", "steps", "start")  # optional setting keys: clamp.with_rules
 DOMAINS = ("object", "style")
 
 
@@ -34,7 +34,7 @@ def concept_entry(method: str, tables: Mapping[str, np.ndarray], domain: str, in
   ``setting``: {'gamma'} for SAEmnesia (the concept's assigned latent at every
   step), {'percentile', 'gamma'} for SAeUron (the latents above that
   percentile of the step's importance scores); optionally the clamp rules
-  ``scale`` / ``threshold`` / ``steps`` of ``clamp.with_rules``. ``assignment``: SAEmnesia's
+  ``scale`` / ``threshold`` / ``steps`` / ``start`` of ``clamp.with_rules``. ``assignment``: SAEmnesia's
   concept -> latent ids (objects, then styles) as the SAE was trained
   (saemnesia.json); None falls back to the scores' greedy assignment.
   """

@@ -9,8 +9,8 @@ plain name (the Table-1 rows labelled with the paper's name).
 
 A variant is one string, ``"<name>: key=value key=value ..."``:
 
-* ``scale=mu|self``, ``threshold=mean|zero``, ``steps=<share>``: the clamp
-  rules of ``clamp.with_rules``;
+* ``scale=mu|self``, ``threshold=mean|zero``, ``steps=<share>``,
+  ``start=<share>``: the clamp rules of ``clamp.with_rules``;
 * ``gammas=<g1>/<g2>/...``: the variant's gamma grid (default
   ``evaluate.gammas``); give as many as the papers' grid for the same trials;
 * ``select=ua_ira|ua_ira_cra|ua_ira_recognised``: how the sweep picks a
@@ -34,7 +34,7 @@ from saemnesia_jax.metrics import sweep_score
 SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (relative to z_i itself)
 THRESHOLDS = ("mean", "zero")  # edit where z_i > mean over concepts of mu_c(i, t) | wherever z_i > 0
 SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised")
-_KEYS = ("scale", "threshold", "steps", "gammas", "select")
+_KEYS = ("scale", "threshold", "steps", "start", "gammas", "select")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,20 +78,22 @@ def parse(text: str) -> Variant:
       if value not in SELECTIONS:
         _fail(text, f"select={value!r}; known: {', '.join(SELECTIONS)}")
       select = value
-    elif key == "steps":
+    elif key in ("steps", "start"):
       try:
-        rules["steps"] = float(value)
+        rules[key] = float(value)
       except ValueError:
-        _fail(text, f"steps={value!r} is not a number")
-      if not 0 < rules["steps"] <= 1:
+        _fail(text, f"{key}={value!r} is not a number")
+      if key == "steps" and not 0 < rules[key] <= 1:
         _fail(text, "steps is the share of the sampling steps with the clamp on, in (0, 1]")
+      if key == "start" and not 0 <= rules[key] < 1:
+        _fail(text, "start is the share of the sampling steps before the clamp acts, in [0, 1)")
     else:
       known = SCALES if key == "scale" else THRESHOLDS
       if value not in known:
         _fail(text, f"{key}={value!r}; known: {', '.join(known)}")
       rules[key] = value
   # The papers' value of a rule is no rule: such settings share the papers' units.
-  papers = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0}
+  papers = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0, "start": 0.0}
   rules = {k: v for k, v in rules.items() if v != papers[k]}
   return Variant(name, tuple(sorted(rules.items())), gammas, select)
 

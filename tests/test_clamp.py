@@ -142,9 +142,13 @@ def test_rules_the_papers_leave_open():
   np.testing.assert_allclose(spec.multiplier[:, 0], [-2.0, -2.0, 0.0, 0.0])
   np.testing.assert_array_equal(spec.active[:, 0], [True, True, False, False])  # the noisiest half
   np.testing.assert_array_equal(spec.threshold[:, 0], 0.0)
+  late = clamp.build_spec([clamp.with_rules(e, start=0.5)], [40, 30, 20, 10], [40, 30, 20, 10], 2)
+  np.testing.assert_array_equal(late.active[:, 0], [False, False, True, True])  # the second half only
   same = clamp.with_rules(e)  # the defaults are the papers' rule
   assert np.array_equal(same.mu, e.mu) and np.array_equal(same.active, e.active)
   with pytest.raises(ValueError, match="steps"):
     clamp.with_rules(e, steps=0.0)
+  with pytest.raises(ValueError, match="start"):
+    clamp.with_rules(e, start=1.0)
   with pytest.raises(ValueError, match="scale"):
     clamp.with_rules(e, scale="own")

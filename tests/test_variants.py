@@ -14,16 +14,18 @@ def _config(*texts):
 
 def test_parse_names_rules_gammas_and_selection():
   vs = variants.variants(_config("self: scale=self gammas=0/-0.5/-1", "cra: select=ua_ira_cra",
-                                 "same: scale=mu threshold=mean steps=1"))
+                                 "same: scale=mu threshold=mean steps=1 start=0", "late: start=0.5"))
   assert vs[0] == variants.PAPER and vs[0].label("saemnesia") == "saemnesia"
   assert vs[1].rules == (("scale", "self"),) and vs[1].gammas == (0.0, -0.5, -1.0)
   assert vs[1].label("saeuron") == "saeuron [self]" and variants.method_of("saeuron [self]") == "saeuron"
   assert vs[2].rules == () and vs[2].select == "ua_ira_cra"
   assert vs[3].rules == ()  # the papers' values are no rule: the papers' units are reused
+  assert vs[4].rules == (("start", 0.5),)
 
 
 @pytest.mark.parametrize("text, why", [
     ("noname scale=self", "no name"), ("x: scale=own", "scale='own'"), ("x: steps=0", r"\(0, 1\]"),
+    ("x: start=1", r"\[0, 1\)"),
     ("x: gammas=1/-1", "<= 0"), ("x: select=best", "select='best'"), ("x: colour=red", "known key")])
 def test_bad_variants_name_the_problem(text, why):
   with pytest.raises(ConfigError, match=why):
