@@ -21,7 +21,6 @@ import difflib
 import importlib.util
 import os
 import sys
-import textwrap
 from typing import Any, Sequence
 
 from saemnesia_jax import config_docs

@@ -48,7 +48,10 @@ import numpy as np
 from saemnesia_jax import blocks, clamp, concepts, metrics, runs
 from saemnesia_jax import units as units_lib
 from saemnesia_jax import variants as variants_lib
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+from saemnesia_jax.evaluate_plan import (arms, choose, final_unit, final_units, reused_choices,  # noqa: F401
+                                         sequential_units, settings, sweep_units, targets, unit_metrics,
+                                         unit_quality)
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files
 
 METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are
@@ -291,183 +294,6 @@ def fingerprint(config, ctx: Evaluation) -> dict:
                    inputs, stage="evaluate")
 
 
-# ------------------------------------------------------------------- plan
-
-
-def settings(config, method: str, variant: variants_lib.Variant = variants_lib.PAPER) -> list[dict]:
-  """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp rules)."""
-  ev = config.evaluate
-  gammas = variant.gammas or tuple(ev.gammas)
-  rules = dict(variant.rules)
-  if method == "saemnesia":
-    return [{"gamma": float(g), **rules} for g in gammas]
-  if method == "saeuron":
-    return [{"percentile": float(p), "gamma": float(g), **rules} for p in ev.percentiles for g in gammas]
-  return [{}]
-
-
-def arms(config) -> list[tuple[str, variants_lib.Variant]]:
-  """(method, variant) of every erasing row: the papers' rule, then each variant."""
-  return [(m, v) for v in variants_lib.variants(config) for m in config.evaluate.methods if m != "none"]
-
-
-def _unique(units: list[dict]) -> list[dict]:
-  """Units once each (a variant may share units with the papers' rule)."""
-  seen, out = set(), []
-  for u in units:
-    uid = units_lib.unit_id(u)
-    if uid not in seen:
-      seen.add(uid)
-      out.append(u)
-  return out
-
-
-def targets(config) -> list[tuple[str, str]]:
-  ev = config.evaluate
-  objs = list(ev.objects) or list(config.concepts.objects)
-  stys = list(ev.styles) or list(config.concepts.styles)
-  for n in objs:
-    concepts.lookup(n, config.concepts.objects, "object")
-  for n in stys:
-    concepts.lookup(n, config.concepts.styles, "style")
-  return [("object", n) for n in objs] + [("style", n) for n in stys]
-
-
-def sweep_units(config) -> list[dict]:
-  ev = config.evaluate
-  out = [{"phase": "sweep", "method": "none", "seeds": list(ev.sweep_seeds)}] if "none" in ev.methods else []
-  reused = {label for label, _, _ in reused_choices(config)}
-  for m, v in arms(config):
-    if v.label(m) in reused:
-      continue
-    for d, n in targets(config):
-      for s in settings(config, m, v):
-        out.append(_sweep_unit(config, m, d, n, s))
-  return _unique(out)
-
-
-def _sweep_unit(config, method: str, domain: str, name: str, setting: dict) -> dict:
-  return {"phase": "sweep", "method": method, "domain": domain, "concept": name, "setting": setting,
-          "erase": [[domain, name, setting]], "seeds": list(config.evaluate.sweep_seeds)}
-
-
-def _answer(result: dict):
-  return (np.asarray(result["true_object"]), np.asarray(result["true_style"]),
-          np.asarray(result["pred_object"]), np.asarray(result["pred_style"]))
-
-
-def _metrics(result: dict, domain: str, erased: list[str], config) -> dict:
-  return metrics.erasure_metrics(*_answer(result), erased, domain,
-                                 object_names=list(config.concepts.objects),
-                                 style_names=list(config.concepts.styles))
-
-
-def _quality(config, results: units_lib.UnitResults, unit: dict, base: dict | None, domain: str,
-             name: str) -> dict:
-  """quality.erasure_quality of one final unit against the no-erasure unit
-  (same prompts and seeds); {} where the judge gave no confidences."""
-  from saemnesia_jax import quality
-  r = results.read(unit)
-  if "conf_object" not in r:
-    return {}
-  true_obj, true_sty = np.asarray(r["true_object"]), np.asarray(r["true_style"])
-  names = config.concepts.objects if domain == "object" else config.concepts.styles
-  cid = concepts.lookup(name, names, domain)
-  erased = (true_obj if domain == "object" else true_sty) == cid
-  other = "style" if domain == "object" else "object"
-  feats = results.read_arrays(unit).get("features")
-  base_feats = results.read_arrays(base).get("features") if base is not None else None
-  return quality.erasure_quality(erased, feats, base_feats, np.asarray(r[f"true_{other}"]),
-                                 np.asarray(r[f"pred_{other}"]), np.asarray(r[f"conf_{other}"]),
-                                 float(config.evaluate.recognised_confidence))
-
-
-def _recognised(config, result: dict, domain: str, name: str) -> float | None:
-  """Share of the erased concept's images the other domain still recognises (None: no confidences)."""
-  from saemnesia_jax import quality
-  if "conf_object" not in result:
-    return None
-  names = config.concepts.objects if domain == "object" else config.concepts.styles
-  erased = np.asarray(result[f"true_{domain}"]) == concepts.lookup(name, names, domain)
-  other = "style" if domain == "object" else "object"
-  return quality.recognised_share(*(np.asarray(result[f"{k}_{other}"])[erased] for k in ("true", "pred", "conf")),
-                                  float(config.evaluate.recognised_confidence))
-
-
-def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
-  """Per (row label, domain, concept): the sweep setting that scores best by
-  the row's criterion (the papers': (UA + IRA) / 2; see variants.py)."""
-  best, reused = {}, reused_choices(config)
-  reused_labels = {label for label, _, _ in reused}
-  for m, v in arms(config):
-    if v.label(m) in reused_labels:
-      continue
-    for d, n in targets(config):
-      for s in settings(config, m, v):
-        r = results.read(_sweep_unit(config, m, d, n, s))
-        score = variants_lib.score(v.select, _metrics(r, d, [n], config),
-                                   _recognised(config, r, d, n) if v.select == "ua_ira_recognised" else None)
-        key = (v.label(m), d, n)
-        if key not in best or score > best[key][0]:
-          best[key] = (score, s)
-  return {**reused, **{k: v[1] for k, v in best.items()}}
-
-
-def reused_choices(config) -> dict[tuple[str, str, str], dict]:
-  """The settings ``evaluate.chosen_from`` (an earlier evaluation's
-  summary.json or chosen.json, same grid) chose, for every row it covers
-  whole: those rows skip their sweep. A choice outside this grid is an error."""
-  path = config.evaluate.get("chosen_from", "")
-  if not path:
-    return {}
-  data = read_json(path)
-  chosen, out = data.get("chosen", data), {}
-  for m, v in arms(config):
-    label = v.label(m)
-    picked = {(d, n): chosen.get(f"{label}/{d}/{n}") for d, n in targets(config)}
-    if any(s is None for s in picked.values()):
-      continue
-    grid = settings(config, m, v)
-    for (d, n), s in picked.items():
-      if s not in grid:
-        raise ValueError(f"config.evaluate.chosen_from={path}: {label}/{d}/{n} chose {s}, which is not in "
-                         f"this evaluation's grid {grid}: give the grid it was chosen from, or drop chosen_from")
-      out[(label, d, n)] = dict(s)
-  return out
-
-
-def final_unit(config, label: str, domain: str, name: str, setting: dict) -> dict:
-  return {"phase": "final", "method": variants_lib.method_of(label), "domain": domain, "concept": name,
-          "setting": setting, "erase": [[domain, name, setting]], "seeds": list(config.evaluate.eval_seeds)}
-
-
-def final_units(config, chosen) -> list[dict]:
-  ev = config.evaluate
-  out = [{"phase": "final", "method": "none", "seeds": list(ev.eval_seeds)}] if "none" in ev.methods else []
-  out += [final_unit(config, label, d, n, s) for (label, d, n), s in sorted(chosen.items())]
-  return _unique(out)
-
-
-def sequential_units(config, chosen) -> list[dict]:
-  ev = config.evaluate
-  order = list(ev.sequential_objects) or list(config.concepts.objects)
-  for o in order:
-    concepts.lookup(o, config.concepts.objects, "object")
-  # Up to the whole order (the papers' 9-object point); IRA needs one object
-  # kept, so an order of every object stops one short.
-  kept = {o.lower() for o in config.concepts.objects} - {o.lower() for o in order}
-  last = len(order) if kept else len(order) - 1
-  out = []
-  for m in ev.methods:
-    if m == "none" or not ev.sequential:
-      continue
-    for n in range(1, last + 1):
-      erase = [["object", o, chosen[(m, "object", o)]] for o in order[:n] if (m, "object", o) in chosen]
-      out.append({"phase": "sequential", "method": m, "n": n, "objects": order[:n], "erase": erase,
-                  "seeds": list(ev.eval_seeds)})
-  return out
-
-
 # ------------------------------------------------------------------ report
 
 
@@ -482,8 +308,8 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     for d, n in targets(config):
       u = base if m == "none" else final_unit(config, m, d, n, chosen[(m, d, n)])
       r = results.read(u)
-      met = _metrics(r, d, [n], config)
-      q = _quality(config, results, u, base, d, n)
+      met = unit_metrics(r, d, [n], config)
+      q = unit_quality(config, results, u, base, d, n)
       concept_rows.append({"domain": d, **met})
       per_concept.append({"method": m, "domain": d, "concept": n, **met, **q,
                           "setting": chosen.get((m, d, n), {})})
@@ -510,7 +336,7 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   atomic_write_bytes(os.path.join(out_dir, "cost.md"), ("\n".join(cost) + "\n").encode())
   seq_rows = {}
   for u in seqs:
-    met = _metrics(results.read(u), "object", u["objects"], config)
+    met = unit_metrics(results.read(u), "object", u["objects"], config)
     seq_rows.setdefault(u["method"], []).append({"n": u["n"], **met})
   if seq_rows:
     flat = {f"{m} n={r['n']}": r for m, rs in seq_rows.items() for r in rs}
