@@ -131,22 +131,8 @@ def classify(clfs: Classifiers, images: Any) -> tuple[jax.Array, jax.Array]:
 
 def predict(clfs: Classifiers, images: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """(object_ids (B,), style_ids (B,)) as numpy int32; batches are padded to one compiled size."""
-  images = np.asarray(images, np.float32)
-  _check_images(clfs, images)
-  n = len(images)
-  bs = min(batch_size, max(n, 1))
-  out_o, out_s = [], []
-  for i in range(0, n, bs):
-    chunk = images[i:i + bs]
-    pad = bs - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-    lo, ls = _classify(clfs, jnp.asarray(chunk))
-    out_o.append(np.asarray(jnp.argmax(lo, -1))[:bs - pad])
-    out_s.append(np.asarray(jnp.argmax(ls, -1))[:bs - pad])
-  if not out_o:
-    return np.zeros(0, np.int32), np.zeros(0, np.int32)
-  return np.concatenate(out_o).astype(np.int32), np.concatenate(out_s).astype(np.int32)
+  a = assess(clfs, images, batch_size)
+  return a["object"], a["style"]
 
 
 def assess(clfs: Classifiers, images: Any, batch_size: int = 1024) -> dict[str, np.ndarray]:
