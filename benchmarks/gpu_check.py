@@ -49,7 +49,7 @@ def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: in
 
   @jax.jit
   def step(params, opt_state, x):
-    (loss, _), g = jax.value_and_grad(sae_lib.unsupervised_loss, has_aux=True)(params, x, dead, cfg)
+    (loss, _), g = sae_lib.loss_and_grads(params, x, dead, cfg)
     upd, opt_state = tx.update(g, opt_state, params)
     return sae_lib.normalize_decoder(optax.apply_updates(params, upd)), opt_state, loss
 

@@ -72,7 +72,7 @@ def make_step(scfg: sae_lib.SaeConfig, tx):
 
   def step(state, x):
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    (loss, aux), g = jax.value_and_grad(sae_lib.unsupervised_loss, has_aux=True)(state["params"], x, dead, scfg)
+    (loss, aux), g = sae_lib.loss_and_grads(state["params"], x, dead, scfg)
     u, o = tx.update(g, state["opt_state"], state["params"])
     p = sae_lib.normalize_decoder(optax.apply_updates(state["params"], u))
     return dict(params=p, opt_state=o, dead=sae_lib.update_dead_counter(state["dead"], aux["fired"], x.shape[0])), loss

@@ -393,3 +393,23 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   loss = fvu_ + cfg.auxk_alpha * aux_
   return loss, {"fvu": fvu_, "auxk": aux_, "l0": l0, "fired": fired,
                 "n_dead": jnp.sum(dead_mask).astype(jnp.int32)}
+
+
+def loss_and_grads(params: Params, x: jax.Array, dead_mask: jax.Array,
+                   cfg: SaeConfig) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Params]:
+  """``((loss, aux), grads)`` of ``unsupervised_loss``: what a train step needs.
+
+  With the sparse backward and AuxK on, a ``lax.cond`` on "any latent dead"
+  picks between the whole loss-and-gradient computed with AuxK and without it
+  (the first ~2,400 steps of a run at SD scale have nothing dead). Skipping
+  AuxK inside the loss is not enough: the gradient of its skipped branch is
+  still a set of full-size zero arrays added to the parameters' gradients.
+  Both sides give the same values (AuxK is 0 with nothing dead).
+  """
+  f = jax.value_and_grad(unsupervised_loss, has_aux=True)
+  if not cfg.auxk_alpha or resolve_backward(cfg.backward) != "sparse":
+    return f(params, x, dead_mask, cfg)
+  without = dataclasses.replace(cfg, auxk_alpha=0.0)
+  return jax.lax.cond(jnp.any(dead_mask),
+                      lambda p, x, d: f(p, x, d, cfg),
+                      lambda p, x, d: f(p, x, d, without), params, x, dead_mask)

@@ -129,19 +129,22 @@ def _batch_topk_flat(z_pre: jax.Array, k: int, per_token: int = 4, min_row_ratio
   the same order.  Where rows are long (n_latents >= min_row_ratio * per_token * k:
   SD's shape, not CanvasMini's), from per-token candidates: each token's
   ``per_token * k`` largest (a row TopK, cheaper than the flat one there), then the
-  top k*N of those.  Exact unless some token holds more than per_token * k entries
-  >= the k*N-th candidate; then ``lax.cond`` falls back to the flat top_k.  Ties
+  top k*N of those.  Exact unless some token's smallest candidate is >= the
+  k*N-th candidate; then ``lax.cond`` falls back to the flat top_k.  Ties
   order as the flat top_k: candidates are row-major, lower latent id first.
   """
   N, L = z_pre.shape
   kc = per_token * k
   if L < min_row_ratio * kc:
     return jax.lax.top_k(z_pre.reshape(-1), k * N)
-  cand_v, cand_i = jax.lax.top_k(z_pre, kc)
+  # The barrier keeps the row TopK a TopK: a second use of its output otherwise
+  # makes XLA:CPU sort whole rows (25x slower).
+  cand_v, cand_i = jax.lax.optimization_barrier(jax.lax.top_k(z_pre, kc))
   values, pos = jax.lax.top_k(cand_v.reshape(-1), k * N)
   flat = (pos // kc) * L + jnp.take(cand_i.reshape(-1), pos)
-  # Counted on z_pre, not on cand_v: a second use of cand_v makes XLA:CPU sort whole rows (10x slower).
-  overflow = jnp.any(jnp.sum(z_pre >= values[-1], axis=1) > kc)
+  # A row can hide a winner outside its candidates only if its smallest
+  # candidate reaches the k*N-th value (conservative under ties).
+  overflow = jnp.any(cand_v[:, -1] >= values[-1])
   return jax.lax.cond(overflow, lambda: tuple(jax.lax.top_k(z_pre.reshape(-1), k * N)),
                       lambda: (values, flat))
 

@@ -51,6 +51,26 @@ def test_sparse_loss_and_grads_equal_dense(data, batch_topk):
       np.testing.assert_allclose(g_s[key], g_d[key], atol=1e-5 * scale, err_msg=f"{msg} grad {key}")
 
 
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_loss_and_grads_with_auxk_behind_a_cond_equals_dense(data, batch_topk):
+  """The train steps' entry: a lax.cond between the step with and without AuxK,
+  the same values and gradients as the dense reference for every dead count."""
+  p, x, masks = data
+  cfg = sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward="sparse")
+  f = jax.jit(lambda p, x, dead: sae.loss_and_grads(p, x, dead, cfg))
+  assert "cond[" in str(jax.make_jaxpr(f)(p, x, masks[0]))
+  for n_dead, dead in zip(DEAD_COUNTS, masks):
+    (l_d, aux_d), g_d = _loss_and_grads(batch_topk, "dense")(p, x, dead)
+    (l_s, aux_s), g_s = f(p, x, dead)
+    msg = f"batch_topk={batch_topk} n_dead={n_dead}"
+    np.testing.assert_allclose(l_s, l_d, rtol=1e-6, err_msg=msg)
+    np.testing.assert_allclose(aux_s["auxk"], aux_d["auxk"], rtol=1e-6, atol=1e-7, err_msg=msg)
+    assert int(aux_s["n_dead"]) == n_dead
+    for key in g_d:
+      scale = float(jnp.max(jnp.abs(g_d[key])))
+      np.testing.assert_allclose(g_s[key], g_d[key], atol=1e-5 * scale, err_msg=f"{msg} grad {key}")
+
+
 def test_auxk_is_a_switch_with_a_skip_branch(data):
   p, x, masks = data
   cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
