@@ -45,7 +45,7 @@ def variants(pipe, steps: int, batch: int, block: str, k: int, expansion: int,
   sae_params = sae_lib.init_params(jax.random.PRNGKey(0), d_in, d_in * expansion)
   cs = clamp.empty_spec(steps, 32)
   cs = cs._replace(latents=np.arange(32, dtype=np.int32), active=np.arange(32)[None].repeat(steps, 0) < n_clamped,
-                   scale=np.ones_like(cs.scale), gamma=np.full(32, -10.0, np.float32))
+                   multiplier=np.full_like(cs.multiplier, -10.0))
   out = {
       "plain": (plain, None),
       "capture": (Sampler(pipe, SamplerSpec(**spec, capture_block=block)), None),

@@ -42,47 +42,26 @@ torch (CPU) is used.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import THREADS_NOTE, Worker, become_worker, loadavg, serve, write_results  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.abspath(__file__)
 PEER_SITE = os.path.join(HERE, ".peer_site")
 PEER_PACKAGES = ["eai-sparsify==1.3.3", "einops", "natsort", "simple-parsing", "docstring-parser", "accelerate"]
 SHAPES = {"sd": dict(d_in=1280, n_latents=20480, k=32), "canvas_mini": dict(d_in=64, n_latents=1024, k=8)}
 LR, ADAM_EPS, CLIP, AUXK_ALPHA = 4e-4, 6.25e-10, 1.0, 1 / 32
-THREADS_NOTE = ("PyTorch's 2-thread runs slow down 10-20x when another process takes a core (its OpenMP "
-                "threads wait on each other); XLA barely notices. The 1-thread peer figure is the robust one "
-                "on a loaded machine.")
 
-
-def loadavg() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
 
 
 # ---------------------------------------------------------------- workers
 
-
-def _serve(handle) -> None:
-  """Reads JSON commands from stdin, answers one JSON line each on the protocol stream."""
-  out = _PROTOCOL
-  for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["cmd"] == "quit":
-      break
-    try:
-      reply = handle(cmd)
-    except Exception as e:  # noqa: BLE001  (reported to the driver, which stops)
-      reply = {"error": f"{type(e).__name__}: {e}"}
-    out.write(json.dumps(reply) + "\n")
-    out.flush()
 
 
 def _data(d_in, n_latents, batch, dead_fraction, seed=0):
@@ -145,7 +124,7 @@ def jax_worker(backward: str) -> None:
               "matmul_gflops": st["flop"] * x.shape[0] / mm_s / 1e9}
     raise ValueError(f"unknown command {cmd['cmd']!r}")
 
-  _serve(handle)
+  serve(handle)
 
 
 def _import_sparsify():
@@ -165,7 +144,6 @@ def _import_sparsify():
 
 
 def torch_worker() -> None:
-  import numpy as np
   import torch
   import torch.nn.functional as F
   SparseCoder, SparseCoderConfig = _import_sparsify()
@@ -239,38 +217,11 @@ def torch_worker() -> None:
       st["since_fired"][lat] = 0
     return float(loss.detach())
 
-  _serve(handle)
+  serve(handle)
 
 
 # ---------------------------------------------------------------- driver
 
-
-class Worker:
-  """A long-lived worker process answering one JSON line per command."""
-
-  def __init__(self, name: str, argv: list[str], env: dict):
-    self.name = name
-    self.proc = subprocess.Popen([sys.executable, __file__, *argv], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env)
-
-  def ask(self, **cmd) -> dict:
-    self.proc.stdin.write(json.dumps(cmd) + "\n")
-    self.proc.stdin.flush()
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the {self.name} worker died (see its stderr above)")
-    reply = json.loads(line)
-    if "error" in reply:
-      raise RuntimeError(f"{self.name} worker: {reply['error']}")
-    return reply
-
-  def close(self):
-    try:
-      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-      self.proc.stdin.flush()
-      self.proc.wait(timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-      self.proc.kill()
 
 
 def ensure_peer() -> None:
@@ -299,8 +250,8 @@ def main() -> None:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
   env.setdefault("SPARSIFY_DISABLE_TRITON", "1")
   env.pop("XLA_FLAGS", None)  # one CPU device, all cores
-  project = Worker("project (JAX)", ["--worker", "jax", "--backward", args.backward], env)
-  peer = Worker("peer (sparsify)", ["--worker", "torch"], env)
+  project = Worker("project (JAX)", SCRIPT, ["--worker", "jax", "--backward", args.backward], env)
+  peer = Worker("peer (sparsify)", SCRIPT, ["--worker", "torch"], env)
   cpus = os.cpu_count()
   print(f"machine: {cpus} CPUs; the project's XLA uses them all; the peer runs with {threads} torch threads")
   print(f"note: {THREADS_NOTE}")
@@ -359,17 +310,12 @@ def main() -> None:
           + f" {s['bound_tokens_per_s']:7.0f} {s['ratio_to_bound']:6.2f}")
   print("tokens/s; xNt: project / peer with N torch threads; bound: dense-matmul rate / (2 d_in n_latents), "
         "the one-matmul bound, measured in the project's process each round")
-  print(f"note: {THREADS_NOTE}")
-  os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
-  with open(args.json_out, "w") as f:
-    json.dump({"command": " ".join(sys.argv), "note": THREADS_NOTE, "cpus": cpus, "results": results}, f, indent=2)
-  print(f"wrote {args.json_out}")
+  write_results(args.json_out, cpus, results)
 
 
 if __name__ == "__main__":
   if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-    _PROTOCOL = sys.stdout
-    sys.stdout = sys.stderr  # library chatter (imports print) must not corrupt the protocol
+    become_worker()
     backward = sys.argv[sys.argv.index("--backward") + 1] if "--backward" in sys.argv else "auto"
     jax_worker(backward) if sys.argv[2] == "jax" else torch_worker()
   else:
