@@ -4,8 +4,13 @@ Run (SD-scale maps, about 4 minutes on a 2-core machine):
 
   python benchmarks/store.py --maps 400 --tokens 256 --d_in 1280 --maps_per_unit 50
   python benchmarks/store.py --maps 4000 --tokens 64 --d_in 64 --maps_per_unit 25   # miniature
-  python benchmarks/store.py --maps 200 --collect_units 0 --compression blosc-lz4,none --rounds 5 \
+  python benchmarks/store.py --maps 1000 --collect_units 0 --compression blosc-lz4,none --rounds 5 \
       --json_out benchmarks/results/store_reader.json   # the reader against the raw read
+
+(At 200 maps an epoch is 3 buffers, and the first buffer's read, which
+nothing can overlap, is a third of it; 1,000 maps, 655 MB, measure the
+steady state a training epoch of terabytes runs in; the first batch's wait
+is printed apart.)
 
 Prints, for each compression: write throughput (``write_unit``: cast, NaN
 check, sha256, tensorstore write, marker) and read throughput (one
@@ -120,15 +125,21 @@ def bench_read(store: st.Store, batch: int, prefetch: bool, step_s: float = 0.0,
   nb = reader.batches_per_epoch()
   _drop_cache(os.path.join(store.path, "acts"))
   t, c = time.perf_counter(), time.process_time()
+  first = None
   for _ in range(nb):
     next(reader)
+    first = first or time.perf_counter() - t
     if step_s:
       time.sleep(step_s)
   dt, cpu = time.perf_counter() - t, time.process_time() - c
   tokens = nb * batch
   stored = tokens * store.d_in * store.dtype.itemsize
   return {"s": dt, "tokens": tokens, "read_MBps": stored / dt / 1e6, "read_tokens_per_s": tokens / dt,
-          "cpu_s_per_GB": cpu / stored * 1e9, "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3}
+          "cpu_s_per_GB": cpu / stored * 1e9, "stall_ms_per_batch": (dt - nb * step_s) / nb * 1e3,
+          "first_batch_ms": first * 1e3,
+          # after the first batch: the rate a long epoch runs at (the first
+          # buffer's read is the one nothing overlaps)
+          "steady_tokens_per_s": (nb - 1) * batch / (dt - first) if nb > 1 else tokens / dt}
 
 
 def compare_reads(store: st.Store, args: argparse.Namespace) -> dict:
@@ -142,11 +153,18 @@ def compare_reads(store: st.Store, args: argparse.Namespace) -> dict:
     half = bench_read(store, args.batch, prefetch=True, dtype=None)
     raw_tps = n_tokens / raw["s"]
     content_GBps = raw_tps * store.d_in * store.dtype.itemsize / 1e9
+    cores = os.cpu_count() or 1
     rounds.append({"cores_to_match_raw": f32["cpu_s_per_GB"] * content_GBps,"raw_file_MBps": raw["file_MBps"], "raw_tokens_per_s": raw_tps,
+                   # the highest ratio this host's cores allow at the reader's CPU cost
+                   "cpu_cap": cores / (f32["cpu_s_per_GB"] * content_GBps),
+                   "store_dtype_cpu_cap": cores / (half["cpu_s_per_GB"] * content_GBps),
+                   "first_batch_ms": f32["first_batch_ms"],
                    **{k: f32[k] for k in ("read_MBps", "read_tokens_per_s", "cpu_s_per_GB")},
                    "shuffled_over_raw": f32["read_tokens_per_s"] / raw_tps,
                    "store_dtype_read_MBps": half["read_MBps"], "store_dtype_cpu_s_per_GB": half["cpu_s_per_GB"],
-                   "store_dtype_shuffled_over_raw": half["read_tokens_per_s"] / raw_tps})
+                   "store_dtype_shuffled_over_raw": half["read_tokens_per_s"] / raw_tps,
+                   "steady_over_raw": f32["steady_tokens_per_s"] / raw_tps,
+                   "store_dtype_steady_over_raw": half["steady_tokens_per_s"] / raw_tps})
   out = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
   out["rounds"] = rounds
   return out
@@ -159,7 +177,11 @@ def _print_compare(r: dict, rounds: int) -> None:
         f"shuffled store dtype: {r['store_dtype_read_MBps']:.0f} MB/s, "
         f"{r['store_dtype_cpu_s_per_GB']:.2f} CPU s/GB, / raw {r['store_dtype_shuffled_over_raw']:.2f} "
         f"(medians of {rounds} rounds); the float32 reader needs {r['cores_to_match_raw']:.1f} free cores "
-        f"to match the raw read (its CPU s/GB x the raw read's GB/s of content)")
+        f"to match the raw read (its CPU s/GB x the raw read's GB/s of content): with {os.cpu_count()} cores "
+        f"the ratio cannot pass {r['cpu_cap']:.2f} (store dtype {r['store_dtype_cpu_cap']:.2f}); "
+        f"first batch after {r['first_batch_ms']:.0f} ms (the first buffer's read, not overlapped); "
+        f"after it, shuffled / raw {r['steady_over_raw']:.2f} (float32), {r['store_dtype_steady_over_raw']:.2f} "
+        f"(store dtype, what the trainer reads)")
 
 
 def bench_store(workdir: str, args: argparse.Namespace, compression: str) -> dict:

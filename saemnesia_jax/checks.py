@@ -19,6 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "flax", "pt")
 
 
+# store_format.COMPRESSIONS (not imported: checks run before tensorstore loads)
+STORE_COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "none")
+
 def _fail(field: str, value: Any, why: str, fix: str = "") -> None:
   raise ConfigError(f"config.{field}={value!r}: {why}" + (f"; {fix}" if fix else ""))
 
@@ -207,6 +210,7 @@ def _collect(config) -> None:
   if not c.seeds:
     _fail("collect.seeds", tuple(c.seeds), "is empty", "give at least one seed")
   _one_of(config, "collect.dtype", ("bfloat16", "float16"))
+  _one_of(config, "collect.compression", STORE_COMPRESSIONS)
   _non_negative(config, "collect.process_count", "collect.max_units")
   if c.process_index >= 0 and c.process_count and c.process_index >= c.process_count:
     _fail("collect.process_index", c.process_index, f"must be < collect.process_count={c.process_count}")

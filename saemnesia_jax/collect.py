@@ -143,7 +143,7 @@ def prepare(config: ml_collections.ConfigDict) -> Collection:
                    **_source(c, grid)},
       n_maps=len(trajs) * steps, tokens_per_map=h * w, d_in=d_in, maps_per_unit=bs * steps,
       maps_per_chunk=_maps_per_chunk(steps, h * w * d_in * store.DTYPES[c.dtype].itemsize),
-      dtype=c.dtype,
+      dtype=c.dtype, compression=c.compression,
       info={"model_dir": pipe.path, "model_dtype": config.model.dtype,
             "timesteps": sampler.timesteps.tolist(), "block_shape": [h, w, d_in]})
   _check_existing(store_path(config), manifest, runs.overwrite(config))

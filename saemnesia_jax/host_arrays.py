@@ -58,3 +58,17 @@ def gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
     np.left_shift(np.take(src.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
   else:
     out[...] = np.take(src, idx, axis=0)
+
+
+# Exponent bits: a float is NaN or Inf exactly when they are all set.
+_EXPONENT = {BF16: np.uint16(0x7F80), np.dtype(np.float16): np.uint16(0x7C00),
+             np.dtype(np.float32): np.uint32(0x7F800000)}
+
+
+def all_finite(a: np.ndarray) -> bool:
+  """``np.isfinite(a).all()`` for float arrays, on the bits for 16-bit floats
+  (ml_dtypes' isfinite on bfloat16 is 6x slower than this bit test)."""
+  mask = _EXPONENT.get(a.dtype)
+  if mask is None or a.dtype == np.float32:  # numpy's own float32 loop is as fast
+    return bool(np.isfinite(a).all())
+  return bool(np.bitwise_and(a.view(mask.dtype), mask).max(initial=0) != mask)

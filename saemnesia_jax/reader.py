@@ -40,7 +40,8 @@ order each epoch. Host memory: the buffers that the queued batches draw from
 plus ``_READ_AHEAD``, each ``buffer_chunks * maps_per_chunk`` maps in the
 store dtype, plus ``1 + prefetch`` batches in ``dtype``. At SD scale with the
 defaults (32 chunks of 2 maps: 42 MB per buffer, 16,384 tokens; batches of
-4,096 tokens, 21 MB in float32) that is 3 buffers and 4 batches, about 210 MB.
+4,096 tokens, 10.5 MB in bfloat16, as the trainer reads them) that is 4 buffers
+and 4 batches, about 210 MB.
 Buffer and batch arrays are reused (``host_arrays.POOL``, process-wide, at
 most 256 MB kept once readers are gone): a fresh array costs a kernel
 zero-fill per page.
@@ -94,7 +95,7 @@ def split_hash(keys: np.ndarray, split_seed: int) -> np.ndarray:
 # Batches assembled ahead by the prefetch threads (``prefetch=True``), and
 # buffers whose reads start before the batches that need them are planned.
 _PREFETCH = 3
-_READ_AHEAD = 1
+_READ_AHEAD = 2  # two: one buffer's reads in flight while the next is being read (benchmarks/store.py)
 _WORKERS = min(4, os.cpu_count() or 1)
 
 
@@ -345,8 +346,8 @@ class _Batches:
       ids.append(buf.ids[lo:hi])
       k += hi - lo
     ids = ids[0] if len(ids) == 1 else np.concatenate(ids)
-    if not np.isfinite(out).all():
-      bad = np.flatnonzero(~np.isfinite(out).reshape(n, -1).all(axis=1))[0]
+    if not host_arrays.all_finite(out):
+      bad = np.flatnonzero(~np.isfinite(out.astype(np.float32)).reshape(n, -1).all(axis=1))[0]
       r = int(ids[bad]) // max(1, self._items_per_map)
       raise _read_error(s, "acts", r, r + 1, StoreError(
           "non-finite values (NaN/Inf; a missing file reads as NaN)"))

@@ -78,6 +78,7 @@ def _shape_store(config: ml_collections.ConfigDict):
   tokens, width = block_shape(unet, vae_levels, config.block, height)
   grid = {"objects": list(config.concepts.objects), "styles": list(config.concepts.styles)}
   return types.SimpleNamespace(d_in=config.sae.d_in or width, tokens_per_map=tokens, path="(none)",
+                               dtype=store.DTYPES[config.collect.dtype],
                                manifest={"identity": {"prompt_grid": grid, "block": config.block}})
 
 
@@ -109,7 +110,7 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract, tr.state_shardings)
   sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  batch = {"x": sds(x_shape, jnp.float32, tr.batch_sharding)}
+  batch = {"x": sds(x_shape, st.dtype, tr.batch_sharding)}  # the reader's batches: the store's dtype
   if sup:
     from saemnesia_jax.sharding import replicated
     batch.update(object=sds((t.batch_size,), jnp.int32, tr.batch_sharding),

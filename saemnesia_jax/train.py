@@ -224,11 +224,17 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
     raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
                      f"{config.train.batch_size} (maps per batch)")
 
+  def as_params_dtype(batch, params):  # batches come in the store's dtype
+    return {**batch, "x": batch["x"].astype(params["W_enc"].dtype)}
+
   def step(state, batch):
+    batch = as_params_dtype(batch, state["params"])
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
     if micro > 1:  # the supervised batch in slices: the same update (supervised.py)
       (loss, aux), grads = supervised.accumulated_value_and_grad(
           state["params"], batch["x"], batch["object"], batch["style"], batch["assignment"], supcfg, micro)
+    elif mode == "unsupervised":
+      (loss, aux), grads = sae_lib.loss_and_grads(state["params"], batch["x"], dead, scfg)
     else:
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -240,6 +246,7 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
     return dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead_c), metrics
 
   def evaluate(params, batch):
+    batch = as_params_dtype(batch, params)
     no_dead = jnp.zeros((params["W_enc"].shape[1],), bool)
     loss, aux = loss_fn(params, no_dead, batch)
     return _metrics_of(aux, loss)
@@ -261,9 +268,12 @@ def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: boo
   """The store reader of this run; ``reader_kw`` (e.g. process_index /
   process_count) go to the reader."""
   t = tr.config.train
+  # dtype=None: batches in the store's dtype (bfloat16 at SD scale), cast to
+  # float32 inside the jitted step: half the host's gather and the bytes sent
+  # to the devices.
   kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
             shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
-            prefetch=shuffle, **reader_kw)
+            prefetch=shuffle, dtype=None, **reader_kw)
   if tr.mode == "unsupervised":
     return store.TokenBatches(tr.store, t.batch_size, **kw)
   return store.MapBatches(tr.store, t.batch_size, **kw)

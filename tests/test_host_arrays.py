@@ -1,6 +1,7 @@
 """Tests of saemnesia_jax/host_arrays.py: the array pool and gather_cast."""
 import ml_dtypes
 import numpy as np
+import pytest
 
 from saemnesia_jax import host_arrays
 
@@ -34,3 +35,17 @@ def test_pool_hands_out_only_unreferenced_arrays_within_its_budget():
   for k in range(5):
     pool.put(np.full(100, k))
   assert [int(x[0]) for x in pool._items] == [2, 3, 4]  # the oldest dropped
+
+
+@pytest.mark.parametrize("dtype", [host_arrays.BF16, np.float16, np.float32])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+  rng = np.random.default_rng(0)
+  a = (rng.standard_normal((64, 9)) * 100).astype(dtype)
+  big = float(ml_dtypes.finfo(dtype).max)
+  a[0, :2] = [big, -big]  # the largest finite values: all exponent bits but one
+  a[1, 0] = -0.0
+  assert host_arrays.all_finite(a)
+  for value in (np.nan, np.inf, -np.inf):
+    b = a.copy()
+    b[37, 5] = value
+    assert not host_arrays.all_finite(b), (dtype, value)

@@ -8,6 +8,7 @@ import weakref
 import numpy as np
 import pytest
 
+from saemnesia_jax import reader as reader_lib
 from saemnesia_jax import store as st
 from store_helpers import MPC, N_MAPS, STEPS, T, D, epoch as _epoch, manifest, map_data
 from store_helpers import copy, map_labels, ref, write_units  # noqa: F401 (fixtures)
@@ -191,7 +192,7 @@ def test_each_batch_mixes_tokens_of_every_chunk_of_its_buffer(ref):
 def test_prefetch_reads_ahead_boundedly_and_yields_the_same_batches(ref):
   """With prefetch=3 and buffers of 1 chunk (32 tokens, 2 batches of 16), the
   first next() has queued batches 0-3 (buffers 0-1) and started reading
-  buffer 2, no more; without prefetch, only buffer 0. Batches and states are
+  buffers 2-3 (``_READ_AHEAD`` = 2), no more; without prefetch, only buffer 0. Batches and states are
   identical either way, and each batch is its own array (not a view of a
   buffer that later batches reuse)."""
   store = st.open_store(ref)
@@ -203,7 +204,8 @@ def test_prefetch_reads_ahead_boundedly_and_yields_the_same_batches(ref):
     real = reader._load
     reader._load = lambda rows, key, real=real: (loads.append((key[1], key[2])), real(rows, key))[1]
     first = next(reader)
-    assert loads == ([(0, 0), (0, 1), (0, 2)] if prefetch else [(0, 0)])
+    assert reader_lib._READ_AHEAD == 2
+    assert loads == ([(0, 0), (0, 1), (0, 2), (0, 3)] if prefetch else [(0, 0)])
     out = [first] + _epoch(reader, 2 * reader.batches_per_epoch() + 3)
     runs[prefetch] = (out, reader.state())
     assert max(b for _, b in loads) < reader.batches_per_epoch() // 2 + 1

@@ -273,3 +273,8 @@ def test_unit_writer_writes_in_background(ref, tmp_path):
     with st.UnitWriter(store) as writer:
       writer.submit(0, x, map_labels(np.arange(0, MPU)))
   assert st.done_units(store).size == 0
+
+
+def test_config_checks_name_every_store_compression():
+  from saemnesia_jax import checks
+  assert set(checks.STORE_COMPRESSIONS) == set(st.COMPRESSIONS)
