@@ -161,8 +161,9 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
            ("TopK / BatchTopK selection", lambda z: sae_sparse.select_pairs(z, k, batch_topk), (z,)),
            ("decoder forward + backward (gathers, scatter-adds)", dec, (p, vals, lat, tok, x)),
            ("encoder sparse backward (scatter-add into W_enc^T)", enc_bwd, (p, x, vals, lat, tok)),
-           (f"AuxK forward + backward ({dead_fraction:.0%} dead)", auxk, (p, x, x_hat, z, dead)),
            ("optimizer: projection, clip, Adam, renorm", opt_step, (p, opt, p))]
+  if dead_fraction > 0:  # with nothing dead the step's lax.cond (sae.loss_and_grads) leaves AuxK out
+    parts.insert(4, (f"AuxK forward + backward ({dead_fraction:.0%} dead)", auxk, (p, x, x_hat, z, dead)))
   rows = []
   for name, fn, args in parts:
     f = jax.jit(fn)
@@ -209,13 +210,14 @@ def main() -> None:
               f"{r['ratio_to_bound']:6.2f}  {r['loadavg']}", flush=True)
   profiles = {}
   if args.profile:
-    dead = float(args.dead_fractions.split(",")[-1])
     for shape in args.shapes.split(","):
-      prof = profiles[shape] = profile(shape, args.batch, args.repeats, dead)
-      total = sum(r["seconds"] for r in prof)
-      print(f"\nprofile of one sparse BatchTopK step, {shape}, parts jitted apart (sum {total:.3f} s)")
-      for r in prof:
-        print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
+      for dead in map(float, args.dead_fractions.split(",")):
+        prof = profiles[f"{shape} dead {dead:g}"] = profile(shape, args.batch, args.repeats, dead)
+        total = sum(r["seconds"] for r in prof)
+        print(f"\nprofile of one sparse BatchTopK step, {shape}, {dead:.0%} dead, parts jitted apart "
+              f"(sum {total:.3f} s)")
+        for r in prof:
+          print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
   os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
   with open(args.json_out, "w") as f:
     json.dump({"devices": str(jax.devices()), "rows": rows, "profiles": profiles}, f, indent=2)
