@@ -25,8 +25,8 @@ Batches are gathered from the buffer by the shuffled order and cast
 (bfloat16 -> float32 as a 16-bit shift, exact) by ``prefetch`` worker threads
 (numpy's loops release the GIL), ``prefetch`` batches ahead of the consumer
 (``True``: ``_PREFETCH``; an int: that many),
-and the buffer after the last one a queued batch needs is already being read
-(``_READ_AHEAD``), across epoch boundaries too. So reading, decompression and
+and the ``_READ_AHEAD`` buffers after the last one a queued batch needs are
+already being read, across epoch boundaries too. So reading, decompression and
 the cast overlap the trainer's step; ``next()`` only hands over a finished
 batch. ``prefetch=False`` does all of it in the caller (no threads).
 
