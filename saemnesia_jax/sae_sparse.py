@@ -18,14 +18,17 @@ Pairs are laid out (k, N): row j holds the j-th pair of every token (TopK),
 or any N of the k*N BatchTopK pairs, with their token ids.  The loops run over
 the k rows (``lax.fori_loop``) so that no (k*N, d_in) buffer is built.
 
-AuxK runs under ``lax.cond`` only while some latent is dead.  Its k_aux
+AuxK runs only while some latent is dead (``lax.switch`` here, and one
+``lax.cond`` around the whole step in ``sae.loss_and_grads``).  Its k_aux
 (d_in // 2 = 640 at SD shape) latents per token are too many for gathers, so
 it works on a dense block of the dead latents: the dead ids, padded to the
 smallest of a few static capacities (``lax.switch``), give (N, C) sub-matmuls
-whose cost scales with C / n_latents.
+whose cost scales with C / n_latents.  Its selection is a mask from a
+per-row threshold found by bisection (``top_mask``), not a TopK.
 
 The forward values are those of the dense path (the same selection from the
-same z_pre); the gradients equal the dense ones to float rounding.  Used by
+same z_pre; AuxK's block recomputes its columns, equal to float rounding);
+the gradients equal the dense ones to float rounding.  Used by
 ``sae.unsupervised_loss`` when ``SaeConfig.backward`` resolves to "sparse".
 """
 from __future__ import annotations
@@ -200,18 +203,54 @@ def _block_bwd(res, dz):
 _encoder_block.defvjp(_block_fwd, _block_bwd)
 
 
-def _auxk_block(params: Params, W_t, x, residual, z_pre, dead_mask, k_aux: int, capacity: int):
+def _kth_largest(v: jax.Array, k: int) -> jax.Array:
+  """Per row of v (N, C) >= 0, its k-th largest value (N,): a bisection on the
+  float bits, which order non-negative floats as integers. 31 passes of
+  compare-and-count, no sort: XLA:CPU's TopK for 640 of 5,120 per row was the
+  largest part of AuxK."""
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo + 1) // 2
+    ok = jnp.sum(bits >= mid[:, None], axis=1) >= k  # the answer is >= mid
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  n = v.shape[0]
+  lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.zeros((n,), jnp.int32), jnp.full((n,), 0x7F800000, jnp.int32)))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def top_mask(v: jax.Array, k: int) -> jax.Array:
+  """The positive entries among each row's k largest of v (N, C) >= 0, as a
+  mask; ties at the k-th value go to the lower index, as ``lax.top_k``'s."""
+  t = _kth_largest(v, k)[:, None]
+  gt = v > t
+  eq = (v == t) & (t > 0)
+  n_gt = jnp.sum(gt, axis=1, keepdims=True)
+  tied = jnp.any(n_gt + jnp.sum(eq, axis=1, keepdims=True) > k)
+  return jax.lax.cond(tied, lambda: gt | (eq & (jnp.cumsum(eq, axis=1) <= k - n_gt)), lambda: gt | eq)
+
+
+def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacity: int):
   """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
-  on the block of the first ``capacity`` dead ids (capacity >= number dead)."""
+  on the block of the first ``capacity`` dead ids (capacity >= number dead).
+
+  Only positive activations count (a selected zero adds nothing to e_hat and
+  gets no gradient through the ReLU), so the selection is a mask over the
+  block, the dead entries' k_aux largest (``top_mask``), and the codes stay dense.
+  """
   ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
   dead_in_block = jnp.take(dead_mask, ids)
-  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x,
-                           jax.lax.stop_gradient(jnp.take(z_pre, ids, axis=1)), ids)
-  masked = jnp.where(dead_in_block, jax.lax.stop_gradient(z_block), -1.0)
-  _, j = jax.lax.top_k(masked, min(k_aux, capacity))
-  values = jnp.take_along_axis(z_block, j, axis=-1)
-  values = jnp.where(jnp.take(dead_in_block, j), values, 0.0)
-  codes = sae_lib.scatter_codes(values, j, capacity)
+  # The block's pre-activations by its own matmul, not a column gather of z_pre:
+  # XLA:CPU laid the gather out column-major and the row passes of top_mask ran
+  # 2.5x slower on it (the matmul costs 1/4 of the encoder's; same values up
+  # to float rounding).
+  z_cols = jax.lax.stop_gradient(jax.nn.relu(
+      (x - params["b_dec"]) @ jnp.take(W_t, ids, axis=0).T + jnp.take(params["b_enc"], ids)))
+  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x, z_cols, ids)
+  candidates = jnp.where(dead_in_block, z_cols, 0.0)
+  codes = jnp.where(top_mask(candidates, min(k_aux, capacity)), z_block, 0.0)
   e_hat = codes @ jnp.take(params["W_dec"], ids, axis=0)
   return jnp.sum(jnp.square(e_hat - residual))
 
@@ -219,7 +258,8 @@ def _auxk_block(params: Params, W_t, x, residual, z_pre, dead_mask, k_aux: int, 
 def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None):
   """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
   (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
-  dead.  W_t: W_enc.T if the caller has it (one transpose per step)."""
+  dead.  W_t: W_enc.T if the caller has it (one transpose per step).  z_pre
+  gives only the latent count: the block recomputes its own columns."""
   W_t = params["W_enc"].T if W_t is None else W_t
   d_in, L = x.shape[-1], z_pre.shape[-1]
   k_aux = d_in // 2 if k_aux is None else k_aux
@@ -228,10 +268,10 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
   caps = _capacities(L)
   branches = [lambda *_: jnp.zeros((), x.dtype)]
   branches += [functools.partial(
-      lambda c, p, wt, zp: _auxk_block(p, wt, x, residual, zp, dead_mask, k_aux, c), c) for c in caps]
+      lambda c, p, wt: _auxk_block(p, wt, x, residual, dead_mask, k_aux, c), c) for c in caps]
   # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
   index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
-  sq = jax.lax.switch(index, branches, params, W_t, z_pre)
+  sq = jax.lax.switch(index, branches, params, W_t)
   scale = jnp.minimum(n_dead.astype(x.dtype) / k_aux, 1.0)
   return scale * sq / sae_lib.total_variance(x)
 

@@ -104,3 +104,25 @@ def test_backward_option():
   assert sae.resolve_backward("dense", "cpu") == "dense"
   with pytest.raises(ValueError, match="backward"):
     sae.SaeConfig(backward="fast")
+
+
+def test_top_mask_equals_top_k_with_ties():
+  """AuxK's selection: each row's k largest positive entries, ties at the k-th
+  value to the lower index, as lax.top_k picks them; rows with fewer than k
+  positive entries keep all of them."""
+  rng = np.random.default_rng(2)
+  v = np.round(np.maximum(rng.standard_normal((64, 96)), 0), 1).astype(np.float32)  # many ties
+  v[3] = 0.0  # nothing positive
+  v[4, :5] = 0.7  # fewer positive entries than k
+  v[4, 5:] = 0.0
+  v[5] = 1.5  # every entry tied
+  v = jnp.asarray(v)
+  for k in (1, 7, 20, 96):
+    _, idx = jax.lax.top_k(v, k)
+    ref = jnp.zeros(v.shape, bool).at[jnp.arange(v.shape[0])[:, None], idx].set(True) & (v > 0)
+    np.testing.assert_array_equal(jax.jit(sae_sparse.top_mask, static_argnums=1)(v, k), ref, err_msg=f"k={k}")
+  # A tie-free draw takes the branch without the cumulative sum: the same answer.
+  w = jnp.asarray(np.maximum(rng.standard_normal((64, 96)), 0).astype(np.float32))
+  _, idx = jax.lax.top_k(w, 20)
+  ref = jnp.zeros(w.shape, bool).at[jnp.arange(64)[:, None], idx].set(True) & (w > 0)
+  np.testing.assert_array_equal(sae_sparse.top_mask(w, 20), ref)
