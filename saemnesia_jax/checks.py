@@ -17,10 +17,9 @@ from saemnesia_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "flax", "pt")
-
-
 # store_format.COMPRESSIONS (not imported: checks run before tensorstore loads)
 STORE_COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "none")
+
 
 def _fail(field: str, value: Any, why: str, fix: str = "") -> None:
   raise ConfigError(f"config.{field}={value!r}: {why}" + (f"; {fix}" if fix else ""))
