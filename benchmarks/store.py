@@ -4,13 +4,13 @@ Run (SD-scale maps, about 4 minutes on a 2-core machine):
 
   python benchmarks/store.py --maps 400 --tokens 256 --d_in 1280 --maps_per_unit 50
   python benchmarks/store.py --maps 4000 --tokens 64 --d_in 64 --maps_per_unit 25   # miniature
-  python benchmarks/store.py --maps 1000 --collect_units 0 --compression blosc-lz4,none --rounds 5 \
+  python benchmarks/store.py --maps 2000 --collect_units 0 --compression none,blosc-lz4 --rounds 5 \
       --json_out benchmarks/results/store_reader.json   # the reader against the raw read
 
 (At 200 maps an epoch is 3 buffers, and the first buffer's read, which
-nothing can overlap, is a third of it; 1,000 maps, 655 MB, measure the
-steady state a training epoch of terabytes runs in; the first batch's wait
-is printed apart.)
+nothing can overlap, is a third of it; 2,000 maps, 1.3 GB, come closer to
+the steady state a training epoch of terabytes runs in, and the rate after
+the first batch is printed too.)
 
 Prints, for each compression: write throughput (``write_unit``: cast, NaN
 check, sha256, tensorstore write, marker) and read throughput (one
