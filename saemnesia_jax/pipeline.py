@@ -111,6 +111,9 @@ def _run_stage(stage: str, c: ml_collections.ConfigDict, judge: Any, progress: b
   if stage == "probe":
     return probe.run(c)
   if stage in ("train", "train_sup"):
+    from saemnesia_jax import blocks
+    if blocks.per_block(c):  # config.style_block: an SAE per block, as the train CLI runs them
+      return {b: train.train(blocks.block_config(c, b), progress=progress)["step"] for b in blocks.blocks(c)}
     return train.train(c, progress=progress)["step"]
   if stage in ("scores", "scores_sup"):
     return scores.run(c, progress=progress)["out_dir"]

@@ -124,3 +124,18 @@ def test_unlearn_on_a_pipeline_run(full_run):
   assert m["methods"]["saemnesia"]["sae_dir"] == os.path.join(str(work), "sae_sup", "export")
   assert (work / "unlearn" / "grid.png").is_file()
   assert len(m["images"]) == len(m["prompts"]) * 3
+
+
+def test_pipeline_trains_an_sae_per_block_with_a_style_block(tmp_path, monkeypatch):
+  """With config.style_block the train stages train one SAE per block, each in
+  its block's workdir, as the train CLI does (train.train alone refuses two blocks)."""
+  from saemnesia_jax import train
+  c = _config(tmp_path / "run")
+  c.style_block = "down_blocks.0.attentions.0"
+  calls = []
+  monkeypatch.setattr(train, "train", lambda cfg, progress=True: (calls.append((cfg.block, cfg.workdir)),
+                                                                  {"step": 7})[1])
+  out = pipeline._run_stage("train", c, None, False)
+  assert calls == [(c.block, os.path.join(c.workdir, c.block)),
+                   (c.style_block, os.path.join(c.workdir, c.style_block))]
+  assert out == {c.block: 7, c.style_block: 7}
