@@ -116,7 +116,8 @@ def _run_stage(stage: str, c: ml_collections.ConfigDict, judge: Any, progress: b
       return {b: train.train(blocks.block_config(c, b), progress=progress)["step"] for b in blocks.blocks(c)}
     return train.train(c, progress=progress)["step"]
   if stage in ("scores", "scores_sup"):
-    return scores.run(c, progress=progress)["out_dir"]
+    out = scores.run(c, progress=progress)  # with config.style_block: {block: result}
+    return out["out_dir"] if "out_dir" in out else {b: r["out_dir"] for b, r in out.items()}
   if stage == "evaluate":
     return evaluate.run(c, judge=judge, progress=progress) is not None
   return report.build(c, c.workdir)

@@ -126,10 +126,11 @@ def test_unlearn_on_a_pipeline_run(full_run):
   assert len(m["images"]) == len(m["prompts"]) * 3
 
 
-def test_pipeline_trains_an_sae_per_block_with_a_style_block(tmp_path, monkeypatch):
+def test_pipeline_trains_and_scores_an_sae_per_block_with_a_style_block(tmp_path, monkeypatch):
   """With config.style_block the train stages train one SAE per block, each in
-  its block's workdir, as the train CLI does (train.train alone refuses two blocks)."""
-  from saemnesia_jax import train
+  its block's workdir, as the train CLI does (train.train alone refuses two
+  blocks), and the scores stages record each block's output folder."""
+  from saemnesia_jax import scores, train
   c = _config(tmp_path / "run")
   c.style_block = "down_blocks.0.attentions.0"
   calls = []
@@ -139,3 +140,7 @@ def test_pipeline_trains_an_sae_per_block_with_a_style_block(tmp_path, monkeypat
   assert calls == [(c.block, os.path.join(c.workdir, c.block)),
                    (c.style_block, os.path.join(c.workdir, c.style_block))]
   assert out == {c.block: 7, c.style_block: 7}
+  # scores.run answers {block: result} with two blocks (scores.py); the stage records each out_dir.
+  per_block = {b: {"out_dir": f"/x/{b}/scores", "wall_s": 1.0} for b in (c.block, c.style_block)}
+  monkeypatch.setattr(scores, "run", lambda cfg, progress=True: per_block)
+  assert pipeline._run_stage("scores", c, None, False) == {b: f"/x/{b}/scores" for b in per_block}
