@@ -39,6 +39,9 @@ import numpy as np
 
 from saemnesia_jax import sae as sae_lib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import loadavg  # noqa: E402
+
 SHAPES = {"sd": dict(d_in=1280, n_latents=20480, k=32), "canvas_mini": dict(d_in=64, n_latents=1024, k=8)}
 VARIANTS = {"batchtopk_sparse": dict(batch_topk=True, backward="sparse"),
             "topk_sparse": dict(batch_topk=False, backward="sparse"),
@@ -119,7 +122,7 @@ def bench(shape: str, variant: str, batch: int, repeats: int, dead_fraction: flo
           "flops_per_token_by_hand": by_hand / batch, "flops_per_token_xla": None if xla is None else xla / batch,
           "achieved_gflops": rate / 1e9, "matmul_gflops": mm_rate / 1e9, "ratio_to_matmul": rate / mm_rate,
           "bound_tokens_per_s": bound_tokens_per_s, "ratio_to_bound": (batch / step_s) / bound_tokens_per_s,
-          "loadavg": _loadavg()}
+          "loadavg": loadavg()}
 
 
 def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_topk: bool = True) -> list:
@@ -167,16 +170,8 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
   rows = []
   for name, fn, args in parts:
     f = jax.jit(fn)
-    rows.append({"part": name, "seconds": _time(lambda: f(*args), repeats), "loadavg": _loadavg()})
+    rows.append({"part": name, "seconds": _time(lambda: f(*args), repeats), "loadavg": loadavg()})
   return rows
-
-
-def _loadavg() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
 
 
 def main() -> None:
