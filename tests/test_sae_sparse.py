@@ -78,23 +78,36 @@ def test_auxk_is_a_switch_with_a_skip_branch(data):
   assert "cond[" in jaxpr  # lax.switch lowers to cond: AuxK runs only in the branch for dead latents
 
 
-def test_batch_topk_from_candidates_equals_flat_top_k():
+def _same_entries(got, ref):
+  """got holds the entries of ref = lax.top_k(...): the same (flat id, value) pairs."""
+  order_g, order_r = np.argsort(np.asarray(got[1])), np.argsort(np.asarray(ref[1]))
+  np.testing.assert_array_equal(np.asarray(got[1])[order_g], np.asarray(ref[1])[order_r])
+  np.testing.assert_array_equal(np.asarray(got[0])[order_g], np.asarray(ref[0])[order_r])
+
+
+def test_batch_topk_by_block_search_equals_flat_top_k():
+  select = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2))
   rng = np.random.default_rng(1)
   z = jnp.asarray(np.maximum(rng.standard_normal((32, 256)), 0), jnp.float32)
-  ref = jax.lax.top_k(z.reshape(-1), 4 * 32)
-  got = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z, 4, 4, 1)
-  np.testing.assert_array_equal(got[0], ref[0])
-  np.testing.assert_array_equal(got[1], ref[1])
-  # One token holds every winner: its 16 candidates cannot; the fallback must give the same.
+  _same_entries(select(z, 4, 16), jax.lax.top_k(z.reshape(-1), 4 * 32))
+  # The block search returns flat-id order (the fallback returns top_k's).
+  assert np.all(np.diff(np.asarray(select(z, 4, 16)[1])) > 0)
+  # One token holds every winner.
   z2 = z.at[5].add(100.0)
-  ref2 = jax.lax.top_k(z2.reshape(-1), 4 * 32)
-  got2 = jax.jit(sae_sparse._batch_topk_flat, static_argnums=(1, 2, 3))(z2, 4, 4, 1)
-  np.testing.assert_array_equal(got2[0], ref2[0])
-  np.testing.assert_array_equal(got2[1], ref2[1])
-  # Ties (zeros) order as the flat top_k: more winners requested than positive entries.
-  z3 = jnp.zeros((8, 64)).at[:, :2].set(1.0)
-  for a, b in zip(jax.lax.top_k(z3.reshape(-1), 8 * 4), sae_sparse._batch_topk_flat(z3, 4, 4, 1)):
-    np.testing.assert_array_equal(b, a)
+  _same_entries(select(z2, 4, 16), jax.lax.top_k(z2.reshape(-1), 4 * 32))
+  # Ties at the k*N-th block maximum and candidate: k*N + 3 blocks hold three
+  # 1.0 each, the rest 0.5; the lowest flat ids among the ties win, as in top_k.
+  z3 = np.full((16, 64), 0.5, np.float32)
+  blocks = rng.choice(16 * 4, size=2 * 16 + 3, replace=False)
+  for b in blocks:
+    z3[b // 4, (b % 4) * 16 + np.array([1, 7, 12])] = 1.0
+  _same_entries(select(jnp.asarray(z3), 2, 16), jax.lax.top_k(jnp.asarray(z3).reshape(-1), 2 * 16))
+  # Fewer positive blocks than winners: every block ties at 0, past the margin
+  # of tied blocks; the fallback (top_k's order) answers.
+  z4 = jnp.zeros((16, 256)).at[:, :2].set(1.0)
+  got = select(z4, 4, 16)
+  _same_entries(got, jax.lax.top_k(z4.reshape(-1), 16 * 4))
+  assert not np.all(np.diff(np.asarray(got[1])) > 0)
 
 
 def test_backward_option():
