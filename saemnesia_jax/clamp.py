@@ -22,7 +22,8 @@ mu_target(i, t)`` (gamma is unitless; mu_target and the threshold
 too). Several concepts erased at once (sequential unlearning) edit the union
 of their latents, each latent once: where several concepts select the same
 latent at a step, the most negative of their multipliers applies (the
-strongest erasure among them), not the sum of their edits.
+strongest erasure among them), not the sum of their edits, at the lowest of
+their thresholds.
 """
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: floa
   ``scale='self'``: ``z_i <- gamma * z_i`` (gamma unitless, relative to the
   latent's own value: -1 flips it, 0 removes it) instead of gamma *
   mu_target(i, t) * z_i, whose push grows with the concept's mean activation.
-  ``threshold='zero'``: edit every token where the latent is active.
+  ``threshold='zero'``: edit every token where the latent is active;
+  ``threshold='target'``: only where it exceeds mu_target(i, t), the erased
+  concept's own mean activation (the papers': the mean over all concepts).
   ``steps``: the share of the trajectory, from the noisiest step, in which the
   clamp acts (1.0: every step; 0.5: the first half, where layout is decided).
   ``start``: the share of the trajectory that passes before the clamp acts
@@ -138,7 +141,7 @@ def with_rules(e: Entry, scale: str = "mu", threshold: str = "mean", steps: floa
   if not 0.0 <= start < 1.0:
     raise ValueError(f"clamp start={start}: the share of the sampling steps before the clamp acts, in [0, 1)")
   mu = np.ones_like(e.mu) if scale == "self" else e.mu
-  thr = np.zeros_like(e.threshold) if threshold == "zero" else e.threshold
+  thr = {"zero": np.zeros_like(e.threshold), "target": e.mu}.get(threshold, e.threshold)
   active = e.active.copy()
   active[int(np.ceil(steps * len(active))):] = False  # score steps run from the noisiest (index 0)
   active[:int(np.floor(start * len(active)))] = False
@@ -150,7 +153,8 @@ def build_spec(entries: Sequence[Entry], sampler_timesteps: Sequence[int], score
   """The union of ``entries`` as a ClampSpec of ``max_latents`` entries, per sampler step.
 
   A latent selected by several entries gets one spec entry: active where any
-  of them is, with the most negative of their multipliers at each step.
+  of them is, with the most negative of their multipliers and the lowest of
+  their thresholds at each step.
   """
   smap = step_map(sampler_timesteps, score_timesteps)
   n = len(smap)
@@ -163,7 +167,7 @@ def build_spec(entries: Sequence[Entry], sampler_timesteps: Sequence[int], score
   spec = empty_spec(n, max_latents)
   act = np.zeros((n, m), bool)
   mult = np.full((n, m), np.inf, np.float32)
-  thr = np.zeros((n, m), np.float32)
+  thr = np.full((n, m), np.inf, np.float32)
   col = {lat: j for j, lat in enumerate(latents)}
   for e in entries:
     js = np.array([col[int(i)] for i in e.latents], np.int64)
@@ -171,8 +175,11 @@ def build_spec(entries: Sequence[Entry], sampler_timesteps: Sequence[int], score
     mu = e.mu[smap][:, e.latents] * np.float32(e.gamma)
     act[:, js] |= on
     mult[:, js] = np.where(on, np.minimum(mult[:, js], mu), mult[:, js])
-    thr[:, js] = e.threshold[smap][:, e.latents]  # the same for every concept: mean over all of them
+    # The papers' threshold is the same for every concept; with per-concept
+    # ones (threshold='target') a token is edited where any of them fires.
+    thr[:, js] = np.where(on, np.minimum(thr[:, js], e.threshold[smap][:, e.latents]), thr[:, js])
   mult[~act] = 0.0
+  thr[~act] = 0.0
   if m:
     spec = ClampSpec(
         np.concatenate([np.asarray(latents, np.int32), spec.latents[m:]]),

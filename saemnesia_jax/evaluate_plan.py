@@ -26,7 +26,7 @@ from saemnesia_jax.io_utils import read_json
 def settings(config, method: str, variant: variants_lib.Variant = variants_lib.PAPER) -> list[dict]:
   """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp rules)."""
   ev = config.evaluate
-  gammas = variant.gammas or tuple(ev.gammas)
+  gammas = variant.gammas_of(method, ev.gammas)
   rules = dict(variant.rules)
   if method == "saemnesia":
     return [{"gamma": float(g), **rules} for g in gammas]

@@ -13,6 +13,9 @@ A variant is one string, ``"<name>: key=value key=value ..."``:
   ``start=<share>``: the clamp rules of ``clamp.with_rules``;
 * ``gammas=<g1>/<g2>/...``: the variant's gamma grid (default
   ``evaluate.gammas``); give as many as the papers' grid for the same trials;
+* ``gammas.<method>=<g1>/...``: that method's grid alone, e.g.
+  ``gammas.saemnesia=`` with 8 gammas gives SAEmnesia the 8 trials per
+  concept that SAeUron's 2 percentiles x 4 gammas take (equal budgets);
 * ``select=ua_ira|ua_ira_cra|ua_ira_recognised``: how the sweep picks a
   setting per concept: (UA + IRA) / 2 (the papers'), (UA + IRA + CRA) / 3,
   or (UA + IRA + recognised) / 3 (quality.py: the other domain still
@@ -32,9 +35,12 @@ from saemnesia_jax.metrics import sweep_score
 
 # Clamp rules (clamp.with_rules); the first value of each is the papers'.
 SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (relative to z_i itself)
-THRESHOLDS = ("mean", "zero")  # edit where z_i > mean over concepts of mu_c(i, t) | wherever z_i > 0
+# edit where z_i > the mean over concepts of mu_c(i, t) | wherever z_i > 0 | where z_i > mu_target(i, t)
+# (only tokens at least as active as the erased concept's own mean: fewer edits of other concepts' tokens)
+THRESHOLDS = ("mean", "zero", "target")
 SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised")
 _KEYS = ("scale", "threshold", "steps", "start", "gammas", "select")
+METHODS = ("saemnesia", "saeuron")  # the ``gammas.<method>`` keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,11 @@ class Variant:
   rules: tuple[tuple[str, Any], ...] = ()  # clamp.with_rules keywords that differ from the papers'
   gammas: tuple[float, ...] | None = None  # None: evaluate.gammas
   select: str = "ua_ira"
+  method_gammas: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-method grids (gammas.<method>=)
+
+  def gammas_of(self, method: str, default: Sequence[float]) -> tuple[float, ...]:
+    """``method``'s gamma grid under this variant."""
+    return dict(self.method_gammas).get(method) or self.gammas or tuple(default)
 
   def label(self, method: str) -> str:
     """The method's row label: its plain name under the papers' rule."""
@@ -62,18 +73,23 @@ def parse(text: str) -> Variant:
   name = name.strip()
   if not sep or not name or any(c in name for c in "[]/"):
     _fail(text, "no name (or a name with [ ] /) before ':'")
-  rules, gammas, select = {}, None, "ua_ira"
+  rules, gammas, select, per_method = {}, None, "ua_ira", {}
   for tok in body.split():
     key, eq, value = tok.partition("=")
-    if not eq or key not in _KEYS:
-      _fail(text, f"{tok!r} is not key=value with a known key")
-    if key == "gammas":
+    base, dot, method = key.partition(".")
+    if not eq or base not in _KEYS or (dot and (base != "gammas" or method not in METHODS)):
+      _fail(text, f"{tok!r} is not key=value with a known key (gammas.<method> with a method of {METHODS})")
+    if base == "gammas":
       try:
-        gammas = tuple(float(g) for g in value.split("/"))
+        grid = tuple(float(g) for g in value.split("/"))
       except ValueError:
-        _fail(text, f"gammas={value!r} are not numbers separated by '/'")
-      if any(not math.isfinite(g) or g > 0 for g in gammas):
+        _fail(text, f"{key}={value!r} are not numbers separated by '/'")
+      if any(not math.isfinite(g) or g > 0 for g in grid):
         _fail(text, "gammas must be <= 0 (the clamp erases by pushing against the concept)")
+      if dot:
+        per_method[method] = grid
+      else:
+        gammas = grid
     elif key == "select":
       if value not in SELECTIONS:
         _fail(text, f"select={value!r}; known: {', '.join(SELECTIONS)}")
@@ -95,7 +111,7 @@ def parse(text: str) -> Variant:
   # The papers' value of a rule is no rule: such settings share the papers' units.
   papers = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0, "start": 0.0}
   rules = {k: v for k, v in rules.items() if v != papers[k]}
-  return Variant(name, tuple(sorted(rules.items())), gammas, select)
+  return Variant(name, tuple(sorted(rules.items())), gammas, select, tuple(sorted(per_method.items())))
 
 
 def variants(config) -> list[Variant]:
@@ -131,4 +147,5 @@ def describe(v: Variant, default_gammas: Sequence[float]) -> str:
   if not v.name:
     return "the papers' rule: gamma x mu_target, threshold mean mu, every step, (UA + IRA) / 2"
   rules = ", ".join(f"{k}={val}" for k, val in v.rules) or "the papers' clamp"
-  return f"{v.name}: {rules}; gammas {tuple(v.gammas or default_gammas)}; select {v.select}"
+  grids = "; ".join(f"{m} gammas {v.gammas_of(m, default_gammas)}" for m in METHODS)
+  return f"{v.name}: {rules}; {grids}; select {v.select}"

@@ -52,3 +52,34 @@ def test_rules_reach_the_clamp_entry_through_the_setting():
   assert paper.mu[0, 1] == 4 and paper.active.all()
   ruled = erase.concept_entry("saemnesia", tables, "object", 0, {"gamma": -2.0, "scale": "self", "steps": 0.34})
   assert ruled.mu[0, 1] == 1 and ruled.active[:, 0].tolist() == [True, True, False]
+
+
+def test_per_method_gammas_give_equal_budgets():
+  from saemnesia_jax import evaluate_plan
+  v = variants.parse("fine: gammas.saemnesia=-0.1/-0.2/-0.5/-1 threshold=target")
+  assert v.rules == (("threshold", "target"),)
+  assert v.gammas_of("saemnesia", (-2.0,)) == (-0.1, -0.2, -0.5, -1.0)
+  assert v.gammas_of("saeuron", (-2.0, -10.0)) == (-2.0, -10.0)  # the evaluation's grid
+  config = ml_collections.ConfigDict({"evaluate": {"gammas": (-2.0, -10.0), "percentiles": (99.7, 99.9)}})
+  assert len(evaluate_plan.settings(config, "saemnesia", v)) == 4
+  assert len(evaluate_plan.settings(config, "saeuron", v)) == 4  # 2 percentiles x 2 gammas
+  assert "saemnesia gammas (-0.1, -0.2, -0.5, -1.0)" in variants.describe(v, (-2.0, -10.0))
+  with pytest.raises(ConfigError, match="gammas.<method>"):
+    variants.parse("x: gammas.esd=-1")
+  with pytest.raises(ConfigError, match="gammas.<method>"):
+    variants.parse("x: scale.saemnesia=self")
+
+
+def test_target_threshold_edits_only_above_the_concepts_own_mean():
+  import numpy as np
+  from saemnesia_jax import clamp
+  mu = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
+  e = clamp.concept_entry(mu, np.full((3, 5), 0.5, np.float32), -1.0, assigned=2)
+  assert np.array_equal(clamp.with_rules(e, threshold="target").threshold, mu)
+  # Two concepts on one latent: edited where either's threshold is exceeded.
+  other = clamp.Entry(e.latents, e.active, mu, np.full((3, 5), 0.25, np.float32), -2.0)
+  spec = clamp.build_spec([clamp.with_rules(e, threshold="target"), other], [900, 500, 100], [900, 500, 100], 8)
+  assert spec.threshold[:, 0].tolist() == [0.25] * 3
+  assert spec.multiplier[:, 0].tolist() == (mu[:, 2] * -2).tolist()
+  spec = clamp.build_spec([clamp.with_rules(e, threshold="target")], [900, 500, 100], [900, 500, 100], 8)
+  assert spec.threshold[:, 0].tolist() == mu[:, 2].tolist() and not spec.active[:, 1:].any()
