@@ -2,6 +2,7 @@
 GIL-free gather-and-cast of batch rows."""
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 
@@ -18,28 +19,51 @@ class Pool:
   touch, more than tensorstore spends decompressing into it (measured with
   perf); readers come and go (one per validation pass), so the pool outlives
   them. ``take`` hands out an array only if nothing but the pool refers to it.
+
+  ``put`` runs from ``weakref.finalize`` callbacks, which the garbage
+  collector may fire at any allocation, also inside this pool's own locked
+  code: it only appends to a deque (atomic, no lock), and the arrays move
+  into the pool under the lock when it is free. Arrays dropped over the
+  budget are released after the lock, since freeing one can fire a callback.
   """
 
   def __init__(self, max_bytes: int):
     self.max_bytes = max_bytes
     self._items: list[np.ndarray] = []
+    self._returned: collections.deque[np.ndarray] = collections.deque()
     self._lock = threading.Lock()
 
+  def _absorb(self) -> list[np.ndarray]:
+    """Move returned arrays into the pool (lock held); the ones over budget."""
+    while self._returned:
+      self._items.append(self._returned.popleft())
+    total, dropped = sum(x.nbytes for x in self._items), []
+    while total > self.max_bytes:
+      dropped.append(self._items.pop(0))
+      total -= dropped[-1].nbytes
+    return dropped
+
   def put(self, a: np.ndarray) -> None:
-    with self._lock:
-      self._items.append(a)
-      total = sum(x.nbytes for x in self._items)
-      while total > self.max_bytes:
-        total -= self._items.pop(0).nbytes
+    self._returned.append(a)
+    dropped = []
+    if self._lock.acquire(blocking=False):  # held (maybe by this very thread): take() absorbs it later
+      try:
+        dropped = self._absorb()
+      finally:
+        self._lock.release()
+    del dropped
 
   def take(self, fits) -> np.ndarray | None:
+    dropped, found = [], None
     with self._lock:
+      dropped = self._absorb()
       for k in range(len(self._items)):
-        a = self._items[k]
-        # References: the list, ``a`` and getrefcount's argument.
-        if fits(a) and sys.getrefcount(a) == 3:
-          return self._items.pop(k)
-      return None
+        # References: the list and getrefcount's argument.
+        if fits(self._items[k]) and sys.getrefcount(self._items[k]) == 2:
+          found = self._items.pop(k)
+          break
+    del dropped
+    return found
 
 
 POOL = Pool(256 << 20)

@@ -37,6 +37,28 @@ def test_pool_hands_out_only_unreferenced_arrays_within_its_budget():
   assert [int(x[0]) for x in pool._items] == [2, 3, 4]  # the oldest dropped
 
 
+def test_pool_put_from_a_callback_inside_the_pool_does_not_deadlock():
+  """A finalizer may call put while this thread holds the pool's lock (the
+  garbage collector runs at any allocation): that put must return, and the
+  array join the pool."""
+  import threading
+  pool = host_arrays.Pool(max_bytes=10 * 800)
+  pool.put(np.zeros(100))
+  late = np.full(100, 7.0)
+
+  def fits(a):
+    pool.put(late)  # as a finalizer would, with the lock held
+    return False
+
+  t = threading.Thread(target=pool.take, args=(fits,), daemon=True)
+  t.start()
+  t.join(timeout=10)
+  assert not t.is_alive(), "put deadlocked inside take"
+  del late
+  got = pool.take(lambda x: x[0] == 7.0)
+  assert got is not None and got[0] == 7.0
+
+
 @pytest.mark.parametrize("dtype", [host_arrays.BF16, np.float16, np.float32])
 def test_all_finite_finds_every_nan_and_inf(dtype):
   rng = np.random.default_rng(0)
