@@ -69,6 +69,9 @@ class Pool:
 POOL = Pool(256 << 20)
 
 
+_CAST_PIECE_BYTES = 512 << 10
+
+
 def gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
   """``out[:] = src[idx]`` cast to ``out.dtype``, with GIL-free numpy loops.
 
@@ -79,20 +82,37 @@ def gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
   if out.dtype == src.dtype:
     np.take(src.view(bits), idx, axis=0, out=out.view(bits), mode="clip")
   elif src.dtype == BF16 and out.dtype == np.float32:
-    np.left_shift(np.take(src.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
+    # In pieces that stay in the core's cache: a whole-batch temporary costs a
+    # fresh allocation (page faults) and a round trip through memory per batch.
+    row = src.strides[0] if src.ndim > 1 else src.itemsize
+    step = max(1, _CAST_PIECE_BYTES // max(1, row))
+    scratch = np.empty((min(step, len(idx)), *src.shape[1:]), np.uint16)
+    src16, out32 = src.view(np.uint16), out.view(np.uint32)
+    for a in range(0, len(idx), step):
+      piece = scratch[:min(step, len(idx) - a)]
+      np.take(src16, idx[a:a + len(piece)], axis=0, out=piece, mode="clip")
+      np.left_shift(piece, 16, out=out32[a:a + len(piece)], dtype=np.uint32)
   else:
     out[...] = np.take(src, idx, axis=0)
 
 
 # Exponent bits: a float is NaN or Inf exactly when they are all set.
-_EXPONENT = {BF16: np.uint16(0x7F80), np.dtype(np.float16): np.uint16(0x7C00),
-             np.dtype(np.float32): np.uint32(0x7F800000)}
+_EXPONENT = {BF16: 0x7F80, np.dtype(np.float16): 0x7C00, np.dtype(np.float32): 0x7F800000}
 
 
 def all_finite(a: np.ndarray) -> bool:
-  """``np.isfinite(a).all()`` for float arrays, on the bits for 16-bit floats
-  (ml_dtypes' isfinite on bfloat16 is 6x slower than this bit test)."""
-  mask = _EXPONENT.get(a.dtype)
-  if mask is None or a.dtype == np.float32:  # numpy's own float32 loop is as fast
+  """``np.isfinite(a).all()`` for float arrays, as two max-reductions over the bits.
+
+  A float is NaN/Inf when its bits without the sign are >= the exponent mask
+  m: as signed integers the positive ones are >= m, as unsigned the negative
+  ones are >= sign | m. Two read-only passes and no temporary: the mask-and-max
+  it replaces (and ``np.isfinite``'s bool array) wrote a batch-sized array
+  per call, about 7% of the reader's CPU time.
+  """
+  m = _EXPONENT.get(a.dtype)
+  if m is None:
     return bool(np.isfinite(a).all())
-  return bool(np.bitwise_and(a.view(mask.dtype), mask).max(initial=0) != mask)
+  bits = 8 * a.dtype.itemsize
+  u = a.reshape(-1).view(f"u{a.dtype.itemsize}")
+  s = u.view(f"i{a.dtype.itemsize}")
+  return not (int(s.max(initial=-(1 << (bits - 1)))) >= m or int(u.max(initial=0)) >= (1 << (bits - 1)) | m)

@@ -6,7 +6,9 @@ import pytest
 from saemnesia_jax import host_arrays
 
 
-def test_gather_cast_is_exact_for_every_cast_the_reader_makes():
+@pytest.mark.parametrize("piece_bytes", [512 << 10, 3 * 7 * 2])  # one piece; pieces of 3 rows and a rest
+def test_gather_cast_is_exact_for_every_cast_the_reader_makes(monkeypatch, piece_bytes):
+  monkeypatch.setattr(host_arrays, "_CAST_PIECE_BYTES", piece_bytes)
   rng = np.random.default_rng(0)
   x = rng.normal(0.0, 100.0, (50, 7)).astype(np.float32)
   x[3, 2], x[4, 0], x[5, 6] = np.nan, np.inf, -np.inf
@@ -71,3 +73,13 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
     b = a.copy()
     b[37, 5] = value
     assert not host_arrays.all_finite(b), (dtype, value)
+
+
+@pytest.mark.parametrize("dtype", [host_arrays.BF16, np.float16])
+def test_all_finite_agrees_with_isfinite_on_every_16_bit_pattern(dtype):
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  values = bits.view(dtype)
+  finite = np.isfinite(values.astype(np.float32))
+  got = np.array([host_arrays.all_finite(values[i:i + 1]) for i in range(len(values))])
+  np.testing.assert_array_equal(got, finite)  # every NaN payload and sign included
+  assert host_arrays.all_finite(values[finite]) and not host_arrays.all_finite(values)
