@@ -142,7 +142,7 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes {workdir}/report/report.md (and figures); returns its path."""
-  from saemnesia_jax import scores as scores_lib
+  from saemnesia_jax import association, scores as scores_lib
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   eval_dir = config.evaluate.out_dir or os.path.join(workdir, "eval")
@@ -184,7 +184,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     if rep is None:
       missing.append(os.path.join(sdir, scores_lib.REPORT_FILE))
       continue
-    md += [f"### {label}", "", "```", scores_lib.format_report(rep), "```", ""]
+    md += [f"### {label}", "", "```", association.format_report(rep), "```", ""]
     name = _figure(os.path.join(sdir, scores_lib.PLOT_FILE), out_dir, f"association_{run}.png", missing)
     if name:
       md += [f"![association {run}]({name})", ""]

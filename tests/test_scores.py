@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saemnesia_jax import scores, sparsify_io, store
+from saemnesia_jax import association, scores, sparsify_io, store
 from saemnesia_jax.io_utils import atomic_write_json, hash_files, read_json
 
 OBJECTS = ("cat", "dog", "owl")
@@ -223,10 +223,10 @@ def test_supervised_report_and_padded_batches(data, unsup, tmp_path):
     assert q["assigned_share"] < 0.1 < q["top1_share"]
   assert abs(objs[2]["assigned_share"] - objs[2]["top1_share"]) < 1e-9
   assert rep["domains"]["objects"]["assigned_is_best_count"] == 1
-  text = scores.format_report(rep)
+  text = association.format_report(rep)
   assert "assigned" in text and "NO" in text and "assigned is best 1/3" in text
   # Two SAEs side by side (the README figure).
-  png = scores.compare_reports(unsup["report_json"], rep, ("unsupervised", "supervised"),
+  png = association.compare_reports(unsup["report_json"], rep, ("unsupervised", "supervised"),
                                path=str(tmp_path / "compare.png"))
   with Image.open(png) as im:
     assert im.format == "PNG" and min(im.size) > 300
