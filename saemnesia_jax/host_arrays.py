@@ -84,8 +84,7 @@ def gather_cast(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
   elif src.dtype == BF16 and out.dtype == np.float32:
     # In pieces that stay in the core's cache: a whole-batch temporary costs a
     # fresh allocation (page faults) and a round trip through memory per batch.
-    row = src.strides[0] if src.ndim > 1 else src.itemsize
-    step = max(1, _CAST_PIECE_BYTES // max(1, row))
+    step = max(1, _CAST_PIECE_BYTES // src.strides[0])  # rows per piece
     scratch = np.empty((min(step, len(idx)), *src.shape[1:]), np.uint16)
     src16, out32 = src.view(np.uint16), out.view(np.uint32)
     for a in range(0, len(idx), step):
