@@ -327,6 +327,8 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   cost = ["| method | trials per concept | trials | wall of the method's units (min) |", "|---|---|---|---|"]
   cost += [f"| {m} | {trials.get(m, 0)} | {trials.get(m, 0) * n_concepts} | "
            f"{wall.get(variants_lib.method_of(m), 0.0) / 60:.1f} |" for m in labels]
+  cost += ["", f"Each trial is one answer set per sweep seed {tuple(ev.sweep_seeds)}, pooled; "
+           f"the table is on the held-out seeds {tuple(ev.eval_seeds)}."]
   reused = sorted({label for label, _, _ in reused_choices(config)})
   if reused:
     cost += ["", f"Chosen by the sweep of {ev.chosen_from} (same grid; not rerun here): {', '.join(reused)}"]

@@ -3,8 +3,11 @@
 Units (``units.py``) are keyed by their fields, so every phase can be
 resumed and split over processes:
 
-* sweep units: every (method, erasure rule, concept, setting) on the sweep
-  seeds, plus one no-erasure baseline. A rule variant that only changes the
+* sweep units: every (method, erasure rule, concept, setting, sweep seed),
+  plus one no-erasure baseline per sweep seed. One unit per seed, because
+  every image of a seed starts from the same noise: the seed, not the image,
+  is the sweep's unit of evidence, and another seed adds units without
+  redoing the ones already sampled. A rule variant that only changes the
   selection criterion shares the papers' units (``variants.py``).
 * final units: each row's chosen setting per concept, on the held-out seeds.
 * sequential units: the first 1, 2, ... objects erased at once, with their
@@ -64,20 +67,36 @@ def targets(config) -> list[tuple[str, str]]:
 
 def sweep_units(config) -> list[dict]:
   ev = config.evaluate
-  out = [{"phase": "sweep", "method": "none", "seeds": list(ev.sweep_seeds)}] if "none" in ev.methods else []
+  seeds = _sweep_seeds(config)
+  out = [{"phase": "sweep", "method": "none", "seeds": [s]} for s in seeds] if "none" in ev.methods else []
   reused = {label for label, _, _ in reused_choices(config)}
   for m, v in arms(config):
     if v.label(m) in reused:
       continue
     for d, n in targets(config):
       for s in settings(config, m, v):
-        out.append(sweep_unit(config, m, d, n, s))
+        out += sweep_trial(config, m, d, n, s)
   return _unique(out)
 
 
-def sweep_unit(config, method: str, domain: str, name: str, setting: dict) -> dict:
-  return {"phase": "sweep", "method": method, "domain": domain, "concept": name, "setting": setting,
-          "erase": [[domain, name, setting]], "seeds": list(config.evaluate.sweep_seeds)}
+def _sweep_seeds(config) -> list[int]:
+  seeds = [int(s) for s in config.evaluate.sweep_seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.evaluate.sweep_seeds={tuple(seeds)}: give one or more distinct seeds, e.g. (1, 5, 6)")
+  return seeds
+
+
+def sweep_trial(config, method: str, domain: str, name: str, setting: dict) -> list[dict]:
+  """One trial of the sweep (a setting of one concept): a unit per sweep seed."""
+  return [{"phase": "sweep", "method": method, "domain": domain, "concept": name, "setting": setting,
+           "erase": [[domain, name, setting]], "seeds": [s]} for s in _sweep_seeds(config)]
+
+
+def pooled(results: units_lib.UnitResults, units: list[dict]) -> dict:
+  """The answers of ``units`` (one trial's seeds) as one answer set."""
+  parts = [results.read(u) for u in units]
+  keys = [k for k, v in parts[0].items() if isinstance(v, list) and k != units_lib.ARRAYS]
+  return {k: [x for p in parts for x in p[k]] for k in keys}
 
 
 def _answer(result: dict):
@@ -133,7 +152,7 @@ def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str],
       continue
     for d, n in targets(config):
       for s in settings(config, m, v):
-        r = results.read(sweep_unit(config, m, d, n, s))
+        r = pooled(results, sweep_trial(config, m, d, n, s))
         score = variants_lib.score(v.select, unit_metrics(r, d, [n], config),
                                    recognised(config, r, d, n) if v.select == "ua_ira_recognised" else None)
         key = (v.label(m), d, n)

@@ -81,6 +81,7 @@ def test_evaluation_tables_trials_and_resume(prepared):
     assert (out / name).exists(), name
   cost = (out / "cost.md").read_text()
   assert "| saeuron | 2 | 8 |" in cost and "| saemnesia | 2 | 8 |" in cost, cost
+  assert "per sweep seed (1,), pooled" in cost, cost
   table = (out / "table.md").read_text()
   assert "| saemnesia |" in table and "| saeuron |" in table and "| none |" in table
   # Trials: SAEmnesia sweeps gamma only, SAeUron percentile x gamma.
