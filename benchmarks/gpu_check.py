@@ -1,6 +1,6 @@
 """The accelerator parts of benchmarks/gpu_check.sh: the SAE train step at SD
-shape (d_in 1280, 20,480 latents, k 32, BatchTopK, 4,096 tokens) in bfloat16
-and float32, and the sampler at batch 8 (16 UNet rows with CFG) at 512 px on
+shape (d_in 1280, 20,480 latents, k 32, BatchTopK, 4,096 tokens) in mixed
+precision (float32 parameters, bfloat16 matmuls), float32 and bfloat16, and the sampler at batch 8 (16 UNet rows with CFG) at 512 px on
 the random SD v1.5-architecture pipeline (benchmarks/sd_scale.py builds it),
 printing tokens/s, images/s and MFU against the chip's bf16 matmul peak.
 
@@ -37,14 +37,16 @@ def _timed(fn, args, repeats):
   return (time.perf_counter() - t0) / repeats
 
 
-def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: int, peak: float | None) -> dict:
-  """The unsupervised step (loss, gradients, Adam, decoder renormalisation) in ``dtype``."""
+def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: int, peak: float | None,
+               matmul_dtype: str | None = None) -> dict:
+  """The unsupervised step (loss, gradients, Adam, decoder renormalisation) with
+  parameters in ``dtype`` and SaeConfig.matmul_dtype ``matmul_dtype``."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, d_in)), dtype)
   params = jax.tree_util.tree_map(lambda a: a.astype(dtype),
                                   sae_lib.init_params(jax.random.PRNGKey(0), d_in, n_latents))
   tx = optax.adam(1e-4)
-  cfg = sae_lib.SaeConfig(k=k, batch_topk=True)
+  cfg = sae_lib.SaeConfig(k=k, batch_topk=True, backward="auto", matmul_dtype=matmul_dtype)
   dead = jnp.zeros((n_latents,), bool)
 
   @jax.jit
@@ -54,9 +56,14 @@ def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: in
     return sae_lib.normalize_decoder(optax.apply_updates(params, upd)), opt_state, loss
 
   sec = _timed(step, (params, tx.init(params), x), repeats)
-  flops_per_token = 10 * d_in * n_latents  # encoder 4dL + dense decoder 6dL (benchmarks/train_step.py)
+  # The FLOPs the formulation performs: the dense one the encoder's forward
+  # and weight gradient (4dL) and the dense decoder (6dL); the sparse one
+  # only the encoder's forward (2dL; the rest is O(k d) per token).
+  backward = sae_lib.resolve_backward(cfg.backward)
+  flops_per_token = (10 if backward == "dense" else 2) * d_in * n_latents
   tok_s = batch / sec
-  return {"dtype": jnp.dtype(dtype).name, "tokens_per_s": tok_s, "step_s": sec,
+  return {"dtype": jnp.dtype(dtype).name, "matmul_dtype": matmul_dtype or jnp.dtype(dtype).name,
+          "backward": backward, "tokens_per_s": tok_s, "step_s": sec,
           "mfu": None if peak is None else tok_s * flops_per_token / peak}
 
 
@@ -107,10 +114,12 @@ def main():
   else:
     d_in, L, k, batch, reps = 1280, 20480, 32, 4096, 20
     pipe_dir, size, sbatch, steps, sreps = sd_scale.build_pipeline(), 512, 8, 20, 2
-  for dtype in (jnp.bfloat16, jnp.float32):
-    r = train_step(d_in, L, k, batch, dtype, reps, peak)
+  # Mixed precision (float32 parameters, bfloat16 matmuls: sae.matmul_dtype), float32, all bfloat16.
+  for dtype, mm in ((jnp.float32, "bfloat16"), (jnp.float32, None), (jnp.bfloat16, None)):
+    r = train_step(d_in, L, k, batch, dtype, reps, peak, mm)
     out["train_step"].append(r)
-    print(f"SAE train step d_in {d_in} x {L}, batch {batch}, {r['dtype']}: {r['tokens_per_s']:,.0f} tokens/s"
+    print(f"SAE train step d_in {d_in} x {L}, batch {batch}, parameters {r['dtype']}, matmuls "
+          f"{r['matmul_dtype']}, {r['backward']} backward: {r['tokens_per_s']:,.0f} tokens/s"
           + ("" if r["mfu"] is None else f", MFU {r['mfu']:.1%}"), flush=True)
   r = sampler(pipe_dir, size, sbatch, steps, sreps, peak)
   out["sampler"] = r

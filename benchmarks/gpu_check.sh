@@ -2,7 +2,7 @@
 # One accelerator check, sized to finish in under 8 minutes on one GPU:
 #   1. benchmarks/sd_scale.py at 512 px: every stage through the CLIs on the
 #      random SD v1.5-architecture pipeline (wall, compile, peak host memory);
-#   2. the SAE train step at SD shape in bfloat16 and float32 (tokens/s, MFU);
+#   2. the SAE train step at SD shape: mixed precision, float32, bfloat16 (tokens/s, MFU);
 #   3. the sampler at batch 8, 512 px, bfloat16 (images/s, MFU).
 # MFU is against the chip's bf16 matmul peak (saemnesia_jax/sizing.py PEAK_FLOPS).
 #
@@ -31,5 +31,5 @@ fi
 echo "== 1/2 SD-scale stages"
 # Bounded, so that a slow stage cannot eat the step and sampler figures' time.
 timeout "$LIMIT" "$PYTHON" benchmarks/sd_scale.py "${SD_ARGS[@]}" || echo "sd_scale: stopped or failed (status $?)"
-echo "== 2/2 SAE train step (bf16, fp32) and sampler at batch 8"
+echo "== 2/2 SAE train step (mixed, fp32, bf16) and sampler at batch 8"
 "$PYTHON" benchmarks/gpu_check.py "${CHECK_ARGS[@]}"

@@ -19,7 +19,10 @@ rows after each step, dead-latent counters.  Variants:
 
 The project's side is the trainer's step (``benchmarks/train_step.make_step``:
 loss, gradients, Adam, decoder renormalisation, dead counters) with
-``--backward`` (default: the platform's auto choice).  Both sides see the
+``--backward`` (default: the platform's auto choice) and, one process per
+entry of ``--matmul-dtypes``, the SaeConfig.matmul_dtype (float32, the
+peer's precision; bfloat16: mixed precision, its bound timed in bfloat16
+too).  Both sides see the
 same batch every step and the same dead set (the counters are reset to the
 chosen pattern before each step: a fresh SAE would otherwise revive every
 dead latent in one step).
@@ -73,7 +76,7 @@ def _data(d_in, n_latents, batch, dead_fraction, seed=0):
   return x, dead
 
 
-def jax_worker(backward: str) -> None:
+def jax_worker(backward: str, matmul_dtype: str | None = None) -> None:
   sys.path.insert(0, HERE)
   import jax
   import jax.numpy as jnp
@@ -87,7 +90,8 @@ def jax_worker(backward: str) -> None:
     if cmd["cmd"] == "setup":
       s = SHAPES[cmd["shape"]]
       d, L, k = s["d_in"], s["n_latents"], s["k"]
-      scfg = sae_lib.SaeConfig(k=k, batch_topk=cmd["variant"] == "batchtopk", backward=backward)
+      scfg = sae_lib.SaeConfig(k=k, batch_topk=cmd["variant"] == "batchtopk", backward=backward,
+                               matmul_dtype=matmul_dtype)
       tx = optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(CLIP),
                        optax.adam(LR, eps=ADAM_EPS))
       x, dead = _data(d, L, cmd["batch"], cmd["dead_fraction"])
@@ -102,7 +106,7 @@ def jax_worker(backward: str) -> None:
       t = time.perf_counter()
       state, loss = step(state, x, counters)
       jax.block_until_ready(loss)
-      mm = jax.jit(lambda a, b: a @ b)
+      mm = jax.jit(lambda a, b: sae_lib.matmul(a, b, matmul_dtype))  # the bound in the step's precision
       jax.block_until_ready(mm(x, w))
       st.update(step=step, state=state, x=x, counters=counters, mm=mm, w=w, flop=2 * d * L)
       return {"compile_s": time.perf_counter() - t, "backward": sae_lib.resolve_backward(backward),
@@ -243,6 +247,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=4096)
   ap.add_argument("--peer-threads", default="2,1", help="comma list: torch thread counts of the peer")
   ap.add_argument("--backward", default="auto", help="the project's SaeConfig.backward")
+  ap.add_argument("--matmul-dtypes", default="float32",
+                  help="comma list: the project's SaeConfig.matmul_dtype per project process "
+                       "(float32 = the parameters' dtype; bfloat16 = mixed precision)")
   ap.add_argument("--json_out", default=os.path.join(HERE, "results", "vs_sparsify.json"))
   args = ap.parse_args()
   ensure_peer()
@@ -250,7 +257,12 @@ def main() -> None:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
   env.setdefault("SPARSIFY_DISABLE_TRITON", "1")
   env.pop("XLA_FLAGS", None)  # one CPU device, all cores
-  project = Worker("project (JAX)", SCRIPT, ["--worker", "jax", "--backward", args.backward], env)
+  dtypes = args.matmul_dtypes.split(",")
+  # One process per precision; "project" is float32 (the same precision as the peer).
+  labels = {dt: "project" if dt == "float32" else f"project_{dt}" for dt in dtypes}
+  projects = {labels[dt]: Worker(f"project (JAX, {dt})", SCRIPT,
+                                 ["--worker", "jax", "--backward", args.backward, "--matmul-dtype", dt], env)
+              for dt in dtypes}
   peer = Worker("peer (sparsify)", SCRIPT, ["--worker", "torch"], env)
   cpus = os.cpu_count()
   print(f"machine: {cpus} CPUs; the project's XLA uses them all; the peer runs with {threads} torch threads")
@@ -261,53 +273,62 @@ def main() -> None:
       for variant in args.variants.split(","):
         for dead in [float(f) for f in args.dead_fractions.split(",")]:
           setup = dict(cmd="setup", shape=shape, variant=variant, batch=args.batch, dead_fraction=dead)
-          a = project.ask(**setup)
+          a = {lab: w.ask(**setup) for lab, w in projects.items()}
           b = peer.ask(**setup)
           rounds = []
           for r in range(args.rounds):
             row = {"round": r}
-            order = [("project", None)] + [("peer", t) for t in threads]
+            order = [(lab, None) for lab in projects] + [("peer", t) for t in threads]
             if r % 2:
               order = order[::-1]  # A B C, C B A, ...: neither side always follows the other
             for side, t in order:
               before = loadavg()
-              if side == "project":
-                res = project.ask(cmd="run", steps=args.steps_per_round)
-                row.update(project=res["tokens_per_s"], matmul_gflops=res["matmul_gflops"],
-                           load_project=[before, loadavg()])
+              if side in projects:
+                res = projects[side].ask(cmd="run", steps=args.steps_per_round)
+                row.update({side: res["tokens_per_s"], f"matmul_gflops_{side}": res["matmul_gflops"],
+                            f"load_{side}": [before, loadavg()]})
               else:
                 res = peer.ask(cmd="run", steps=args.steps_per_round, threads=t)
                 row[f"peer_{t}t"] = res["tokens_per_s"]
                 row[f"load_peer_{t}t"] = [before, loadavg()]
             rounds.append(row)
-            print(f"  {shape} {variant} dead {dead:.2f} round {r}: project {row['project']:.0f} tok/s "
-                  f"(load {row['load_project'][0]}), "
-                  + ", ".join(f"peer {t}t {row[f'peer_{t}t']:.0f} (load {row[f'load_peer_{t}t'][0]})"
+            print(f"  {shape} {variant} dead {dead:.2f} round {r}: "
+                  + ", ".join(f"{lab} {row[lab]:.0f} tok/s (load {row[f'load_{lab}'][0]})" for lab in projects)
+                  + ", " + ", ".join(f"peer {t}t {row[f'peer_{t}t']:.0f} (load {row[f'load_peer_{t}t'][0]})"
                               for t in threads), flush=True)
           med = {key: statistics.median(rw[key] for rw in rounds)
-                 for key in ["project", "matmul_gflops"] + [f"peer_{t}t" for t in threads]}
+                 for key in [*projects, *(f"matmul_gflops_{lab}" for lab in projects),
+                             *(f"peer_{t}t" for t in threads)]}
           s = SHAPES[shape]
-          bound = med["matmul_gflops"] * 1e9 / (2 * s["d_in"] * s["n_latents"])
           summary = {"shape": shape, "variant": variant, "dead_fraction": dead, **s, "batch": args.batch,
-                     "backward": a["backward"], "project_compile_s": a["compile_s"],
-                     "project_tokens_per_s": med["project"], "matmul_gflops": med["matmul_gflops"],
-                     "bound_tokens_per_s": bound, "ratio_to_bound": med["project"] / bound,
+                     "backward": next(iter(a.values()))["backward"], "matmul_dtypes": dtypes,
                      **{f"peer_{t}t_tokens_per_s": med[f"peer_{t}t"] for t in threads},
-                     **{f"ratio_vs_peer_{t}t": med["project"] / med[f"peer_{t}t"] for t in threads},
                      "torch": b["torch"], "rounds": rounds}
+          for lab in projects:  # keys of "project" (float32) keep their old names
+            bound = med[f"matmul_gflops_{lab}"] * 1e9 / (2 * s["d_in"] * s["n_latents"])
+            pre = "" if lab == "project" else lab[len("project"):]
+            summary.update({f"project{pre}_compile_s": a[lab]["compile_s"],
+                            f"project{pre}_tokens_per_s": med[lab],
+                            f"matmul_gflops{pre}": med[f"matmul_gflops_{lab}"],
+                            f"bound{pre}_tokens_per_s": bound, f"ratio{pre}_to_bound": med[lab] / bound,
+                            **{f"ratio{pre}_vs_peer_{t}t": med[lab] / med[f"peer_{t}t"] for t in threads}})
           results.append(summary)
   finally:
-    project.close()
+    for w in projects.values():
+      w.close()
     peer.close()
   print(f"\nmedians over {args.rounds} rounds x {args.steps_per_round} steps, batch {args.batch} tokens "
         f"(load average per round in the JSON)")
-  head = f"{'shape':12s} {'variant':10s} {'dead':>5s} {'project':>9s} " + " ".join(
+  head = f"{'shape':12s} {'variant':10s} {'dead':>5s} {'project':>17s} " + " ".join(
       f"{f'peer {t}t':>9s} {f'x{t}t':>6s}" for t in threads) + f" {'bound':>7s} {'/bound':>6s}"
   print(head)
   for s in results:
-    print(f"{s['shape']:12s} {s['variant']:10s} {s['dead_fraction']:5.2f} {s['project_tokens_per_s']:9.0f} "
-          + " ".join(f"{s[f'peer_{t}t_tokens_per_s']:9.0f} {s[f'ratio_vs_peer_{t}t']:6.2f}" for t in threads)
-          + f" {s['bound_tokens_per_s']:7.0f} {s['ratio_to_bound']:6.2f}")
+    for dt, lab in labels.items():
+      pre = "" if lab == "project" else lab[len("project"):]
+      print(f"{s['shape']:12s} {s['variant']:10s} {s['dead_fraction']:5.2f} "
+            f"{s[f'project{pre}_tokens_per_s']:8.0f} {dt:>8s} "
+            + " ".join(f"{s[f'peer_{t}t_tokens_per_s']:9.0f} {s[f'ratio{pre}_vs_peer_{t}t']:6.2f}" for t in threads)
+            + f" {s[f'bound{pre}_tokens_per_s']:7.0f} {s[f'ratio{pre}_to_bound']:6.2f}")
   print("tokens/s; xNt: project / peer with N torch threads; bound: dense-matmul rate / (2 d_in n_latents), "
         "the one-matmul bound, measured in the project's process each round")
   write_results(args.json_out, cpus, results)
@@ -317,6 +338,7 @@ if __name__ == "__main__":
   if len(sys.argv) > 2 and sys.argv[1] == "--worker":
     become_worker()
     backward = sys.argv[sys.argv.index("--backward") + 1] if "--backward" in sys.argv else "auto"
-    jax_worker(backward) if sys.argv[2] == "jax" else torch_worker()
+    dtype = sys.argv[sys.argv.index("--matmul-dtype") + 1] if "--matmul-dtype" in sys.argv else "float32"
+    jax_worker(backward, None if dtype == "float32" else dtype) if sys.argv[2] == "jax" else torch_worker()
   else:
     main()

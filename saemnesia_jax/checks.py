@@ -234,6 +234,8 @@ def _probe(config) -> None:
 def _train(config) -> None:
   s, t = config.sae, config.train
   _one_of(config, "sae.mode", ("unsupervised", "supervised"))
+  if "matmul_dtype" in config.sae:
+    _one_of(config, "sae.matmul_dtype", ("", "bfloat16"))
   _one_of(config, "sae.sup_loss", ("bce", "softmax"))
   _positive(config, "sae.k", "sae.expansion_factor", "train.steps", "train.batch_size",
             "train.learning_rate", "train.log_every", "train.eval_every", "train.ckpt_every",

@@ -31,6 +31,7 @@ the step); the dead-latent mask and counters are traced arrays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -44,6 +45,7 @@ Params = dict[str, jax.Array]
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}
 
 BACKWARDS = ("auto", "sparse", "dense")
+MATMUL_DTYPES = (None, "bfloat16")
 
 
 def resolve_backward(backward: str, platform: str | None = None) -> str:
@@ -74,6 +76,12 @@ class SaeConfig:
       skipped while nothing is dead); "dense": differentiate the dense graph
       (the reference); "auto": sparse, except dense on TPU (scatter-adds are
       slow there).  Read by ``unsupervised_loss`` only.
+    matmul_dtype: None: the dense matmuls (encoder, AuxK's block, the dense
+      decoder) run in the parameters' dtype; "bfloat16": their operands are
+      cast to bfloat16 and they accumulate in the parameters' dtype (mixed
+      precision: parameters, Adam and the sparse parts stay float32). Twice
+      the matmul rate on accelerators (and on CPUs with AVX512-BF16), at
+      bfloat16's 8-bit mantissa in the products.
   """
   k: int = 32
   batch_topk: bool = False
@@ -82,10 +90,14 @@ class SaeConfig:
   dead_tokens_threshold: int = 10_000_000
   sparse_decode: bool = False
   backward: str = "dense"
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"SaeConfig.backward={self.backward!r}; expected one of {BACKWARDS}.")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"SaeConfig.matmul_dtype={self.matmul_dtype!r}; expected one of {MATMUL_DTYPES} "
+                       "(None: the parameters' dtype).")
     if self.k < 1:
       raise ValueError(f"SaeConfig.k must be >= 1, got {self.k}.")
     if self.sparse_decode and self.batch_topk:
@@ -151,9 +163,43 @@ def init_params(rng: jax.Array, d_in: int, n_latents: int, x_sample: jax.Array |
 # Encoder / decoder
 
 
-def encode_pre(params: Params, x: jax.Array) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, dtype: str | None = None) -> jax.Array:
+  """a @ b (2-D); with ``dtype`` (``SaeConfig.matmul_dtype``) the operands are
+  cast to it and the product accumulates in a's dtype, and so do the two
+  matmuls of its gradient (the cotangent cast too)."""
+  if dtype is None:
+    return a @ b
+  return _mixed_matmul(a, b, dtype)
+
+
+# jax's own transpose of a mixed-precision dot upcasts the low-precision
+# operand and multiplies in float32 (no speedup), then rounds the gradient to
+# bfloat16: both are wrong for mixed precision, hence the custom rule.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(a, b, dtype):
+  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=a.dtype)
+
+
+def _mixed_fwd(a, b, dtype):
+  if a.dtype != b.dtype:
+    raise TypeError(f"matmul in {dtype}: both operands need one dtype (the accumulator's), got {a.dtype} and {b.dtype}")
+  a_lo, b_lo = a.astype(dtype), b.astype(dtype)
+  return jnp.matmul(a_lo, b_lo, preferred_element_type=a.dtype), (a_lo, b_lo)
+
+
+def _mixed_bwd(dtype, res, g):
+  a_lo, b_lo = res
+  g_lo = g.astype(dtype)  # g has the operands' (accumulator's) dtype
+  return (jnp.matmul(g_lo, b_lo.T, preferred_element_type=g.dtype),
+          jnp.matmul(a_lo.T, g_lo, preferred_element_type=g.dtype))
+
+
+_mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def encode_pre(params: Params, x: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
   """Post-ReLU, pre-TopK latents z_pre (..., n_latents) of activations x (..., d_in)."""
-  return jax.nn.relu((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+  return jax.nn.relu(matmul(x - params["b_dec"], params["W_enc"], matmul_dtype) + params["b_enc"])
 
 
 def topk(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -198,9 +244,9 @@ def encode_sparse(params: Params, x: jax.Array, k: int) -> tuple[jax.Array, jax.
   return topk(encode_pre(params, x), k)
 
 
-def decode(params: Params, z: jax.Array) -> jax.Array:
+def decode(params: Params, z: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
   """x_hat (..., d_in) from dense codes z (..., n_latents)."""
-  return z @ params["W_dec"] + params["b_dec"]
+  return matmul(z, params["W_dec"], matmul_dtype) + params["b_dec"]
 
 
 def decode_sparse(params: Params, values: jax.Array, indices: jax.Array) -> jax.Array:
@@ -243,7 +289,7 @@ def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 def auxk_loss(params: Params, x: jax.Array, x_hat: jax.Array, z_pre: jax.Array,
-              dead_mask: jax.Array, k_aux: int | None = None) -> jax.Array:
+              dead_mask: jax.Array, k_aux: int | None = None, matmul_dtype: str | None = None) -> jax.Array:
   """AuxK: reconstruct the residual x - x_hat with the top-k_aux *dead* latents.
 
   ``e = stop_gradient(x - x_hat)``; ``e_hat = z_aux @ W_dec`` (no b_dec: it
@@ -266,7 +312,7 @@ def auxk_loss(params: Params, x: jax.Array, x_hat: jax.Array, z_pre: jax.Array,
   masked = jnp.where(dead_mask, z_pre, -1.0)
   values, indices = jax.lax.top_k(masked, k_sel)
   values = jnp.where(dead_mask[indices], values, 0.0)
-  e_hat = scatter_codes(values, indices, n_latents) @ params["W_dec"]
+  e_hat = matmul(scatter_codes(values, indices, n_latents), params["W_dec"], matmul_dtype)
   n_dead = jnp.sum(dead_mask).astype(x.dtype)
   scale = jnp.minimum(n_dead / k_aux, 1.0)
   return scale * jnp.sum(jnp.square(e_hat - residual)) / total_variance(x)
@@ -371,10 +417,10 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
     return sae_sparse.unsupervised_loss(params, x, dead_mask, cfg)
   x = _tokens(x)
   n_latents = params["W_enc"].shape[1]
-  z_pre = encode_pre(params, x)
+  z_pre = encode_pre(params, x, cfg.matmul_dtype)
   if cfg.batch_topk:
     codes = batch_topk(z_pre, cfg.k)
-    x_hat = decode(params, codes)
+    x_hat = decode(params, codes, cfg.matmul_dtype)
     fired = fired_from_codes(codes)
     l0 = jnp.sum(codes > 0) / x.shape[0]
   else:
@@ -382,12 +428,12 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
     if cfg.sparse_decode:
       x_hat = decode_sparse(params, values, indices)
     else:
-      x_hat = decode(params, scatter_codes(values, indices, n_latents))
+      x_hat = decode(params, scatter_codes(values, indices, n_latents), cfg.matmul_dtype)
     fired = fired_from_sparse(values, indices, n_latents)
     l0 = jnp.mean(jnp.sum(values > 0, axis=-1).astype(jnp.float32))
   fvu_ = fvu(x, x_hat)
   if cfg.auxk_alpha:
-    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux)
+    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, cfg.matmul_dtype)
   else:
     aux_ = jnp.zeros((), fvu_.dtype)
   loss = fvu_ + cfg.auxk_alpha * aux_

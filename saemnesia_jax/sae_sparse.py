@@ -210,22 +210,23 @@ def _capacities(n_latents: int) -> tuple[int, ...]:
   return tuple(caps)
 
 
-@jax.custom_vjp
-def _encoder_block(W_t, b_enc, b_dec, x, z_block, ids):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _encoder_block(W_t, b_enc, b_dec, x, z_block, ids, matmul_dtype=None):
   """z_pre[:, ids] (given as z_block), with the gradient of the dense sub-block
   relu((x - b_dec) @ W_t[ids].T + b_enc[ids]); ids are distinct."""
-  del W_t, b_enc, b_dec, x, ids
+  del W_t, b_enc, b_dec, x, ids, matmul_dtype
   return z_block
 
 
-def _block_fwd(W_t, b_enc, b_dec, x, z_block, ids):
+def _block_fwd(W_t, b_enc, b_dec, x, z_block, ids, matmul_dtype):
+  del matmul_dtype
   return z_block, (W_t, b_dec, x, z_block, ids)
 
 
-def _block_bwd(res, dz):
+def _block_bwd(matmul_dtype, res, dz):
   W_t, b_dec, x, z_block, ids = res
   dpre = jnp.where(z_block > 0, dz, 0.0)
-  dW_sub = dpre.T @ (x - b_dec)  # (C, d)
+  dW_sub = sae_lib.matmul(dpre.T, x - b_dec, matmul_dtype)  # (C, d)
   db_sub = jnp.sum(dpre, axis=0)
   dW = jnp.zeros_like(W_t).at[ids].set(dW_sub, unique_indices=True)
   db_enc = jnp.zeros((W_t.shape[0],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
@@ -240,7 +241,10 @@ def _kth_largest(v: jax.Array, k: int) -> jax.Array:
   """Per row of v (N, C) >= 0, its k-th largest value (N,): a bisection on the
   float bits, which order non-negative floats as integers. 31 passes of
   compare-and-count, no sort: XLA:CPU's TopK for 640 of 5,120 per row was the
-  largest part of AuxK."""
+  largest part of AuxK. Narrower floats (bfloat16 parameters) are searched as
+  float32, which holds them exactly and in the same order."""
+  if v.dtype != jnp.float32:
+    return _kth_largest(v.astype(jnp.float32), k).astype(v.dtype)
   bits = jax.lax.bitcast_convert_type(v, jnp.int32)
 
   def body(_, bounds):
@@ -265,7 +269,8 @@ def top_mask(v: jax.Array, k: int) -> jax.Array:
   return jax.lax.cond(tied, lambda: gt | (eq & (jnp.cumsum(eq, axis=1) <= k - n_gt)), lambda: gt | eq)
 
 
-def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacity: int):
+def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacity: int,
+                matmul_dtype: str | None = None):
   """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
   on the block of the first ``capacity`` dead ids (capacity >= number dead).
 
@@ -280,15 +285,17 @@ def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacit
   # 2.5x slower on it (the matmul costs 1/4 of the encoder's; same values up
   # to float rounding).
   z_cols = jax.lax.stop_gradient(jax.nn.relu(
-      (x - params["b_dec"]) @ jnp.take(W_t, ids, axis=0).T + jnp.take(params["b_enc"], ids)))
-  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x, z_cols, ids)
+      sae_lib.matmul(x - params["b_dec"], jnp.take(W_t, ids, axis=0).T, matmul_dtype)
+      + jnp.take(params["b_enc"], ids)))
+  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x, z_cols, ids, matmul_dtype)
   candidates = jnp.where(dead_in_block, z_cols, 0.0)
   codes = jnp.where(top_mask(candidates, min(k_aux, capacity)), z_block, 0.0)
-  e_hat = codes @ jnp.take(params["W_dec"], ids, axis=0)
+  e_hat = sae_lib.matmul(codes, jnp.take(params["W_dec"], ids, axis=0), matmul_dtype)
   return jnp.sum(jnp.square(e_hat - residual))
 
 
-def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None):
+def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None,
+              matmul_dtype: str | None = None):
   """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
   (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
   dead.  W_t: W_enc.T if the caller has it (one transpose per step).  z_pre
@@ -301,7 +308,7 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
   caps = _capacities(L)
   branches = [lambda *_: jnp.zeros((), x.dtype)]
   branches += [functools.partial(
-      lambda c, p, wt: _auxk_block(p, wt, x, residual, dead_mask, k_aux, c), c) for c in caps]
+      lambda c, p, wt: _auxk_block(p, wt, x, residual, dead_mask, k_aux, c, matmul_dtype), c) for c in caps]
   # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
   index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
   sq = jax.lax.switch(index, branches, params, W_t)
@@ -318,14 +325,14 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   """``sae.unsupervised_loss`` with the sparse backward (same value, aux and gradients)."""
   x = x.reshape(-1, x.shape[-1])
   N, L = x.shape[0], params["W_enc"].shape[1]
-  z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x))  # the one dense matmul
+  z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x, cfg.matmul_dtype))  # the one dense matmul
   values, lat, tok = select_pairs(z_pre, cfg.k, cfg.batch_topk)
   W_t = params["W_enc"].T  # the encoder's gradients are built as rows of W_enc^T: one transpose back
   v = encoder_entries(W_t, params["b_enc"], params["b_dec"], x, values, lat, tok)
   x_hat = decode_pairs(params["W_dec"], v, lat, tok, N) + params["b_dec"]
   fvu_ = sae_lib.fvu(x, x_hat)
   if cfg.auxk_alpha:
-    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, W_t)
+    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, W_t, cfg.matmul_dtype)
   else:
     aux_ = jnp.zeros((), fvu_.dtype)
   loss = fvu_ + cfg.auxk_alpha * aux_

@@ -103,7 +103,8 @@ def sae_config(config) -> sae_lib.SaeConfig:
   s = config.sae
   return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
                            k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
-                           sparse_decode=s.sparse_decode, backward=s.backward)
+                           sparse_decode=s.sparse_decode, backward=s.backward,
+                           matmul_dtype=s.get("matmul_dtype") or None)
 
 
 def supervised_config(config, n_objects: int) -> supervised.SupervisedConfig:
@@ -360,7 +361,10 @@ def fingerprint(tr: Trainer) -> dict:
     inputs["init_from"] = runs.sae_hash(c.sae.init_from)
   if tr.assignment is not None:
     inputs["assignment"] = [int(i) for i in tr.assignment]
-  return runs.make(c, ("block", "sae", "train"), NOT_RESULT, inputs, stage="train")
+  # matmul_dtype at its default is the only behaviour runs made before the
+  # field existed can have had: left out then, so that those runs still match.
+  default_matmul = () if c.sae.get("matmul_dtype") else ("sae.matmul_dtype",)
+  return runs.make(c, ("block", "sae", "train"), NOT_RESULT + default_matmul, inputs, stage="train")
 
 
 def _keep_metrics_until(path: str, step: int) -> None:

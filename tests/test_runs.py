@@ -103,6 +103,7 @@ def test_overwrite_starts_afresh(store_path, tmp_path):
     ("sae.k", 300, r"config\.sae\.k=300: more than the SAE's 64 latents"),
     ("train.batch_size", -4, r"config\.train\.batch_size=-4: must be a positive number"),
     ("sae.mode", "semi", r"config\.sae\.mode='semi': expected one of"),
+    ("sae.matmul_dtype", "float8", r"config\.sae\.matmul_dtype='float8': expected one of '', 'bfloat16'"),
     ("sae.mode", "supervised", r"config\.sae\.assignment='greedy': no .*assignment\.json"),
 ])
 def test_bad_train_values_fail_before_any_file(store_path, tmp_path, field, value, match):

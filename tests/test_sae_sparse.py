@@ -1,5 +1,6 @@
 """Tests of saemnesia_jax.sae_sparse: the sparse backward equals the dense reference."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,9 @@ def test_batch_topk_by_block_search_equals_flat_top_k():
   got = select(z4, 4, 16)
   _same_entries(got, jax.lax.top_k(z4.reshape(-1), 16 * 4))
   assert not np.all(np.diff(np.asarray(got[1])) > 0)
+  # bfloat16 activations (bfloat16 parameters): many ties, the same entries.
+  zb = z.astype(jnp.bfloat16)
+  _same_entries(select(zb, 4, 16), jax.lax.top_k(zb.reshape(-1), 4 * 32))
 
 
 def test_backward_option():
@@ -139,3 +143,63 @@ def test_top_mask_equals_top_k_with_ties():
   _, idx = jax.lax.top_k(w, 20)
   ref = jnp.zeros(w.shape, bool).at[jnp.arange(64)[:, None], idx].set(True) & (w > 0)
   np.testing.assert_array_equal(sae_sparse.top_mask(w, 20), ref)
+
+
+def test_mixed_matmul_multiplies_rounded_operands_and_accumulates_in_float32():
+  """sae.matmul in bfloat16: the product and both gradients are the float32
+  products of the bfloat16-rounded operands (and cotangent)."""
+  rng = np.random.default_rng(3)
+  a, b, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((64, 48), (48, 40), (64, 40)))
+  lo = lambda t: t.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  out, vjp = jax.vjp(lambda a, b: sae.matmul(a, b, "bfloat16"), a, b)
+  da, db = vjp(g)
+  hi = jax.lax.Precision.HIGHEST
+  for got, ref in ((out, jnp.dot(lo(a), lo(b), precision=hi)), (da, jnp.dot(lo(g), lo(b).T, precision=hi)),
+                   (db, jnp.dot(lo(a).T, lo(g), precision=hi))):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(da - g @ b.T))) > 1e-3  # the rounding is real: not a float32 product
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    sae.SaeConfig(matmul_dtype="float8")
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) tensor types of every 2-D x 2-D dot_general in StableHLO text."""
+  out = []
+  for m in re.finditer(r"dot_general .*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo):
+    if m.group(1).count("x") == 2 and m.group(2).count("x") == 2:
+      out.append((m.group(1), m.group(2)))
+  return out
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_bfloat16_matmuls_sparse_equals_dense_and_every_large_matmul_is_bfloat16(data, batch_topk):
+  """matmul_dtype='bfloat16': the sparse step agrees with the dense reference
+  in the same mode and with float32 to bfloat16's precision, and every
+  matrix-matrix product of the step (encoder, AuxK's block, their gradients)
+  has bfloat16 operands."""
+  p, x, masks = data
+  cfgs = {(b, m): sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward=b, matmul_dtype=m)
+          for b in ("dense", "sparse") for m in (None, "bfloat16")}
+  fs = {key: jax.jit(functools.partial(sae.loss_and_grads, cfg=cfg)) for key, cfg in cfgs.items()}
+  for n_dead, dead in zip(DEAD_COUNTS, masks):
+    (l32, _), g32 = fs[("dense", None)](p, x, dead)
+    (l_d, aux_d), g_d = fs[("dense", "bfloat16")](p, x, dead)
+    (l_s, aux_s), g_s = fs[("sparse", "bfloat16")](p, x, dead)
+    msg = f"batch_topk={batch_topk} n_dead={n_dead}"
+    np.testing.assert_allclose(l_s, l_d, rtol=1e-3, err_msg=msg)
+    np.testing.assert_allclose(l_s, l32, rtol=1e-2, err_msg=msg)
+    assert float(l_s) != float(l32), msg  # bfloat16 is in use
+    np.testing.assert_array_equal(aux_s["fired"], aux_d["fired"], err_msg=msg)
+    for key in g_d:
+      # The same selection (one z_pre): agreement to bfloat16's rounding. Against
+      # float32 the rounding moves entries across the TopK boundary, so only the
+      # gradient's direction is compared there.
+      scale = float(jnp.max(jnp.abs(g32[key])))
+      np.testing.assert_allclose(g_s[key], g_d[key], atol=2e-2 * scale, err_msg=f"{msg} grad {key}")
+      cos = float(jnp.vdot(g_s[key], g32[key]) / (jnp.linalg.norm(g_s[key]) * jnp.linalg.norm(g32[key])))
+      assert cos > 0.97, f"{msg} grad {key}: cosine {cos:.3f} to float32"
+  hlo = fs[("sparse", "bfloat16")].lower(p, x, masks[3]).as_text()
+  dots = _dot_operand_types(hlo)
+  assert len(dots) >= 6, dots  # encoder; per AuxK block: its columns, e_hat and 2 gradients, W_enc's gradient
+  assert all(a.endswith("bf16") and b.endswith("bf16") for a, b in dots), dots
