@@ -125,7 +125,8 @@ def bench(shape: str, variant: str, batch: int, repeats: int, dead_fraction: flo
           "loadavg": loadavg()}
 
 
-def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_topk: bool = True) -> list:
+def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_topk: bool = True,
+            matmul_dtype: str | None = None) -> list:
   """Where the sparse step's time goes: its parts timed one by one (jitted apart, so
   the sum is a little above the step's time: no fusion across the parts)."""
   import optax
@@ -138,7 +139,7 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
   dead = np.zeros((L,), bool)
   dead[rng.permutation(L)[: int(round(dead_fraction * L))]] = True
   dead = jnp.asarray(dead)
-  z = sae_lib.encode_pre(p, x)
+  z = sae_lib.encode_pre(p, x, matmul_dtype)
   vals, lat, tok = sae_sparse.select_pairs(z, k, batch_topk)
   x_hat = x * 0.5
   tx = optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(1.0), optax.adam(4e-4))
@@ -154,13 +155,13 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
                    p["b_dec"])[1](vals)
 
   def auxk(p, x, x_hat, z, dead):
-    return jax.grad(lambda p: sae_sparse.auxk_loss(p, x, x_hat, z, dead))(p)
+    return jax.grad(lambda p: sae_sparse.auxk_loss(p, x, x_hat, z, dead, matmul_dtype=matmul_dtype))(p)
 
   def opt_step(p, opt, g):
     u, o = tx.update(g, opt, p)
     return sae_lib.normalize_decoder(optax.apply_updates(p, u)), o
 
-  parts = [("encoder matmul (x - b_dec) @ W_enc, ReLU", lambda p, x: sae_lib.encode_pre(p, x), (p, x)),
+  parts = [("encoder matmul (x - b_dec) @ W_enc, ReLU", lambda p, x: sae_lib.encode_pre(p, x, matmul_dtype), (p, x)),
            ("TopK / BatchTopK selection", lambda z: sae_sparse.select_pairs(z, k, batch_topk), (z,)),
            ("decoder forward + backward (gathers, scatter-adds)", dec, (p, vals, lat, tok, x)),
            ("encoder sparse backward (scatter-add into W_enc^T)", enc_bwd, (p, x, vals, lat, tok)),
@@ -184,6 +185,8 @@ def main() -> None:
                   help="comma list: share of latents dead (AuxK active when > 0)")
   ap.add_argument("--profile", action="store_true",
                   help="also time the parts of the sparse BatchTopK step (at the last dead fraction)")
+  ap.add_argument("--profile_matmul_dtypes", default="float32",
+                  help="comma list: SaeConfig.matmul_dtype of each profile (float32 or bfloat16)")
   ap.add_argument("--json_out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
   args = ap.parse_args()
   rows = []
@@ -207,12 +210,15 @@ def main() -> None:
   if args.profile:
     for shape in args.shapes.split(","):
       for dead in map(float, args.dead_fractions.split(",")):
-        prof = profiles[f"{shape} dead {dead:g}"] = profile(shape, args.batch, args.repeats, dead)
-        total = sum(r["seconds"] for r in prof)
-        print(f"\nprofile of one sparse BatchTopK step, {shape}, {dead:.0%} dead, parts jitted apart "
-              f"(sum {total:.3f} s)")
-        for r in prof:
-          print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
+        for dt in args.profile_matmul_dtypes.split(","):
+          key = f"{shape} dead {dead:g}" + ("" if dt == "float32" else f" {dt} matmuls")
+          prof = profiles[key] = profile(shape, args.batch, args.repeats, dead,
+                                         matmul_dtype=None if dt == "float32" else dt)
+          total = sum(r["seconds"] for r in prof)
+          print(f"\nprofile of one sparse BatchTopK step, {shape}, {dead:.0%} dead, {dt} matmuls, parts jitted "
+                f"apart (sum {total:.3f} s)")
+          for r in prof:
+            print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
   os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
   with open(args.json_out, "w") as f:
     json.dump({"devices": str(jax.devices()), "rows": rows, "profiles": profiles}, f, indent=2)
