@@ -164,9 +164,9 @@ def init_params(rng: jax.Array, d_in: int, n_latents: int, x_sample: jax.Array |
 
 
 def matmul(a: jax.Array, b: jax.Array, dtype: str | None = None) -> jax.Array:
-  """a @ b (2-D); with ``dtype`` (``SaeConfig.matmul_dtype``) the operands are
-  cast to it and the product accumulates in a's dtype, and so do the two
-  matmuls of its gradient (the cotangent cast too)."""
+  """a (..., n) @ b (n, m); with ``dtype`` (``SaeConfig.matmul_dtype``) the
+  operands are cast to it and the product accumulates in a's dtype, and so do
+  the two matmuls of its gradient (the cotangent cast too)."""
   if dtype is None:
     return a @ b
   return _mixed_matmul(a, b, dtype)
@@ -181,8 +181,9 @@ def _mixed_matmul(a, b, dtype):
 
 
 def _mixed_fwd(a, b, dtype):
-  if a.dtype != b.dtype:
-    raise TypeError(f"matmul in {dtype}: both operands need one dtype (the accumulator's), got {a.dtype} and {b.dtype}")
+  if a.dtype != b.dtype or b.ndim != 2:
+    raise TypeError(f"matmul in {dtype}: a (..., n) and b (n, m) of one dtype (the accumulator's), got "
+                    f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
   a_lo, b_lo = a.astype(dtype), b.astype(dtype)
   return jnp.matmul(a_lo, b_lo, preferred_element_type=a.dtype), (a_lo, b_lo)
 
@@ -190,8 +191,9 @@ def _mixed_fwd(a, b, dtype):
 def _mixed_bwd(dtype, res, g):
   a_lo, b_lo = res
   g_lo = g.astype(dtype)  # g has the operands' (accumulator's) dtype
+  n, m = b_lo.shape
   return (jnp.matmul(g_lo, b_lo.T, preferred_element_type=g.dtype),
-          jnp.matmul(a_lo.T, g_lo, preferred_element_type=g.dtype))
+          jnp.matmul(a_lo.reshape(-1, n).T, g_lo.reshape(-1, m), preferred_element_type=g.dtype))
 
 
 _mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)

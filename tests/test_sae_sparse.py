@@ -159,6 +159,12 @@ def test_mixed_matmul_multiplies_rounded_operands_and_accumulates_in_float32():
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(da - g @ b.T))) > 1e-3  # the rounding is real: not a float32 product
+  # Leading axes of a (tokens as (maps, tokens)) give the same product and gradients.
+  out3, vjp3 = jax.vjp(lambda a, b: sae.matmul(a, b, "bfloat16"), a.reshape(8, 8, 48), b)
+  da3, db3 = vjp3(g.reshape(8, 8, 40))
+  np.testing.assert_allclose(out3.reshape(64, 40), out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(da3.reshape(64, 48), da, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(db3, db, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="matmul_dtype"):
     sae.SaeConfig(matmul_dtype="float8")
 
