@@ -169,6 +169,9 @@ def matmul(a: jax.Array, b: jax.Array, dtype: str | None = None) -> jax.Array:
   the two matmuls of its gradient (the cotangent cast too)."""
   if dtype is None:
     return a @ b
+  if a.dtype != b.dtype or b.ndim != 2:
+    raise TypeError(f"matmul in {dtype}: a (..., n) and b (n, m) of one dtype (the accumulator's), got "
+                    f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
   return _mixed_matmul(a, b, dtype)
 
 
@@ -181,9 +184,6 @@ def _mixed_matmul(a, b, dtype):
 
 
 def _mixed_fwd(a, b, dtype):
-  if a.dtype != b.dtype or b.ndim != 2:
-    raise TypeError(f"matmul in {dtype}: a (..., n) and b (n, m) of one dtype (the accumulator's), got "
-                    f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
   a_lo, b_lo = a.astype(dtype), b.astype(dtype)
   return jnp.matmul(a_lo, b_lo, preferred_element_type=a.dtype), (a_lo, b_lo)
 
