@@ -1,16 +1,18 @@
-"""What the CanvasMini object classifier calls an image that holds no object.
+"""What the CanvasMini object classifiers call an image that holds no object.
 
   python benchmarks/judge_sinks.py
   python benchmarks/judge_sinks.py --eval_dirs /tmp/seed0/eval,/tmp/seed1/eval
 
 An erasure that destroys the image counts toward UA only if the judge then
-names another object. This prints the object classifier's answers on images
-without any object (uniform and Gaussian noise, flat colours; 500 each) and,
-given evaluation folders, what it called the images of each erased object
-under SAEmnesia's sweep at its strongest gammas (the images it no longer
-called by their own name). A concept that is itself a sink (the class
-noise falls into) cannot be erased by noise. Writes JSON
-(--json_out, default benchmarks/results/canvas_mini/judge_sinks.json).
+names another object. This prints the object classifiers' answers on images
+without any object (uniform and Gaussian noise, flat colours; 500 each), for
+the shipped ten-object judge and the no-object judge (whose object head can
+answer NoObject), and, given evaluation folders, what the judge of those
+folders called the images of each erased object under SAEmnesia's sweep at
+its strongest gammas (the images it no longer called by their own name). A
+concept that is itself a sink (the class noise falls into) cannot be erased
+by noise. Writes JSON (--json_out, default
+benchmarks/results/canvas_mini/judge_sinks.json).
 """
 from __future__ import annotations
 
@@ -49,8 +51,13 @@ def erased_calls(eval_dirs: list[str], objects: list[str], gammas: set[float]) -
         continue
       cid = objects.index(u["concept"])
       t, p = np.asarray(r["true_object"]), np.asarray(r["pred_object"])
-      out.update(objects[i] for i in p[t == cid] if i != cid)
+      out.update(name(objects, i) for i in p[t == cid] if i != cid)
   return out
+
+
+def name(objects: list[str], i: int) -> str:
+  from saemnesia_jax.canvas_mini import data
+  return data.NO_OBJECT if i < 0 else objects[i]  # the evaluation's NO_OBJECT id is -1
 
 
 def main(argv=None):
@@ -64,15 +71,16 @@ def main(argv=None):
   args = ap.parse_args(argv)
   from saemnesia_jax.canvas_mini import data
   from saemnesia_jax.evaluate import CanvasMiniJudge
-  judge = CanvasMiniJudge()
   objects = list(data.OBJECTS)
   size = args.size
-  result = {"no_object": {}, "erased": {}}
-  for name, imgs in no_object_images(args.n, size).items():
-    obj, _ = judge.predict(np.asarray(imgs, np.float32))
-    shares = collections.Counter(objects[i] for i in obj)
-    result["no_object"][name] = {k: v / len(obj) for k, v in shares.most_common()}
-    print(f"{name:30s} " + ", ".join(f"{k} {v / len(obj):.0%}" for k, v in shares.most_common(4)))
+  result = {"no_object": {}, "no_object_judge": {}, "erased": {}}
+  for key, judge in (("no_object", CanvasMiniJudge()), ("no_object_judge", CanvasMiniJudge(no_object=True))):
+    print("the ten-object judge (shipped):" if key == "no_object" else "the no-object judge:")
+    for kind, imgs in no_object_images(args.n, size).items():
+      obj, _ = judge.predict(np.asarray(imgs, np.float32))
+      shares = collections.Counter(name(objects, i) for i in obj)
+      result[key][kind] = {k: v / len(obj) for k, v in shares.most_common()}
+      print(f"  {kind:30s} " + ", ".join(f"{k} {v / len(obj):.0%}" for k, v in shares.most_common(4)))
   if args.eval_dirs:
     gammas = {float(g) for g in args.gammas.split(",")}
     calls = erased_calls(args.eval_dirs.split(","), objects, gammas)

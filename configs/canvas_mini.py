@@ -104,6 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
   # noise eval_noise[i] after mixing in the 3x3 blur with weight eval_blur[i].
   clf.eval_noise = (0.04, 0.08)
   clf.eval_blur = (0.5, 1.0)
+  # > 0: train the no-object judge instead (an 11th object class for images
+  # without a shape, this share of the training images; the shipped style head
+  # is kept). Its assets are saemnesia_jax/assets/canvas_mini/classifiers_no_object,
+  # made with --config.classifier.no_object_share=0.2 --out_dir=<that folder>.
+  clf.no_object_share = 0.0
 
   # --- the base diffusion model (saemnesia_jax/canvas_mini/build.py) ---
   config.workdir = "runs/canvas_mini"

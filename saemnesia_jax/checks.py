@@ -315,7 +315,7 @@ def _evaluate(config) -> None:
           "give an earlier evaluation's summary.json (or chosen.json), or '' to sweep")
   if not 0 <= ev.recognised_confidence <= 1:
     _fail("evaluate.recognised_confidence", ev.recognised_confidence, "must be a probability in [0, 1]")
-  _one_of(config, "evaluate.classifier", ("canvas_mini", "unlearncanvas"))
+  _one_of(config, "evaluate.classifier", ("canvas_mini", "canvas_mini_no_object", "unlearncanvas"))
   if config.get("dry_run"):
     return  # sizing the sampler needs no SAE, scores or classifiers
   if ev.classifier == "unlearncanvas" and not os.path.isdir(ev.classifier_dir):

@@ -25,6 +25,9 @@ from typing import NamedTuple, Sequence
 import ml_collections
 
 NO_STYLE = -1
+# A judge's answer "no object in this image" (the CanvasMini no-object judge);
+# never a prompt's object, so it counts as erased for UA and as lost for IRA / CRA.
+NO_OBJECT = -1
 
 
 class Prompt(NamedTuple):

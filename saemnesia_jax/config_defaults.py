@@ -163,7 +163,7 @@ EVALUATE = dict(
     seed_images=True,  # the answer set holds each object's unstyled prompt (Seed_Images) as UnlearnCanvas does
     sequential=True,  # also erase the first 1, 2, ... objects at once
     sequential_objects=(),  # order of sequential unlearning; () -> concepts.objects
-    classifier="canvas_mini",  # canvas_mini | unlearncanvas (the ViT-L checkpoints; torch reads them)
+    classifier="canvas_mini",  # canvas_mini | canvas_mini_no_object (its object head can answer "no object") | unlearncanvas (the ViT-L checkpoints; torch reads them)
     classifier_dir="",  # unlearncanvas: the folder with style_classifier.pth and object_classifier.pth
     grids=True,  # write before/after image grids
     variants=(),  # other erasure rules, each run for every method beside the papers': "<name>: scale=self threshold=target gammas=0/-1 gammas.saemnesia=... select=ua_ira_cra ..." (variants.py)

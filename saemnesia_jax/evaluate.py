@@ -73,36 +73,47 @@ class CanvasMiniJudge:
   """The CanvasMini classifiers behind the evaluation's interface.
 
   ``predict(images (N, H, W, 3) in [0, 1]) -> (object ids, style ids)`` with
-  style -1 for the no-style class. Another benchmark plugs in an object with
-  the same method (e.g. the UnlearnCanvas ViT-L classifiers through torch).
+  style -1 (``concepts.NO_STYLE``) for the no-style class and, for the
+  no-object judge (``no_object=True``), object -1 (``concepts.NO_OBJECT``) for
+  "no object". Another benchmark plugs in an object with the same method
+  (e.g. the UnlearnCanvas ViT-L classifiers through torch).
   """
 
-  def __init__(self, path: str | None = None):
+  def __init__(self, path: str | None = None, no_object: bool = False):
     from saemnesia_jax.canvas_mini import classifiers, data
-    self._lib, self._no_style = classifiers, data.NO_STYLE_ID
-    self.clfs = classifiers.load_classifiers(path)
-    folder = classifiers.default_path() if path is None else path
-    self.identity = "canvas_mini:" + hash_files([os.path.join(folder, classifiers.PARAMS_FILE)])[:16]
+    self._lib, self._no_style, self._no_object = classifiers, data.NO_STYLE_ID, data.N_OBJECTS
+    folder = classifiers.default_path(no_object) if path is None else path
+    self.clfs = classifiers.load_classifiers(folder)
+    if self.clfs.no_object != no_object:
+      raise ValueError(f"the classifiers at {folder} {'lack' if no_object else 'have'} the no-object class: "
+                       f"set config.evaluate.classifier to "
+                       f"{'canvas_mini_no_object' if self.clfs.no_object else 'canvas_mini'} (or give classifiers that match)")
+    kind = "canvas_mini_no_object:" if no_object else "canvas_mini:"
+    self.identity = kind + hash_files([os.path.join(folder, classifiers.PARAMS_FILE)])[:16]
+
+  def _ids(self, out: dict) -> dict:
+    out["object"] = np.where(out["object"] == self._no_object, concepts.NO_OBJECT, out["object"]).astype(np.int32)
+    out["style"] = np.where(out["style"] == self._no_style, concepts.NO_STYLE, out["style"]).astype(np.int32)
+    return out
 
   def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     obj, sty = self._lib.predict(self.clfs, images)
-    return obj.astype(np.int32), np.where(sty == self._no_style, concepts.NO_STYLE, sty).astype(np.int32)
+    out = self._ids({"object": obj, "style": sty})
+    return out["object"], out["style"]
 
   def assess(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """``predict``'s ids plus confidences and penultimate features (quality.py)."""
-    out = self._lib.assess(self.clfs, images)
-    out["style"] = np.where(out["style"] == self._no_style, concepts.NO_STYLE, out["style"]).astype(np.int32)
-    return out
+    return self._ids(self._lib.assess(self.clfs, images))
 
 
 def make_judge(config) -> Any:
   kind = config.evaluate.classifier
-  if kind == "canvas_mini":
-    return CanvasMiniJudge()
+  if kind in ("canvas_mini", "canvas_mini_no_object"):
+    return CanvasMiniJudge(no_object=kind == "canvas_mini_no_object")
   if kind == "unlearncanvas":
     from saemnesia_jax import unlearncanvas
     return unlearncanvas.unlearncanvas_judge(config)
-  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini' and 'unlearncanvas'; or "
+  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini', 'canvas_mini_no_object' and 'unlearncanvas'; or "
                    "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
 
 

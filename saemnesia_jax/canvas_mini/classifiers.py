@@ -6,6 +6,17 @@ Both take float32 NHWC images in [0, 1] (16x16x3 by default); the object head
 has ``data.N_OBJECTS`` classes, the style head ``data.N_STYLE_CLASSES`` (the
 styles, then no-style ``data.NO_STYLE`` at ``data.NO_STYLE_ID``).
 
+A second judge (``classifier.no_object_share`` > 0) adds a no-object class,
+``data.NO_OBJECT`` at id ``data.N_OBJECTS``, to the object head, trained on
+shapeless images (``data.no_object_images``: a style's background alone, noise).
+The shipped object head has to name one of the ten objects even for noise, and
+it calls noise and flat colours mostly Frame or Square; the no-object judge
+can say that no object is there. It keeps the shipped style head unchanged, so
+style readings agree between the two. Train and write it with
+
+  python -m saemnesia_jax.canvas_mini.classifiers --config configs/canvas_mini.py \
+    --config.classifier.no_object_share=0.2 --out_dir=saemnesia_jax/assets/canvas_mini/classifiers_no_object
+
 Train both and write them (parameters as flax msgpack, a JSON report with the
 config and held-out accuracies, and a PNG grid of the data):
 
@@ -44,9 +55,11 @@ MAIN_COMMAND = "python -m saemnesia_jax.canvas_mini.classifiers --config configs
 HEADS = ("object", "style")
 
 
-def default_path() -> str:
-  """The shipped asset folder, inside the installed package."""
-  return str(importlib.resources.files("saemnesia_jax") / "assets" / "canvas_mini" / "classifiers")
+def default_path(no_object: bool = False) -> str:
+  """The shipped asset folder, inside the installed package (with
+  ``no_object``: the judge whose object head has the no-object class)."""
+  name = "classifiers_no_object" if no_object else "classifiers"
+  return str(importlib.resources.files("saemnesia_jax") / "assets" / "canvas_mini" / name)
 
 
 class ConvNet(nn.Module):
@@ -72,8 +85,13 @@ class ConvNet(nn.Module):
     return (logits, h) if features else logits
 
 
-def _nets(widths: tuple[int, ...]) -> dict[str, ConvNet]:
-  return {"object": ConvNet(tuple(widths), data.N_OBJECTS),
+def object_classes(no_object: bool) -> tuple[str, ...]:
+  """The object head's classes: the objects, then ``data.NO_OBJECT`` if asked."""
+  return data.OBJECTS + ((data.NO_OBJECT,) if no_object else ())
+
+
+def _nets(widths: tuple[int, ...], n_object_classes: int = data.N_OBJECTS) -> dict[str, ConvNet]:
+  return {"object": ConvNet(tuple(widths), n_object_classes),
           "style": ConvNet(tuple(widths), data.N_STYLE_CLASSES)}
 
 
@@ -83,29 +101,37 @@ class Classifiers:
   params: dict[str, Any]  # {"object": flax params, "style": flax params}
   widths: tuple[int, ...] = struct.field(pytree_node=False)
   image_size: int = struct.field(pytree_node=False)
+  # data.OBJECTS, or data.OBJECTS + (data.NO_OBJECT,) for the no-object judge
+  object_classes: tuple[str, ...] = struct.field(pytree_node=False, default=data.OBJECTS)
+
+  @property
+  def no_object(self) -> bool:
+    return len(self.object_classes) > data.N_OBJECTS
 
 
-def init_params(key: jax.Array, widths: tuple[int, ...], image_size: int) -> dict[str, Any]:
+def init_params(key: jax.Array, widths: tuple[int, ...], image_size: int,
+                n_object_classes: int = data.N_OBJECTS) -> dict[str, Any]:
   """Fresh parameters for both heads: {"object": ..., "style": ...}."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   keys = jax.random.split(key, 2)
-  return {h: net.init(k, x)["params"] for (h, net), k in zip(_nets(widths).items(), keys)}
+  return {h: net.init(k, x)["params"]
+          for (h, net), k in zip(_nets(widths, n_object_classes).items(), keys)}
 
 
-def _logits(params, widths, images):
-  nets = _nets(widths)
-  return tuple(nets[h].apply({"params": params[h]}, images) for h in HEADS)
+def _logits(params, widths, images, n_object_classes: int = data.N_OBJECTS, heads=HEADS):
+  nets = _nets(widths, n_object_classes)
+  return tuple(nets[h].apply({"params": params[h]}, images) for h in heads)
 
 
 @jax.jit
 def _classify(clfs: Classifiers, images: jax.Array):
-  return _logits(clfs.params, clfs.widths, images)
+  return _logits(clfs.params, clfs.widths, images, len(clfs.object_classes))
 
 
 @jax.jit
 def _assess(clfs: Classifiers, images: jax.Array):
   """Per head: (argmax, softmax confidence of it, penultimate features)."""
-  nets, out = _nets(clfs.widths), []
+  nets, out = _nets(clfs.widths, len(clfs.object_classes)), []
   for h in HEADS:
     logits, feats = nets[h].apply({"params": clfs.params[h]}, images, features=True)
     out.append((jnp.argmax(logits, -1), jnp.max(jax.nn.softmax(logits, -1), -1), feats))
@@ -122,7 +148,8 @@ def _check_images(clfs: Classifiers, images: Any) -> jax.Array:
 
 
 def classify(clfs: Classifiers, images: Any) -> tuple[jax.Array, jax.Array]:
-  """(object_logits (B, N_OBJECTS), style_logits (B, N_STYLE_CLASSES)) for NHWC images in [0, 1].
+  """(object_logits (B, len(clfs.object_classes)), style_logits (B, N_STYLE_CLASSES)) for NHWC
+  images in [0, 1].
 
   Checks the shape, then calls one jitted function (compiled once per batch size).
   """
@@ -207,24 +234,65 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if len(c.eval_noise) != len(c.eval_blur):
     raise ValueError(f"classifier.eval_noise {c.eval_noise} and eval_blur {c.eval_blur} must have one "
                      "entry per corruption level")
+  share = c.get("no_object_share", 0.0)
+  if not 0.0 <= share < 1.0:
+    raise ValueError(f"classifier.no_object_share={share}: the share of no-object training images, in "
+                     "[0, 1); 0 trains the shipped ten-object judge")
 
 
-def train(config: ml_collections.ConfigDict, progress: bool = True) -> tuple[Classifiers, dict]:
+def _no_object_seed(seed: int) -> np.random.SeedSequence:
+  # A child that data.sample's own two children never equal.
+  return np.random.SeedSequence(seed).spawn(3)[2]
+
+
+def _training_set(config, spec):
+  """(images, object labels, style labels) of the training set; with a
+  no-object share, shapeless images labelled ``data.N_OBJECTS`` are added
+  (their style label is unused: only the object head trains then)."""
+  c = config.classifier
+  images, obj, sty = data.sample(c.n_train, config.data.train_seed, spec)
+  share = c.get("no_object_share", 0.0)
+  if share:
+    n_none = int(round(c.n_train * share / (1 - share)))
+    none, _ = data.no_object_images(n_none, _no_object_seed(config.data.train_seed), spec)
+    images = np.concatenate([images, none])
+    obj = np.concatenate([obj, np.full(n_none, data.N_OBJECTS, np.int32)])
+    sty = np.concatenate([sty, np.full(n_none, -1, np.int32)])
+  return images, obj, sty
+
+
+def train(config: ml_collections.ConfigDict, progress: bool = True,
+          style_head_dir: str | None = None) -> tuple[Classifiers, dict]:
   """Trains both heads on ``classifier.n_train`` images from ``data.train_seed``.
 
+  With ``classifier.no_object_share`` > 0 only the object head trains, with
+  the no-object class and that share of shapeless images; the style head is
+  the one at ``style_head_dir`` (default: the shipped classifiers), unchanged.
+
   Returns the classifiers and a history {"step": [...], "loss": [...]} (loss =
-  sum of both heads' mean cross-entropy, nats, logged every 50 steps and at the end).
+  sum of the trained heads' mean cross-entropy, nats, logged every 50 steps and at the end).
   """
   _check_config(config)
   c, spec = config.classifier, data.RenderSpec.from_config(config.data)
   widths = tuple(c.widths)
-  images, obj, sty = data.sample(c.n_train, config.data.train_seed, spec)
+  no_object = bool(c.get("no_object_share", 0.0))
+  classes = object_classes(no_object)
+  heads = ("object",) if no_object else HEADS
+  images, obj, sty = _training_set(config, spec)
+  n = len(images)
 
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, c.learning_rate, c.warmup_steps, max(c.steps, c.warmup_steps + 1), c.learning_rate * 0.01)
   tx = optax.adam(schedule)
   key = jax.random.key(c.init_seed)
-  params = init_params(jax.random.fold_in(key, 0), widths, spec.image_size)
+  params = init_params(jax.random.fold_in(key, 0), widths, spec.image_size, len(classes))
+  if no_object:
+    base = load_classifiers(style_head_dir)
+    if (base.widths, base.image_size) != (widths, spec.image_size):
+      raise ValueError(f"the style head at {style_head_dir or default_path()} has widths {base.widths} at "
+                       f"{base.image_size} px; this config trains {widths} at {spec.image_size} px")
+    style_params = base.params["style"]
+    params = {"object": params["object"]}
   opt_state = tx.init(params)
 
   @jax.jit
@@ -232,22 +300,22 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> tuple[Cla
     x = augment(key, x, c.aug_noise_max, c.aug_blur_max, c.aug_brightness)
 
     def loss_fn(p):
-      lo, ls = _logits(p, widths, x)
-      return (optax.softmax_cross_entropy_with_integer_labels(lo, yo).mean()
-              + optax.softmax_cross_entropy_with_integer_labels(ls, ys).mean())
+      logits = _logits(p, widths, x, len(classes), heads)
+      return sum(optax.softmax_cross_entropy_with_integer_labels(lg, y).mean()
+                 for lg, y in zip(logits, (yo, ys)))
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(c.init_seed)
-  order, pos = rng.permutation(c.n_train), 0
+  order, pos = rng.permutation(n), 0
   history = {"step": [], "loss": []}
   aug_key = jax.random.fold_in(key, 1)
   bar = tqdm(range(c.steps), desc="classifiers", disable=not progress, mininterval=2.0)
   for i in bar:
-    if pos + c.batch_size > c.n_train:
-      order, pos = rng.permutation(c.n_train), 0
+    if pos + c.batch_size > n:
+      order, pos = rng.permutation(n), 0
     idx = order[pos:pos + c.batch_size]
     pos += c.batch_size
     params, opt_state, loss = step(params, opt_state, images[idx], obj[idx], sty[idx],
@@ -256,7 +324,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> tuple[Cla
       history["step"].append(i)
       history["loss"].append(float(loss))
       bar.set_postfix(loss=f"{float(loss):.4f}")
-  return Classifiers(params, widths, spec.image_size), history
+  if no_object:
+    params = {"object": params["object"], "style": style_params}
+  return Classifiers(params, widths, spec.image_size, classes), history
 
 
 def evaluate(clfs: Classifiers, images: np.ndarray, object_ids: np.ndarray,
@@ -273,6 +343,22 @@ def evaluate(clfs: Classifiers, images: np.ndarray, object_ids: np.ndarray,
         "n": int(len(true)),
     }
   return out
+
+
+def evaluate_no_object(clfs: Classifiers, n: int, seed: int, spec: data.RenderSpec,
+                       real_images: np.ndarray) -> dict[str, Any]:
+  """The no-object class on held-out images: the share of ``n`` shapeless
+  images (``data.no_object_images``) called ``data.NO_OBJECT``, overall and
+  per kind, and the share of ``real_images`` (which all hold an object)
+  called it (fractions)."""
+  images, kind = data.no_object_images(n, _no_object_seed(seed), spec)
+  po, _ = predict(clfs, images)
+  hit = po == data.N_OBJECTS
+  pr, _ = predict(clfs, real_images)
+  return {"n": n, "called_no_object": float(np.mean(hit)),
+          "per_kind": {name: float(np.mean(hit[kind == k])) if np.any(kind == k) else None
+                       for k, name in enumerate(data.NO_OBJECT_KINDS)},
+          "real_called_no_object": float(np.mean(pr == data.N_OBJECTS))}
 
 
 # --------------------------------------------------------------- save / load
@@ -293,7 +379,7 @@ def save_classifiers(clfs: Classifiers, out_dir: str, report: Mapping[str, Any])
       "n_params": {h: _n_params(clfs.params[h]) for h in HEADS},
       "widths": list(clfs.widths),
       "image_size": clfs.image_size,
-      "objects": list(data.OBJECTS),
+      "objects": list(clfs.object_classes),
       "style_classes": list(data.STYLE_CLASSES),
       "no_style_id": data.NO_STYLE_ID,
       "generator_version": data.GENERATOR_VERSION,
@@ -330,14 +416,15 @@ def load_classifiers(path: str | None = None) -> Classifiers:
     widths, size = tuple(int(w) for w in meta["widths"]), int(meta["image_size"])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(_asset_error(path, f"unreadable {REPORT_FILE} ({type(e).__name__}: {e})")) from e
-  if (tuple(meta.get("objects", ())) != data.OBJECTS
+  classes = tuple(meta.get("objects", ()))
+  if (classes not in (object_classes(False), object_classes(True))
       or tuple(meta.get("style_classes", ())) != data.STYLE_CLASSES):
     raise ValueError(_asset_error(path, "trained for another concept list "
                                   f"({meta.get('objects')}, {meta.get('style_classes')})"))
   if meta.get("generator_version") != data.GENERATOR_VERSION:
     raise ValueError(_asset_error(path, f"trained on generator version {meta.get('generator_version')}, "
                                   f"this code draws version {data.GENERATOR_VERSION}"))
-  target = jax.eval_shape(lambda: init_params(jax.random.key(0), widths, size))
+  target = jax.eval_shape(lambda: init_params(jax.random.key(0), widths, size, len(classes)))
   try:
     with open(params_path, "rb") as f:
       raw = serialization.msgpack_restore(f.read())
@@ -352,7 +439,7 @@ def load_classifiers(path: str | None = None) -> Classifiers:
     raise ValueError(_asset_error(path, f"{PARAMS_FILE} does not match widths {widths} at "
                                   f"{size}x{size} px"))
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw)
-  return Classifiers(params, widths, size)
+  return Classifiers(params, widths, size, classes)
 
 
 # -------------------------------------------------------------------- main
@@ -375,6 +462,8 @@ def train_and_save(config: ml_collections.ConfigDict, out_dir: str, progress: bo
       "eval": {"seed": config.data.eval_seed, "n": c.n_eval, "clean": clean, "corrupted": corrupted},
       "train": {"seconds": round(train_s, 1), "history": history},
   }
+  if clfs.no_object:
+    report["eval"]["no_object"] = evaluate_no_object(clfs, c.n_eval // 4, config.data.eval_seed, spec, images)
   save_classifiers(clfs, out_dir, report)
   atomic_write_bytes(os.path.join(out_dir, GRID_FILE),
                      data.grid_png(data.grid(config.data.grid_seed, spec)))
@@ -393,6 +482,11 @@ def main(argv):
   for name, r in rows:
     print(f"{name:22s} object accuracy {100 * r['object']['accuracy']:.2f}%  "
           f"style accuracy {100 * r['style']['accuracy']:.2f}%  (n={r['object']['n']})")
+  if "no_object" in report["eval"]:
+    r = report["eval"]["no_object"]
+    kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["per_kind"].items() if v is not None)
+    print(f"shapeless images called {data.NO_OBJECT}: {100 * r['called_no_object']:.2f}% (n={r['n']}: {kinds}); "
+          f"images with an object called it: {100 * r['real_called_no_object']:.2f}%")
   print(f"trained in {report['train']['seconds']} s; wrote {out_dir}")
 
 

@@ -73,6 +73,10 @@ STYLES: tuple[str, ...] = (
     "Blueprint",   # pale blue shape with white inner outline on blue with a grid
 )
 NO_STYLE = "SeedImages"
+# The optional no-object class of an object judge (classifiers.py,
+# ``classifier.no_object_share``): images that hold no shape, such as a style's
+# background alone or noise. It is a judge's answer, never a prompt's concept.
+NO_OBJECT = "NoObject"
 N_OBJECTS = len(OBJECTS)
 N_STYLES = len(STYLES)
 NO_STYLE_ID = N_STYLES
@@ -445,6 +449,54 @@ def render(object_ids: Any, style_ids: Any, seed: int | np.random.SeedSequence,
   if return_masks:
     return images, _coverage(sdf).astype(np.float32)
   return images
+
+
+# The kinds of ``no_object_images``, in the order of their ids.
+NO_OBJECT_KINDS: tuple[str, ...] = ("background", "uniform noise", "gaussian noise", "smooth noise",
+                                    "flat colour", "noisy background")
+
+
+def no_object_images(n: int, seed: int | np.random.SeedSequence,
+                     spec: RenderSpec = RenderSpec()) -> tuple[np.ndarray, np.ndarray]:
+  """n images that hold no object, for a judge's ``NO_OBJECT`` class.
+
+  Half are a style class's background drawn without the shape (the style's
+  own texture and palette, so a judge cannot tell "no object" from the
+  style); the rest are split over uniform noise, Gaussian noise around a
+  random colour, blurred (smooth) colour noise, a flat colour with mild grain,
+  and a background under strong grain. Returns (images (n, H, W, 3) float32
+  in [0, 1], kind ids (n,) into ``NO_OBJECT_KINDS``).
+  """
+  rng = np.random.default_rng(seed)
+  size = spec.image_size
+  kind = np.where(rng.uniform(size=n) < 0.5, 0, rng.integers(1, len(NO_OBJECT_KINDS), n))
+  images = np.empty((n, size, size, 3), np.float32)
+  gx, gy = _pixel_grid(size)
+  ctx = _Ctx(gx + 8.0, gy + 8.0, size / 16.0)
+  bg = np.flatnonzero((kind == 0) | (kind == 5))
+  sty = rng.integers(0, N_STYLE_CLASSES, len(bg))
+  far = np.full((len(bg), size, size), 1e3)  # every pixel far outside any shape: coverage 0
+  for s, fn in enumerate(_STYLE_FNS):
+    idx = np.flatnonzero(sty == s)
+    if idx.size:
+      images[bg[idx]] = np.clip(fn(rng, far[idx], ctx), 0.0, 1.0)
+  shape = (size, size, 3)
+  for i in np.flatnonzero(kind != 0):
+    k = kind[i]
+    if k == 1:
+      x = rng.uniform(0, 1, shape)
+    elif k == 2:
+      x = rng.normal(rng.uniform(0.2, 0.8, 3), rng.uniform(0.05, 0.35), shape)
+    elif k == 3:
+      sigma = rng.uniform(0.7, 2.5) * size / 16.0
+      x = gaussian_filter(rng.normal(0, 1, shape), sigma=(sigma, sigma, 0), mode="wrap")
+      x = rng.uniform(0.3, 0.7, 3) + x / (x.std() + 1e-8) * rng.uniform(0.1, 0.3)
+    elif k == 4:
+      x = rng.uniform(0, 1, 3) + rng.normal(0, rng.uniform(0.0, 0.05), shape)
+    else:
+      x = images[i] + rng.normal(0, rng.uniform(0.1, 0.3), shape)
+    images[i] = np.clip(x, 0.0, 1.0)
+  return images, kind.astype(np.int32)
 
 
 def balanced_labels(n: int, seed: int | np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
