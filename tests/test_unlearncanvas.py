@@ -107,5 +107,5 @@ def test_bad_inputs_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match="needs config.evaluate.classifier_dir"):
     evaluate.make_judge(config)
   config.evaluate.classifier = "clip"
-  with pytest.raises(ValueError, match="'canvas_mini' and 'unlearncanvas'"):
+  with pytest.raises(ValueError, match="'canvas_mini', 'canvas_mini_no_object' and 'unlearncanvas'"):
     evaluate.make_judge(config)
