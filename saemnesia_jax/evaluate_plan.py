@@ -125,21 +125,28 @@ def unit_quality(config, results: units_lib.UnitResults, unit: dict, base: dict 
   other = "style" if domain == "object" else "object"
   feats = results.read_arrays(unit).get("features")
   base_feats = results.read_arrays(base).get("features") if base is not None else None
+  gone = np.asarray(r[f"pred_{domain}"]) != cid
   return quality.erasure_quality(erased, feats, base_feats, np.asarray(r[f"true_{other}"]),
                                  np.asarray(r[f"pred_{other}"]), np.asarray(r[f"conf_{other}"]),
-                                 float(config.evaluate.recognised_confidence))
+                                 float(config.evaluate.recognised_confidence), gone=gone)
 
 
-def recognised(config, result: dict, domain: str, name: str) -> float | None:
-  """Share of the erased concept's images the other domain still recognises (None: no confidences)."""
+def picture(config, result: dict, domain: str, name: str) -> dict[str, float] | None:
+  """The erased concept's images in ``result``: ``recognised`` (the other
+  domain still recognised) and ``coherent`` (erased and still recognised)
+  shares; None where the judge gave no confidences."""
   from saemnesia_jax import quality
   if "conf_object" not in result:
     return None
   names = config.concepts.objects if domain == "object" else config.concepts.styles
-  erased = np.asarray(result[f"true_{domain}"]) == concepts.lookup(name, names, domain)
+  cid = concepts.lookup(name, names, domain)
+  erased = np.asarray(result[f"true_{domain}"]) == cid
+  gone = np.asarray(result[f"pred_{domain}"])[erased] != cid
   other = "style" if domain == "object" else "object"
-  return quality.recognised_share(*(np.asarray(result[f"{k}_{other}"])[erased] for k in ("true", "pred", "conf")),
-                                  float(config.evaluate.recognised_confidence))
+  true, pred, conf = (np.asarray(result[f"{k}_{other}"])[erased] for k in ("true", "pred", "conf"))
+  threshold = float(config.evaluate.recognised_confidence)
+  return {"recognised": quality.recognised_share(true, pred, conf, threshold),
+          "coherent": quality.coherent_share(gone, true, pred, conf, threshold)}
 
 
 def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
@@ -154,7 +161,7 @@ def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str],
       for s in settings(config, m, v):
         r = pooled(results, sweep_trial(config, m, d, n, s))
         score = variants_lib.score(v.select, unit_metrics(r, d, [n], config),
-                                   recognised(config, r, d, n) if v.select == "ua_ira_recognised" else None)
+                                   picture(config, r, d, n) if v.select in variants_lib.PICTURE_SELECTIONS else None)
         key = (v.label(m), d, n)
         if key not in best or score > best[key][0]:
           best[key] = (score, s)

@@ -20,6 +20,11 @@ show whether the rest of the picture survived (docs/method.md section 6):
   confidence >= ``threshold`` (erase a style: is the object still there?).
   Images without a label in that domain (Seed_Images for a style) are left
   out. A fraction in [0, 1].
+* **Coherent share** (coherent UA) of an erased concept's images: the
+  fraction that is erased (the judge no longer names the erased concept)
+  *and* still recognised in the other domain, i.e. erased without losing the
+  picture. UA counts noise as erased; this share does not. A fraction in
+  [0, 1], at most min(UA, recognised) over the same images.
 """
 from __future__ import annotations
 
@@ -73,9 +78,21 @@ def recognised_share(true_ids: Any, pred_ids: Any, confidence: Any, threshold: f
   return float(ok[labelled].mean())
 
 
+def coherent_share(gone: Any, true_ids: Any, pred_ids: Any, confidence: Any, threshold: float) -> float:
+  """Share of the images with a label in the other domain (``true_ids`` !=
+  NO_STYLE) that are erased (``gone``: the judge no longer names the erased
+  concept) and recognised in the other domain (as ``recognised_share``);
+  NaN with none."""
+  gone = np.asarray(gone, bool)
+  if gone.shape != np.shape(true_ids):
+    raise ValueError(f"erased flags and ids disagree in shape: {gone.shape}, {np.shape(true_ids)}")
+  # A kept image counts as not recognised: its prediction becomes an id no label has.
+  return recognised_share(true_ids, np.where(gone, pred_ids, min(NO_STYLE, 0) - 1), confidence, threshold)
+
+
 def erasure_quality(erased_mask: np.ndarray, feats: np.ndarray | None, base_feats: np.ndarray | None,
                     other_true: np.ndarray, other_pred: np.ndarray, other_conf: np.ndarray | None,
-                    threshold: float) -> dict[str, float]:
+                    threshold: float, gone: np.ndarray | None = None) -> dict[str, float]:
   """One erasure's quality figures over its answer set.
 
   ``erased_mask`` marks the erased concept's images; ``feats`` / ``base_feats``
@@ -83,8 +100,9 @@ def erasure_quality(erased_mask: np.ndarray, feats: np.ndarray | None, base_feat
   seeds, same order). ``other_*`` are the other domain's labels, predictions
   and confidences. Returns ``FD_erased`` (the erased concept's images against
   themselves unerased), ``FD_kept`` (every other image likewise) and
-  ``recognised`` (see the module docstring); a figure whose inputs are
-  missing is absent.
+  ``recognised`` (see the module docstring), and with ``gone`` (per image of
+  the answer set: the judge no longer names the erased concept) ``coherent``;
+  a figure whose inputs are missing is absent.
   """
   out: dict[str, float] = {}
   m = np.asarray(erased_mask, bool)
@@ -99,10 +117,13 @@ def erasure_quality(erased_mask: np.ndarray, feats: np.ndarray | None, base_feat
   if other_conf is not None:
     out["recognised"] = recognised_share(np.asarray(other_true)[m], np.asarray(other_pred)[m],
                                          np.asarray(other_conf)[m], threshold)
+    if gone is not None:
+      out["coherent"] = coherent_share(np.asarray(gone, bool)[m], np.asarray(other_true)[m],
+                                       np.asarray(other_pred)[m], np.asarray(other_conf)[m], threshold)
   return out
 
 
-QUALITY_KEYS = ("FD_erased", "FD_kept", "recognised")
+QUALITY_KEYS = ("FD_erased", "FD_kept", "recognised", "coherent")
 
 
 def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -117,11 +138,12 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def format_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
   """``{method: {domain: means}}`` as a markdown table (FD in feature units^2,
-  recognised in percent)."""
-  lines = ["| method | domain | FD erased concept | FD other images | recognised (%) |", "|---|---|---|---|---|"]
+  recognised and coherent UA in percent)."""
+  lines = ["| method | domain | FD erased concept | FD other images | recognised (%) | coherent UA (%) |",
+           "|---|---|---|---|---|---|"]
   fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.2f}")
   for m, by_domain in table.items():
     for d, r in by_domain.items():
       lines.append(f"| {m} | {d} | {fmt(r.get('FD_erased'))} | {fmt(r.get('FD_kept'))} | "
-                   f"{fmt(r.get('recognised'), True)} |")
+                   f"{fmt(r.get('recognised'), True)} | {fmt(r.get('coherent'), True)} |")
   return "\n".join(lines) + "\n"

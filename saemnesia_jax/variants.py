@@ -16,10 +16,13 @@ A variant is one string, ``"<name>: key=value key=value ..."``:
 * ``gammas.<method>=<g1>/...``: that method's grid alone, e.g.
   ``gammas.saemnesia=`` with 8 gammas gives SAEmnesia the 8 trials per
   concept that SAeUron's 2 percentiles x 4 gammas take (equal budgets);
-* ``select=ua_ira|ua_ira_cra|ua_ira_recognised``: how the sweep picks a
-  setting per concept: (UA + IRA) / 2 (the papers'), (UA + IRA + CRA) / 3,
-  or (UA + IRA + recognised) / 3 (quality.py: the other domain still
-  recognised on the erased concept's images).
+* ``select=ua_ira|ua_ira_cra|ua_ira_recognised|coherent_ira``: how the
+  sweep picks a setting per concept: (UA + IRA) / 2 (the papers'),
+  (UA + IRA + CRA) / 3, (UA + IRA + recognised) / 3 (quality.py: the other
+  domain still recognised on the erased concept's images), or
+  (coherent + IRA) / 2, where coherent is the share of the erased concept's
+  images that are erased *and* still recognised (quality.py): UA that does
+  not count an image turned to noise.
 
 E.g. ``"self: scale=self gammas=0/-0.5/-1/-2"``. A variant that changes only
 ``select`` reuses the papers' sweep (no extra sampling).
@@ -38,7 +41,8 @@ SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (rel
 # edit where z_i > the mean over concepts of mu_c(i, t) | wherever z_i > 0 | where z_i > mu_target(i, t)
 # (only tokens at least as active as the erased concept's own mean: fewer edits of other concepts' tokens)
 THRESHOLDS = ("mean", "zero", "target")
-SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised")
+SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised", "coherent_ira")
+PICTURE_SELECTIONS = ("ua_ira_recognised", "coherent_ira")  # need the judge's confidences
 _KEYS = ("scale", "threshold", "steps", "start", "gammas", "select")
 METHODS = ("saemnesia", "saeuron")  # the ``gammas.<method>`` keys
 
@@ -128,17 +132,22 @@ def method_of(label: str) -> str:
   return label.split(" [", 1)[0]
 
 
-def score(select: str, metrics: Mapping[str, float], recognised: float | None = None) -> float:
-  """The sweep's criterion (higher is better), from a unit's UA / IRA / CRA (fractions)."""
+def score(select: str, metrics: Mapping[str, float], picture: Mapping[str, float] | None = None) -> float:
+  """The sweep's criterion (higher is better), from a unit's UA / IRA / CRA
+  (fractions) and, for the picture selections, the erased concept's
+  ``recognised`` and ``coherent`` shares (evaluate_plan.picture)."""
   if select == "ua_ira":
     return sweep_score(metrics)
   if select == "ua_ira_cra":
     return (metrics["UA"] + metrics["IRA"] + metrics["CRA"]) / 3
-  if select == "ua_ira_recognised":
-    if recognised is None:
-      raise ConfigError("select=ua_ira_recognised needs a judge with assess() (confidences): the built-in "
-                        "canvas_mini and unlearncanvas judges have it")
-    return (metrics["UA"] + metrics["IRA"] + (0.0 if math.isnan(recognised) else recognised)) / 3
+  if select in PICTURE_SELECTIONS:
+    if picture is None:
+      raise ConfigError(f"select={select} needs a judge with assess() (confidences): the built-in "
+                        "canvas_mini, canvas_mini_no_object and unlearncanvas judges have it")
+    nan0 = lambda v: 0.0 if math.isnan(v) else v
+    if select == "ua_ira_recognised":
+      return (metrics["UA"] + metrics["IRA"] + nan0(picture["recognised"])) / 3
+    return (nan0(picture["coherent"]) + metrics["IRA"]) / 2
   raise ValueError(f"unknown selection {select!r}; known: {SELECTIONS}")
 
 

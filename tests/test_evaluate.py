@@ -97,6 +97,8 @@ def test_evaluation_tables_trials_and_resume(prepared):
   assert q["none"]["style"]["FD_kept"] == pytest.approx(0, abs=1e-9)
   assert all(np.isfinite(q[m][d]["FD_erased"]) and 0 <= q[m][d]["recognised"] <= 1
              for m in ("saeuron", "saemnesia") for d in ("object", "style"))
+  # coherent UA: erased and still recognised, so never above recognised
+  assert all(0 <= q[m][d]["coherent"] <= q[m][d]["recognised"] for m in q for d in ("object", "style"))
   assert "| saemnesia | style |" in (out / "quality.md").read_text()
   # Features go to each final unit's .npz, not into the JSON.
   assert len(list((out / "units" / "units").glob("*.npz"))) == 9

@@ -45,6 +45,21 @@ def test_recognised_share_counts_right_and_confident_labelled_images():
     quality.recognised_share(true, pred, conf, 1.5)
 
 
+def test_coherent_share_counts_erased_images_whose_other_domain_survived():
+  gone = np.array([1, 1, 0, 1, 1, 0], bool)  # the judge no longer names the erased concept
+  true = np.array([0, 1, 2, 3, NO_STYLE, 1])
+  pred = np.array([0, 2, 2, 3, 3, 1])
+  conf = np.array([0.9, 0.99, 0.99, 0.5, 0.99, 0.9])
+  # labelled: 5; erased and right at >= 0.8: the first only (the second is
+  # wrong, the third kept, the fourth unsure, the last kept).
+  assert quality.coherent_share(gone, true, pred, conf, 0.8) == pytest.approx(0.2)
+  assert quality.coherent_share(gone, true, pred, conf, 0.0) == pytest.approx(0.4)
+  assert quality.coherent_share(np.zeros(6, bool), true, pred, conf, 0.0) == 0.0
+  assert np.isnan(quality.coherent_share([True], [NO_STYLE], [1], [1.0], 0.5))
+  with pytest.raises(ValueError, match="disagree in shape"):
+    quality.coherent_share(gone[:3], true, pred, conf, 0.8)
+
+
 def test_erasure_quality_splits_the_erased_concepts_images_from_the_rest():
   rng = np.random.default_rng(2)
   base = rng.normal(size=(8, 3))
@@ -54,8 +69,14 @@ def test_erasure_quality_splits_the_erased_concepts_images_from_the_rest():
   q = quality.erasure_quality(erased, feats, base, np.zeros(8, int), np.array([0, 0, 1, 1, 0, 0, 0, 0]),
                               np.full(8, 0.9), 0.5)
   assert q["FD_erased"] == pytest.approx(4.0) and q["FD_kept"] == pytest.approx(0, abs=1e-9)
-  assert q["recognised"] == 0.5
+  assert q["recognised"] == 0.5 and "coherent" not in q
+  # erased: the first and third of the erased concept's images; the first is
+  # also recognised, so a quarter is erased with the picture kept.
+  gone = np.array([1, 0, 1, 0, 1, 1, 1, 1], bool)
+  q = quality.erasure_quality(erased, feats, base, np.zeros(8, int), np.array([0, 0, 1, 1, 0, 0, 0, 0]),
+                              np.full(8, 0.9), 0.5, gone=gone)
+  assert q["coherent"] == 0.25
   with pytest.raises(ValueError, match="disagree in shape"):
     quality.erasure_quality(erased, feats, base[:4], np.zeros(8, int), np.zeros(8, int), None, 0.5)
   table = quality.format_markdown({"saemnesia": {"object": quality.mean_rows([q, {"recognised": float("nan")}])}})
-  assert "| saemnesia | object | 4.00 | 0.00 | 50.0 |" in table
+  assert "| saemnesia | object | 4.00 | 0.00 | 50.0 | 25.0 |" in table

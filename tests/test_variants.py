@@ -38,10 +38,15 @@ def test_selection_criteria():
   m = {"UA": 0.9, "IRA": 0.8, "CRA": 0.5}
   assert variants.score("ua_ira", m) == pytest.approx(0.85)
   assert variants.score("ua_ira_cra", m) == pytest.approx(2.2 / 3)
-  assert variants.score("ua_ira_recognised", m, 0.2) == pytest.approx(1.9 / 3)
-  assert variants.score("ua_ira_recognised", m, math.nan) == pytest.approx(1.7 / 3)
-  with pytest.raises(ConfigError, match="assess"):
-    variants.score("ua_ira_recognised", m, None)
+  pic = {"recognised": 0.2, "coherent": 0.1}
+  assert variants.score("ua_ira_recognised", m, pic) == pytest.approx(1.9 / 3)
+  assert variants.score("ua_ira_recognised", m, {**pic, "recognised": math.nan}) == pytest.approx(1.7 / 3)
+  assert variants.score("coherent_ira", m, pic) == pytest.approx(0.45)  # (0.1 + 0.8) / 2: UA is not used
+  assert variants.score("coherent_ira", m, {**pic, "coherent": math.nan}) == pytest.approx(0.4)
+  for select in ("ua_ira_recognised", "coherent_ira"):
+    with pytest.raises(ConfigError, match="assess"):
+      variants.score(select, m, None)
+  assert variants.variants(_config("coh: select=coherent_ira"))[1].select == "coherent_ira"
 
 
 def test_rules_reach_the_clamp_entry_through_the_setting():
