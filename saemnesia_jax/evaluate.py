@@ -479,7 +479,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
     from saemnesia_jax import quality
     print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
           f"lower is better; recognised: the other domain's classifier at >= "
-          f"{config.evaluate.recognised_confidence:g} confidence):")
+          f"{config.evaluate.recognised_confidence:g} confidence; coherent UA: erased and still recognised):")
     print(quality.format_markdown(summary["quality"]))
   print("trials per concept:", summary["trials_per_concept"], "total:", summary["trials_total"])
   print(f"wrote {out_dir}")

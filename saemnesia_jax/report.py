@@ -171,7 +171,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
            "and of the same prompts and seeds without it (lower: the picture changed less), for the erased "
            "concept's images and for the others. Recognised: share of the erased concept's images that the "
            f"other domain's classifier still labels right at >= {config.evaluate.recognised_confidence:g} "
-           "confidence (the picture survived the erasure).", "", quality.format_markdown(summary["quality"]), ""]
+           "confidence (the picture survived the erasure). Coherent UA: share of the erased concept's images "
+           "that are erased and still recognised so (UA that does not count noise).", "",
+           quality.format_markdown(summary["quality"]), ""]
   if summary and summary.get("sequential"):
     md += ["## Sequential unlearning (objects erased at once)", "", sequential_table(summary), ""]
     name = _figure(os.path.join(eval_dir, "sequential.png"), out_dir, "sequential.png", missing)
