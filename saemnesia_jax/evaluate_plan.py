@@ -110,43 +110,38 @@ def unit_metrics(result: dict, domain: str, erased: list[str], config) -> dict:
                                  style_names=list(config.concepts.styles))
 
 
+def _quality(config, r: dict, domain: str, name: str, feats=None, base_feats=None) -> dict:
+  """quality.erasure_quality of answer set ``r`` for the erased concept
+  ``name``; {} where the judge gave no confidences."""
+  from saemnesia_jax import quality
+  if "conf_object" not in r:
+    return {}
+  names = config.concepts.objects if domain == "object" else config.concepts.styles
+  cid = concepts.lookup(name, names, domain)
+  other = "style" if domain == "object" else "object"
+  return quality.erasure_quality(np.asarray(r[f"true_{domain}"]) == cid, feats, base_feats,
+                                 *(np.asarray(r[f"{k}_{other}"]) for k in ("true", "pred", "conf")),
+                                 float(config.evaluate.recognised_confidence),
+                                 gone=np.asarray(r[f"pred_{domain}"]) != cid)
+
+
 def unit_quality(config, results: units_lib.UnitResults, unit: dict, base: dict | None, domain: str,
              name: str) -> dict:
   """quality.erasure_quality of one final unit against the no-erasure unit
   (same prompts and seeds); {} where the judge gave no confidences."""
-  from saemnesia_jax import quality
   r = results.read(unit)
   if "conf_object" not in r:
     return {}
-  true_obj, true_sty = np.asarray(r["true_object"]), np.asarray(r["true_style"])
-  names = config.concepts.objects if domain == "object" else config.concepts.styles
-  cid = concepts.lookup(name, names, domain)
-  erased = (true_obj if domain == "object" else true_sty) == cid
-  other = "style" if domain == "object" else "object"
   feats = results.read_arrays(unit).get("features")
   base_feats = results.read_arrays(base).get("features") if base is not None else None
-  gone = np.asarray(r[f"pred_{domain}"]) != cid
-  return quality.erasure_quality(erased, feats, base_feats, np.asarray(r[f"true_{other}"]),
-                                 np.asarray(r[f"pred_{other}"]), np.asarray(r[f"conf_{other}"]),
-                                 float(config.evaluate.recognised_confidence), gone=gone)
+  return _quality(config, r, domain, name, feats, base_feats)
 
 
 def picture(config, result: dict, domain: str, name: str) -> dict[str, float] | None:
   """The erased concept's images in ``result``: ``recognised`` (the other
   domain still recognised) and ``coherent`` (erased and still recognised)
   shares; None where the judge gave no confidences."""
-  from saemnesia_jax import quality
-  if "conf_object" not in result:
-    return None
-  names = config.concepts.objects if domain == "object" else config.concepts.styles
-  cid = concepts.lookup(name, names, domain)
-  erased = np.asarray(result[f"true_{domain}"]) == cid
-  gone = np.asarray(result[f"pred_{domain}"])[erased] != cid
-  other = "style" if domain == "object" else "object"
-  true, pred, conf = (np.asarray(result[f"{k}_{other}"])[erased] for k in ("true", "pred", "conf"))
-  threshold = float(config.evaluate.recognised_confidence)
-  return {"recognised": quality.recognised_share(true, pred, conf, threshold),
-          "coherent": quality.coherent_share(gone, true, pred, conf, threshold)}
+  return _quality(config, result, domain, name) or None
 
 
 def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
