@@ -16,13 +16,15 @@ A variant is one string, ``"<name>: key=value key=value ..."``:
 * ``gammas.<method>=<g1>/...``: that method's grid alone, e.g.
   ``gammas.saemnesia=`` with 8 gammas gives SAEmnesia the 8 trials per
   concept that SAeUron's 2 percentiles x 4 gammas take (equal budgets);
-* ``select=ua_ira|ua_ira_cra|ua_ira_recognised|coherent_ira``: how the
-  sweep picks a setting per concept: (UA + IRA) / 2 (the papers'),
+* ``select=ua_ira|ua_ira_cra|ua_ira_recognised|coherent_ira|ua_coherent_ira``:
+  how the sweep picks a setting per concept: (UA + IRA) / 2 (the papers'),
   (UA + IRA + CRA) / 3, (UA + IRA + recognised) / 3 (quality.py: the other
-  domain still recognised on the erased concept's images), or
+  domain still recognised on the erased concept's images),
   (coherent + IRA) / 2, where coherent is the share of the erased concept's
   images that are erased *and* still recognised (quality.py): UA that does
-  not count an image turned to noise.
+  not count an image turned to noise; or (UA + coherent + IRA) / 3, which
+  rewards erasure, and erasure that keeps the picture, and the other
+  concepts, equally.
 
 E.g. ``"self: scale=self gammas=0/-0.5/-1/-2"``. A variant that changes only
 ``select`` reuses the papers' sweep (no extra sampling).
@@ -41,8 +43,8 @@ SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (rel
 # edit where z_i > the mean over concepts of mu_c(i, t) | wherever z_i > 0 | where z_i > mu_target(i, t)
 # (only tokens at least as active as the erased concept's own mean: fewer edits of other concepts' tokens)
 THRESHOLDS = ("mean", "zero", "target")
-SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised", "coherent_ira")
-PICTURE_SELECTIONS = ("ua_ira_recognised", "coherent_ira")  # need the judge's confidences
+SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised", "coherent_ira", "ua_coherent_ira")
+PICTURE_SELECTIONS = ("ua_ira_recognised", "coherent_ira", "ua_coherent_ira")  # need the judge's confidences
 _KEYS = ("scale", "threshold", "steps", "start", "gammas", "select")
 METHODS = ("saemnesia", "saeuron")  # the ``gammas.<method>`` keys
 
@@ -147,6 +149,8 @@ def score(select: str, metrics: Mapping[str, float], picture: Mapping[str, float
     nan0 = lambda v: 0.0 if math.isnan(v) else v
     if select == "ua_ira_recognised":
       return (metrics["UA"] + metrics["IRA"] + nan0(picture["recognised"])) / 3
+    if select == "ua_coherent_ira":
+      return (metrics["UA"] + nan0(picture["coherent"]) + metrics["IRA"]) / 3
     return (nan0(picture["coherent"]) + metrics["IRA"]) / 2
   raise ValueError(f"unknown selection {select!r}; known: {SELECTIONS}")
 

@@ -43,7 +43,9 @@ def test_selection_criteria():
   assert variants.score("ua_ira_recognised", m, {**pic, "recognised": math.nan}) == pytest.approx(1.7 / 3)
   assert variants.score("coherent_ira", m, pic) == pytest.approx(0.45)  # (0.1 + 0.8) / 2: UA is not used
   assert variants.score("coherent_ira", m, {**pic, "coherent": math.nan}) == pytest.approx(0.4)
-  for select in ("ua_ira_recognised", "coherent_ira"):
+  assert variants.score("ua_coherent_ira", m, pic) == pytest.approx(1.8 / 3)  # (0.9 + 0.1 + 0.8) / 3
+  assert variants.score("ua_coherent_ira", m, {**pic, "coherent": math.nan}) == pytest.approx(1.7 / 3)
+  for select in ("ua_ira_recognised", "coherent_ira", "ua_coherent_ira"):
     with pytest.raises(ConfigError, match="assess"):
       variants.score(select, m, None)
   assert variants.variants(_config("coh: select=coherent_ira"))[1].select == "coherent_ira"
