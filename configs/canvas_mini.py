@@ -207,7 +207,7 @@ def get_config() -> ml_collections.ConfigDict:
       train=dict(steps=3000, early_stop=True),
       # 1,024 latents: the percentiles that keep about 3 and 1 of them. The
       # grid is smaller than the papers' (3 percentiles x 7 gammas) so that
-      # the whole evaluation (about 360 answer sets of 110 images, 10 s each
+      # the whole evaluation (about 360 answer sets of 100 images, 10 s each
       # on 2 CPU cores) takes about an hour: SAeUron 2 x 4 = 8 trials per
       # concept, SAEmnesia 4.
       # seed_images=False: the committed CanvasMini results were measured on the
