@@ -51,7 +51,7 @@ from saemnesia_jax import variants as variants_lib
 from saemnesia_jax.evaluate_plan import (arms, choose, final_unit, final_units, reused_choices,  # noqa: F401
                                          sequential_units, settings, sweep_units, targets, unit_metrics,
                                          unit_quality)
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files
+from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are
@@ -305,6 +305,20 @@ def fingerprint(config, ctx: Evaluation) -> dict:
                    inputs, stage="evaluate")
 
 
+def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
+  """``fp`` with the SAE and score hashes that ``out_dir``'s record holds for
+  methods left out of ``methods``: their units stay in ``units/``, so leaving
+  a method out continues the folder, and adding it back continues only with
+  the same SAEs."""
+  path = os.path.join(out_dir, runs.FILE)
+  if not os.path.isfile(path):
+    return fp
+  dropped = [m for m in METHODS if m != "none" and m not in methods]
+  old = read_json(path).get("inputs", {})
+  kept = {k: v for k, v in old.items() if any(k.rsplit("/", 1)[-1].startswith(f"{m}_") for m in dropped)}
+  return {**fp, "inputs": {**fp["inputs"], **kept}}
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -453,7 +467,8 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   out_dir = _default(ev.out_dir, config.workdir, "eval")
   targets(config)  # unknown concept names fail before any work
   ctx = Evaluation(config, judge)
-  runs.begin(out_dir, fingerprint(config, ctx), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
+  runs.begin(out_dir, keep_dropped_inputs(out_dir, fingerprint(config, ctx), ev.methods),
+             overwrite=runs.overwrite(config), continuable=CONTINUABLE,
              fresh="--config.evaluate.out_dir=<new folder>", write=jax.process_index() == 0)
   units_lib.barrier("evaluate-fingerprint")  # process 0 may have deleted the old outputs
   t0 = time.perf_counter()

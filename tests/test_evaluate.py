@@ -111,6 +111,17 @@ def test_evaluation_tables_trials_and_resume(prepared):
   assert judge2.calls == 3
   assert again["table"] == summary["table"]
   assert again["quality"] == summary["quality"]
+  # Leaving a method out continues the folder from its units; so does adding it back.
+  c.evaluate.methods = ("none", "saemnesia")
+  c.evaluate.grids = False
+  judge3 = AssessingStubJudge()
+  sub = evaluate.run(c, judge=judge3, progress=False)
+  assert judge3.calls == 0 and set(sub["table"]) == {"none", "saemnesia"}
+  assert sub["table"]["saemnesia"] == summary["table"]["saemnesia"]
+  c.evaluate.methods = ("none", "saeuron", "saemnesia")
+  judge4 = AssessingStubJudge()
+  assert evaluate.run(c, judge=judge4, progress=False)["table"] == summary["table"]
+  assert judge4.calls == 0
 
 
 def test_erasing_a_subset_with_variants_draws_its_grid(prepared, tmp_path):
