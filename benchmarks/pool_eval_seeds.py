@@ -62,9 +62,7 @@ def pooled_rows(config, runs: list[str]) -> dict[str, dict]:
         raise SystemExit(f"{run} has no final unit for {key}: run its evaluation to the end")
       parts.append(store.read(idx[key]))
       feats.append(store.read_arrays(idx[key]).get("features"))
-    names = [k for k, v in parts[0].items() if isinstance(v, list) and k != units_lib.ARRAYS]
-    r = {k: [x for p in parts for x in p[k]] for k in names}
-    return r, (np.concatenate(feats) if all(f is not None for f in feats) else None)
+    return evaluate_plan.pool_answers(parts), (np.concatenate(feats) if all(f is not None for f in feats) else None)
 
   _, base = pool(("none",))
   targets = evaluate_plan.targets(config)
@@ -75,7 +73,7 @@ def pooled_rows(config, runs: list[str]) -> dict[str, dict]:
       setting = json.dumps(chosen[f"{label}/{d}/{n}"], sort_keys=True)
       r, f = pool((label.split(" ")[0], d, n, setting))
       rows.append({"domain": d, **evaluate_plan.unit_metrics(r, d, [n], config)})
-      by_domain[d].append(evaluate_plan._quality(config, r, d, n, f, base))
+      by_domain[d].append(evaluate_plan.answer_quality(config, r, d, n, f, base))
     out[label] = {"table": metrics.average_table(rows),
                   "quality": {d: quality.mean_rows(v) for d, v in by_domain.items()}}
   return out

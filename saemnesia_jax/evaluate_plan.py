@@ -94,7 +94,11 @@ def sweep_trial(config, method: str, domain: str, name: str, setting: dict) -> l
 
 def pooled(results: units_lib.UnitResults, units: list[dict]) -> dict:
   """The answers of ``units`` (one trial's seeds) as one answer set."""
-  parts = [results.read(u) for u in units]
+  return pool_answers([results.read(u) for u in units])
+
+
+def pool_answers(parts: list[dict]) -> dict:
+  """Answer sets (unit results) as one, their per-image lists joined in order."""
   keys = [k for k, v in parts[0].items() if isinstance(v, list) and k != units_lib.ARRAYS]
   return {k: [x for p in parts for x in p[k]] for k in keys}
 
@@ -110,7 +114,7 @@ def unit_metrics(result: dict, domain: str, erased: list[str], config) -> dict:
                                  style_names=list(config.concepts.styles))
 
 
-def _quality(config, r: dict, domain: str, name: str, feats=None, base_feats=None) -> dict:
+def answer_quality(config, r: dict, domain: str, name: str, feats=None, base_feats=None) -> dict:
   """quality.erasure_quality of answer set ``r`` for the erased concept
   ``name``; {} where the judge gave no confidences."""
   from saemnesia_jax import quality
@@ -134,14 +138,14 @@ def unit_quality(config, results: units_lib.UnitResults, unit: dict, base: dict 
     return {}
   feats = results.read_arrays(unit).get("features")
   base_feats = results.read_arrays(base).get("features") if base is not None else None
-  return _quality(config, r, domain, name, feats, base_feats)
+  return answer_quality(config, r, domain, name, feats, base_feats)
 
 
 def picture(config, result: dict, domain: str, name: str) -> dict[str, float] | None:
   """The erased concept's images in ``result``: ``recognised`` (the other
   domain still recognised) and ``coherent`` (erased and still recognised)
   shares; None where the judge gave no confidences."""
-  return _quality(config, result, domain, name) or None
+  return answer_quality(config, result, domain, name) or None
 
 
 def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str], dict]:
