@@ -89,8 +89,19 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tup
           if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
 
+def _change(old: Any, new: Any) -> str:
+  if isinstance(old, list) and isinstance(new, list):
+    # Long lists (evaluate.variants) shorten to the same text both sides:
+    # name the entries that came and went instead.
+    added = [f"+{_short(x)}" for x in new if x not in old]
+    gone = [f"-{_short(x)}" for x in old if x not in new]
+    if added or gone:
+      return " ".join(gone + added)
+  return f"{_short(old)} -> {_short(new)}"
+
+
 def describe(diffs: Mapping[str, tuple[Any, Any]]) -> str:
-  return ", ".join(f"{k} {_short(o)} -> {_short(n)}" for k, (o, n) in diffs.items())
+  return ", ".join(f"{k} {_change(o, n)}" for k, (o, n) in diffs.items())
 
 
 def begin(out_dir: str, fp: Mapping[str, Any], *, overwrite: bool = False, continuable: Iterable[str] = (),

@@ -132,3 +132,13 @@ def test_block_names_match_the_unet(tmp_path):
   with open(os.path.join(path, "unet", "config.json")) as f:
     names = checks.unet_blocks(json.load(f))
   assert sorted(names) == sorted(hooks.hookable_blocks(models.load_pipeline(path).params["unet"]))
+
+
+def test_a_changed_list_names_the_entries_that_came_and_went():
+  long = ["fine: gammas.saemnesia=-0.1/-0.2/-0.35/-0.5/-1/-2/-4/-10"]
+  change = lambda old, new: runs.describe(runs.differences({"settings": {"v": old}}, {"settings": {"v": new}}))
+  # Both sides of a long list shorten to the same text; the added entry is named.
+  assert change(long, long + ["late: start=0.5"]) == 'v +"late: start=0.5"'
+  assert change([1, 2], [3, 2]) == "v -1 +3"
+  assert change([1, 2], [2, 1]) == "v [1, 2] -> [2, 1]"  # same entries, other order
+  assert change(6, 9) == "v 6 -> 9"
