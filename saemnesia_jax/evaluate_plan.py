@@ -30,11 +30,12 @@ def settings(config, method: str, variant: variants_lib.Variant = variants_lib.P
   """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp rules)."""
   ev = config.evaluate
   gammas = variant.gammas_of(method, ev.gammas)
-  rules = dict(variant.rules)
+  grid = variants_lib.rule_grid(variant)
   if method == "saemnesia":
-    return [{"gamma": float(g), **rules} for g in gammas]
+    return [{"gamma": float(g), **rules} for rules in grid for g in gammas]
   if method == "saeuron":
-    return [{"percentile": float(p), "gamma": float(g), **rules} for p in ev.percentiles for g in gammas]
+    return [{"percentile": float(p), "gamma": float(g), **rules}
+            for rules in grid for p in ev.percentiles for g in gammas]
   return [{}]
 
 

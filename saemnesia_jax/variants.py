@@ -9,8 +9,10 @@ plain name (the Table-1 rows labelled with the paper's name).
 
 A variant is one string, ``"<name>: key=value key=value ..."``:
 
-* ``scale=mu|self``, ``threshold=mean|zero``, ``steps=<share>``,
-  ``start=<share>``: the clamp rules of ``clamp.with_rules``;
+* ``scale=mu|self``, ``threshold=mean|zero|target``, ``steps=<share>``,
+  ``start=<share>``: the clamp rules of ``clamp.with_rules``; ``a/b`` puts
+  a rule in the sweep's grid (``threshold=mean/target`` sweeps every gamma
+  under both thresholds: twice the trials, for every method alike);
 * ``gammas=<g1>/<g2>/...``: the variant's gamma grid (default
   ``evaluate.gammas``); give as many as the papers' grid for the same trials;
 * ``gammas.<method>=<g1>/...``: that method's grid alone, e.g.
@@ -32,6 +34,7 @@ E.g. ``"self: scale=self gammas=0/-0.5/-1/-2"``. A variant that changes only
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -46,6 +49,7 @@ THRESHOLDS = ("mean", "zero", "target")
 SELECTIONS = ("ua_ira", "ua_ira_cra", "ua_ira_recognised", "coherent_ira", "ua_coherent_ira")
 PICTURE_SELECTIONS = ("ua_ira_recognised", "coherent_ira", "ua_coherent_ira")  # need the judge's confidences
 _KEYS = ("scale", "threshold", "steps", "start", "gammas", "select")
+PAPER_RULES = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0, "start": 0.0}
 METHODS = ("saemnesia", "saeuron")  # the ``gammas.<method>`` keys
 
 
@@ -100,24 +104,39 @@ def parse(text: str) -> Variant:
       if value not in SELECTIONS:
         _fail(text, f"select={value!r}; known: {', '.join(SELECTIONS)}")
       select = value
-    elif key in ("steps", "start"):
-      try:
-        rules[key] = float(value)
-      except ValueError:
-        _fail(text, f"{key}={value!r} is not a number")
-      if key == "steps" and not 0 < rules[key] <= 1:
-        _fail(text, "steps is the share of the sampling steps with the clamp on, in (0, 1]")
-      if key == "start" and not 0 <= rules[key] < 1:
-        _fail(text, "start is the share of the sampling steps before the clamp acts, in [0, 1)")
     else:
-      known = SCALES if key == "scale" else THRESHOLDS
-      if value not in known:
-        _fail(text, f"{key}={value!r}; known: {', '.join(known)}")
-      rules[key] = value
+      # "a/b" makes the rule part of the sweep's grid (e.g. threshold=mean/target).
+      values = tuple(dict.fromkeys(_rule_value(text, key, v) for v in value.split("/")))
+      rules[key] = values[0] if len(values) == 1 else values
   # The papers' value of a rule is no rule: such settings share the papers' units.
-  papers = {"scale": SCALES[0], "threshold": THRESHOLDS[0], "steps": 1.0, "start": 0.0}
-  rules = {k: v for k, v in rules.items() if v != papers[k]}
+  rules = {k: v for k, v in rules.items() if v != PAPER_RULES[k]}
   return Variant(name, tuple(sorted(rules.items())), gammas, select, tuple(sorted(per_method.items())))
+
+
+def _rule_value(text: str, key: str, value: str) -> Any:
+  if key in ("steps", "start"):
+    try:
+      out = float(value)
+    except ValueError:
+      _fail(text, f"{key}={value!r} is not a number")
+    if key == "steps" and not 0 < out <= 1:
+      _fail(text, "steps is the share of the sampling steps with the clamp on, in (0, 1]")
+    if key == "start" and not 0 <= out < 1:
+      _fail(text, "start is the share of the sampling steps before the clamp acts, in [0, 1)")
+    return out
+  known = SCALES if key == "scale" else THRESHOLDS
+  if value not in known:
+    _fail(text, f"{key}={value!r}; known: {', '.join(known)}")
+  return value
+
+
+def rule_grid(v: Variant) -> list[dict[str, Any]]:
+  """The clamp rules of each of ``v``'s sweep settings: one dict per
+  combination of its rule grids, without the papers' values (so that those
+  settings are the papers' units)."""
+  keys = [k for k, _ in v.rules]
+  grids = [val if isinstance(val, tuple) else (val,) for _, val in v.rules]
+  return [{k: x for k, x in zip(keys, combo) if x != PAPER_RULES[k]} for combo in itertools.product(*grids)]
 
 
 def variants(config) -> list[Variant]:
@@ -159,6 +178,7 @@ def describe(v: Variant, default_gammas: Sequence[float]) -> str:
   """One line for the tables' notes."""
   if not v.name:
     return "the papers' rule: gamma x mu_target, threshold mean mu, every step, (UA + IRA) / 2"
-  rules = ", ".join(f"{k}={val}" for k, val in v.rules) or "the papers' clamp"
+  rules = ", ".join(f"{k}={'/'.join(map(str, val)) if isinstance(val, tuple) else val}" for k, val in v.rules)
+  rules = rules or "the papers' clamp"
   grids = "; ".join(f"{m} gammas {v.gammas_of(m, default_gammas)}" for m in METHODS)
   return f"{v.name}: {rules}; {grids}; select {v.select}"

@@ -77,6 +77,27 @@ def test_per_method_gammas_give_equal_budgets():
     variants.parse("x: scale.saemnesia=self")
 
 
+def test_a_rule_grid_sweeps_both_rules_and_shares_the_papers_units():
+  from saemnesia_jax import evaluate_plan
+  v = variants.parse("both: threshold=mean/target gammas.saemnesia=-0.5/-1")
+  assert v.rules == (("threshold", ("mean", "target")),)
+  assert variants.rule_grid(v) == [{}, {"threshold": "target"}]
+  config = ml_collections.ConfigDict({"evaluate": {"gammas": (-2.0,), "percentiles": (99.7, 99.9)}})
+  assert evaluate_plan.settings(config, "saemnesia", v) == [
+      {"gamma": -0.5}, {"gamma": -1.0}, {"gamma": -0.5, "threshold": "target"}, {"gamma": -1.0, "threshold": "target"}]
+  # SAeUron: the same grid, so twice its trials as well (2 percentiles x 1 gamma x 2 thresholds).
+  assert len(evaluate_plan.settings(config, "saeuron", v)) == 4
+  # The mean-threshold half are the papers' settings: the same units, nothing sampled twice.
+  paper = evaluate_plan.settings(config, "saemnesia", variants.parse("fine: gammas.saemnesia=-0.5/-1"))
+  assert paper == evaluate_plan.settings(config, "saemnesia", v)[:2]
+  assert variants.parse("one: threshold=mean/mean").rules == ()
+  assert "threshold=mean/target" in variants.describe(v, (-2.0,))
+  with pytest.raises(ConfigError, match="threshold='middle'"):
+    variants.parse("x: threshold=mean/middle")
+  with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+    variants.parse("x: steps=0.5/0")
+
+
 def test_target_threshold_edits_only_above_the_concepts_own_mean():
   import numpy as np
   from saemnesia_jax import clamp
