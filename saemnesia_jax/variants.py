@@ -56,7 +56,8 @@ METHODS = ("saemnesia", "saeuron")  # the ``gammas.<method>`` keys
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str  # '' for the papers' rule
-  rules: tuple[tuple[str, Any], ...] = ()  # clamp.with_rules keywords that differ from the papers'
+  # clamp.with_rules keywords that differ from the papers'; a tuple value is a grid (rule_grid)
+  rules: tuple[tuple[str, Any], ...] = ()
   gammas: tuple[float, ...] | None = None  # None: evaluate.gammas
   select: str = "ua_ira"
   method_gammas: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-method grids (gammas.<method>=)
