@@ -166,6 +166,7 @@ EVALUATE = dict(
     classifier="canvas_mini",  # canvas_mini | canvas_mini_no_object (its object head can answer "no object") | unlearncanvas (the ViT-L checkpoints; torch reads them)
     classifier_dir="",  # unlearncanvas: the folder with style_classifier.pth and object_classifier.pth
     grids=True,  # write before/after image grids
+    grid_rows=(),  # the erasure grid's rows by table label, e.g. ("saemnesia", "saemnesia [bucoh]"); () -> every method under every rule
     variants=(),  # other erasure rules, each run for every method beside the papers': "<name>: scale=self threshold=target gammas=0/-1 gammas.saemnesia=... select=ua_ira_cra ..." (variants.py)
     chosen_from="",  # an earlier evaluation's summary.json / chosen.json (same grid): the rows it covers skip their sweep
     recognised_confidence=0.8,  # quality: softmax probability at which the other domain's classifier still recognises an erased concept's image

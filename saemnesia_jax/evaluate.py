@@ -48,7 +48,7 @@ import numpy as np
 from saemnesia_jax import blocks, clamp, concepts, metrics, runs
 from saemnesia_jax import units as units_lib
 from saemnesia_jax import variants as variants_lib
-from saemnesia_jax.evaluate_plan import (arms, choose, final_unit, final_units, reused_choices,  # noqa: F401
+from saemnesia_jax.evaluate_plan import (arms, choose, final_unit, final_units, grid_arms, reused_choices,  # noqa: F401
                                          sequential_units, settings, sweep_units, targets, unit_metrics,
                                          unit_quality)
 from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
@@ -57,7 +57,8 @@ METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are
 # fingerprinted as inputs), batching, output options.
 NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scores", "evaluate.saemnesia_sae",
-              "evaluate.saemnesia_scores", "evaluate.classifier_dir", "evaluate.grids", "evaluate.max_latents",
+              "evaluate.saemnesia_scores", "evaluate.classifier_dir", "evaluate.grids", "evaluate.grid_rows",
+              "evaluate.max_latents",
               "evaluate.recognised_confidence", "evaluate.chosen_from",
               "sampler.batch_size", "model.path", "model.weights", "model.seed")
 # Units are keyed by their concept, setting and seeds: a changed grid adds units.
@@ -436,7 +437,7 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   for i, (domain, name) in enumerate(shown):
     rows.append(plain[i])
     labels.append(f"{name}: no erasure")
-    for m, v in arms(config):  # each method under the papers' rule, then under each variant
+    for m, v in grid_arms(config):  # each method under the papers' rule, then under each variant
       label = v.label(m)
       sae_m = ev_ctx.sae(m, domain)
       s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
@@ -466,6 +467,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   ev = config.evaluate
   out_dir = _default(ev.out_dir, config.workdir, "eval")
   targets(config)  # unknown concept names fail before any work
+  grid_arms(config)  # so do unknown grid rows
   ctx = Evaluation(config, judge)
   runs.begin(out_dir, keep_dropped_inputs(out_dir, fingerprint(config, ctx), ev.methods),
              overwrite=runs.overwrite(config), continuable=CONTINUABLE,

@@ -23,6 +23,7 @@ import numpy as np
 from saemnesia_jax import concepts, metrics
 from saemnesia_jax import units as units_lib
 from saemnesia_jax import variants as variants_lib
+from saemnesia_jax.errors import ConfigError
 from saemnesia_jax.io_utils import read_json
 
 
@@ -42,6 +43,22 @@ def settings(config, method: str, variant: variants_lib.Variant = variants_lib.P
 def arms(config) -> list[tuple[str, variants_lib.Variant]]:
   """(method, variant) of every erasing row: the papers' rule, then each variant."""
   return [(m, v) for v in variants_lib.variants(config) for m in config.evaluate.methods if m != "none"]
+
+
+def grid_arms(config) -> list[tuple[str, variants_lib.Variant]]:
+  """The erasure grid's (method, variant) rows: every arm, or the ones whose
+  table labels ``evaluate.grid_rows`` names, in the table's order. With many
+  rules the full grid is tens of rows; naming a few keeps it readable."""
+  every = arms(config)
+  wanted = list(config.evaluate.get("grid_rows", ()))
+  if not wanted:
+    return every
+  labels = [v.label(m) for m, v in every]
+  unknown = [w for w in wanted if w not in labels]
+  if unknown:
+    raise ConfigError(f"config.evaluate.grid_rows: {unknown[0]!r} is not a row of this evaluation; "
+                      f"its rows are {', '.join(labels)}")
+  return [(m, v) for m, v in every if v.label(m) in wanted]
 
 
 def _unique(units: list[dict]) -> list[dict]:

@@ -6,6 +6,7 @@ import pytest
 
 from saemnesia_jax import evaluate_plan as plan
 from saemnesia_jax import units as units_lib
+from saemnesia_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -58,3 +59,18 @@ def test_the_sweep_has_a_unit_per_seed_and_chooses_on_all_of_them(tmp_path):
 def test_bad_sweep_seeds_say_what_to_give(seeds):
   with pytest.raises(ValueError, match="distinct seeds"):
     plan.sweep_units(_config(seeds))
+
+
+def test_grid_rows_pick_the_erasure_grids_rows_by_label():
+  c = _config((1,))
+  c.evaluate.methods = ("none", "saeuron", "saemnesia")
+  c.evaluate.variants = ("both: threshold=mean/target", "cra: select=ua_ira_cra")
+  labels = lambda: [v.label(m) for m, v in plan.grid_arms(c)]
+  # Every method under every rule by default, in the table's order.
+  assert labels() == ["saeuron", "saemnesia", "saeuron [both]", "saemnesia [both]", "saeuron [cra]",
+                      "saemnesia [cra]"]
+  c.evaluate.grid_rows = ("saemnesia [cra]", "saemnesia")
+  assert labels() == ["saemnesia", "saemnesia [cra]"]  # the table's order, not the config's
+  c.evaluate.grid_rows = ("saemnesia [bucoh]",)
+  with pytest.raises(ConfigError, match=r"grid_rows: 'saemnesia \[bucoh\]' is not a row.*saeuron \[both\]"):
+    plan.grid_arms(c)
