@@ -61,10 +61,11 @@ NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scor
               "evaluate.max_latents",
               "evaluate.recognised_confidence", "evaluate.chosen_from",
               "sampler.batch_size", "model.path", "model.weights", "model.seed")
-# Units are keyed by their concept, setting and seeds: a changed grid adds units.
+# Units are keyed by their concept, setting and seeds: a changed grid adds units,
+# and so does another chosen_from file (a changed choice is a new final unit).
 CONTINUABLE = ("evaluate.methods", "evaluate.variants", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
                "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.sequential",
-               "evaluate.sequential_objects")
+               "evaluate.sequential_objects", "input:chosen_from")
 
 
 # -------------------------------------------------------------- classifiers

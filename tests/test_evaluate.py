@@ -157,6 +157,13 @@ def test_erasing_a_subset_with_variants_draws_its_grid(prepared, tmp_path):
   again = evaluate.run(c, judge=AssessingStubJudge(), progress=False)
   assert again["table"] == summary["table"] and again["chosen"] == summary["chosen"]
   assert "not rerun here" in (tmp_path / "eval_reuse" / "cost.md").read_text()
+  # Another chosen_from file (a later evaluation's, with the same choices) continues the folder:
+  # nothing is sampled again.
+  later = dict(json.loads((tmp_path / "eval_subset" / "summary.json").read_text()), note="a later run")
+  (tmp_path / "later.json").write_text(json.dumps(later))
+  c.evaluate.chosen_from = str(tmp_path / "later.json")
+  judge = AssessingStubJudge()
+  assert evaluate.run(c, judge=judge, progress=False)["table"] == summary["table"] and judge.calls == 0
 
 
 def test_a_sweep_compiles_the_sampler_once(prepared):
