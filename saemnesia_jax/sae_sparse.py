@@ -22,12 +22,14 @@ AuxK runs only while some latent is dead (``lax.switch`` here, and one
 ``lax.cond`` around the whole step in ``sae.loss_and_grads``).  Its k_aux
 (d_in // 2 = 640 at SD shape) latents per token are too many for gathers, so
 it works on a dense block of the dead latents: the dead ids, padded to the
-smallest of a few static capacities (``lax.switch``), give (N, C) sub-matmuls
-whose cost scales with C / n_latents.  Its selection is a mask from a
-per-row threshold found by bisection (``top_mask``), not a TopK.
+smallest of seven static capacities (n_latents / 64 doubling up to all of
+them; ``lax.switch``), give (N, C) sub-matmuls whose cost scales with
+C / n_latents; the block of all latents takes z_pre as it is.  Its selection
+is a mask from a per-row threshold found by bisection (``top_mask``), not a
+TopK.
 
 The forward values are those of the dense path (the same selection from the
-same z_pre; AuxK's block recomputes its columns, equal to float rounding);
+same z_pre; a narrower block recomputes its columns, equal to float rounding);
 the gradients equal the dense ones to float rounding.  Used by
 ``sae.unsupervised_loss`` when ``SaeConfig.backward`` resolves to "sparse".
 """
@@ -205,15 +207,19 @@ def select_pairs(z_pre: jax.Array, k: int, batch_topk: bool):
 
 
 def _capacities(n_latents: int) -> tuple[int, ...]:
-  """Static block widths for the dead latents: n_latents / 64, / 16, / 4, and all."""
-  caps = sorted({max(1, n_latents // 4 ** i) for i in range(4)})
+  """Static block widths for the dead latents: n_latents / 64, / 32, ..., / 2, and
+  all.  Halving steps: one dead latent past a capacity at most doubles AuxK's
+  matmuls (with quarters, 25% + 1 dead cost 4x of 25%); each width is one more
+  branch to compile."""
+  caps = sorted({max(1, n_latents // 2 ** i) for i in range(7)})
   return tuple(caps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _encoder_block(W_t, b_enc, b_dec, x, z_block, ids, matmul_dtype=None):
   """z_pre[:, ids] (given as z_block), with the gradient of the dense sub-block
-  relu((x - b_dec) @ W_t[ids].T + b_enc[ids]); ids are distinct."""
+  relu((x - b_dec) @ W_t[ids].T + b_enc[ids]); ids are distinct, or None for
+  every latent in order (no gather, no scatter)."""
   del W_t, b_enc, b_dec, x, ids, matmul_dtype
   return z_block
 
@@ -228,6 +234,8 @@ def _block_bwd(matmul_dtype, res, dz):
   dpre = jnp.where(z_block > 0, dz, 0.0)
   dW_sub = sae_lib.matmul(dpre.T, x - b_dec, matmul_dtype)  # (C, d)
   db_sub = jnp.sum(dpre, axis=0)
+  if ids is None:
+    return dW_sub, db_sub, -(db_sub @ W_t), jnp.zeros_like(x), jnp.zeros_like(z_block), None
   dW = jnp.zeros_like(W_t).at[ids].set(dW_sub, unique_indices=True)
   db_enc = jnp.zeros((W_t.shape[0],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
   db_dec = -(db_sub @ jnp.take(W_t, ids, axis=0))
@@ -269,7 +277,7 @@ def top_mask(v: jax.Array, k: int) -> jax.Array:
   return jax.lax.cond(tied, lambda: gt | (eq & (jnp.cumsum(eq, axis=1) <= k - n_gt)), lambda: gt | eq)
 
 
-def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacity: int,
+def _auxk_block(params: Params, W_t, x, z_pre, residual, dead_mask, k_aux: int, capacity: int,
                 matmul_dtype: str | None = None):
   """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
   on the block of the first ``capacity`` dead ids (capacity >= number dead).
@@ -278,19 +286,24 @@ def _auxk_block(params: Params, W_t, x, residual, dead_mask, k_aux: int, capacit
   gets no gradient through the ReLU), so the selection is a mask over the
   block, the dead entries' k_aux largest (``top_mask``), and the codes stay dense.
   """
-  ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
-  dead_in_block = jnp.take(dead_mask, ids)
-  # The block's pre-activations by its own matmul, not a column gather of z_pre:
-  # XLA:CPU laid the gather out column-major and the row passes of top_mask ran
-  # 2.5x slower on it (the matmul costs 1/4 of the encoder's; same values up
-  # to float rounding).
-  z_cols = jax.lax.stop_gradient(jax.nn.relu(
-      sae_lib.matmul(x - params["b_dec"], jnp.take(W_t, ids, axis=0).T, matmul_dtype)
-      + jnp.take(params["b_enc"], ids)))
+  L = W_t.shape[0]
+  if capacity == L:  # the block is every latent: z_pre as it is, no gathers and no second matmul
+    ids, dead_in_block, z_cols, W_dec = None, dead_mask, z_pre, params["W_dec"]
+  else:
+    ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
+    dead_in_block = jnp.take(dead_mask, ids)
+    # The block's pre-activations by its own matmul, not a column gather of z_pre:
+    # XLA:CPU laid the gather out column-major and the row passes of top_mask ran
+    # 2.5x slower on it (the matmul costs capacity / L of the encoder's; same
+    # values up to float rounding).
+    z_cols = jax.lax.stop_gradient(jax.nn.relu(
+        sae_lib.matmul(x - params["b_dec"], jnp.take(W_t, ids, axis=0).T, matmul_dtype)
+        + jnp.take(params["b_enc"], ids)))
+    W_dec = jnp.take(params["W_dec"], ids, axis=0)
   z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x, z_cols, ids, matmul_dtype)
   candidates = jnp.where(dead_in_block, z_cols, 0.0)
   codes = jnp.where(top_mask(candidates, min(k_aux, capacity)), z_block, 0.0)
-  e_hat = sae_lib.matmul(codes, jnp.take(params["W_dec"], ids, axis=0), matmul_dtype)
+  e_hat = sae_lib.matmul(codes, W_dec, matmul_dtype)
   return jnp.sum(jnp.square(e_hat - residual))
 
 
@@ -298,8 +311,9 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
               matmul_dtype: str | None = None):
   """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
   (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
-  dead.  W_t: W_enc.T if the caller has it (one transpose per step).  z_pre
-  gives only the latent count: the block recomputes its own columns."""
+  dead.  W_t: W_enc.T if the caller has it (one transpose per step).  z_pre (the
+  step's z_pre, after the ReLU) is used as it is by the block of
+  every latent; narrower blocks recompute their own columns."""
   W_t = params["W_enc"].T if W_t is None else W_t
   d_in, L = x.shape[-1], z_pre.shape[-1]
   k_aux = d_in // 2 if k_aux is None else k_aux
@@ -308,7 +322,7 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
   caps = _capacities(L)
   branches = [lambda *_: jnp.zeros((), x.dtype)]
   branches += [functools.partial(
-      lambda c, p, wt: _auxk_block(p, wt, x, residual, dead_mask, k_aux, c, matmul_dtype), c) for c in caps]
+      lambda c, p, wt: _auxk_block(p, wt, x, z_pre, residual, dead_mask, k_aux, c, matmul_dtype), c) for c in caps]
   # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
   index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
   sq = jax.lax.switch(index, branches, params, W_t)

@@ -10,7 +10,7 @@ import pytest
 from saemnesia_jax import sae, sae_sparse
 
 D_IN, N_LAT, K, K_AUX, N = 16, 128, 4, 8, 64
-# Dead counts: none (AuxK skipped), fewer than k_aux (block of 2 < k_aux), each capacity, all.
+# Dead counts: none (AuxK skipped), fewer than k_aux (block of 2 < k_aux), a block of 4, of 64, all (z_pre as it is).
 DEAD_COUNTS = (0, 2, 3, 40, 128)
 
 
