@@ -454,10 +454,14 @@ def loss_and_grads(params: Params, x: jax.Array, dead_mask: jax.Array,
   still a set of full-size zero arrays added to the parameters' gradients.
   Both sides give the same values (AuxK is 0 with nothing dead).
   """
-  f = jax.value_and_grad(unsupervised_loss, has_aux=True)
   if not cfg.auxk_alpha or resolve_backward(cfg.backward) != "sparse":
-    return f(params, x, dead_mask, cfg)
+    return jax.value_and_grad(unsupervised_loss, has_aux=True)(params, x, dead_mask, cfg)
+  from saemnesia_jax import sae_sparse  # imports this module
+  # The encoder matmul and the selection have no gradient: done once, outside the
+  # cond (XLA:CPU ran the matmul 3x slower inside a conditional at CanvasMini's shape).
+  selected = sae_sparse.select(params, x, cfg)
+  f = jax.value_and_grad(sae_sparse.unsupervised_loss, has_aux=True)
   without = dataclasses.replace(cfg, auxk_alpha=0.0)
   return jax.lax.cond(jnp.any(dead_mask),
-                      lambda p, x, d: f(p, x, d, cfg),
-                      lambda p, x, d: f(p, x, d, without), params, x, dead_mask)
+                      lambda p, x, d, s: f(p, x, d, cfg, s),
+                      lambda p, x, d, s: f(p, x, d, without, s), params, x, dead_mask, selected)

@@ -277,18 +277,19 @@ def top_mask(v: jax.Array, k: int) -> jax.Array:
   return jax.lax.cond(tied, lambda: gt | (eq & (jnp.cumsum(eq, axis=1) <= k - n_gt)), lambda: gt | eq)
 
 
-def _auxk_block(params: Params, W_t, x, z_pre, residual, dead_mask, k_aux: int, capacity: int,
+def _auxk_block(p: Params, x, z_pre, residual, dead_mask, k_aux: int, capacity: int,
                 matmul_dtype: str | None = None):
   """sum ||e_hat - residual||^2 with e_hat from the top-k_aux dead latents, computed
-  on the block of the first ``capacity`` dead ids (capacity >= number dead).
+  on the block of the first ``capacity`` dead ids (capacity >= number dead);
+  p holds W_t (W_enc^T), b_enc, b_dec and W_dec.
 
   Only positive activations count (a selected zero adds nothing to e_hat and
   gets no gradient through the ReLU), so the selection is a mask over the
   block, the dead entries' k_aux largest (``top_mask``), and the codes stay dense.
   """
-  L = W_t.shape[0]
-  if capacity == L:  # the block is every latent: z_pre as it is, no gathers and no second matmul
-    ids, dead_in_block, z_cols, W_dec = None, dead_mask, z_pre, params["W_dec"]
+  W_t = p["W_t"]
+  if capacity == W_t.shape[0]:  # the block is every latent: z_pre as it is, no gathers and no second matmul
+    ids, dead_in_block, z_cols, W_dec = None, dead_mask, z_pre, p["W_dec"]
   else:
     ids = jax.lax.top_k(dead_mask.astype(jnp.int32), capacity)[1]  # dead ids first (ascending)
     dead_in_block = jnp.take(dead_mask, ids)
@@ -297,14 +298,54 @@ def _auxk_block(params: Params, W_t, x, z_pre, residual, dead_mask, k_aux: int, 
     # 2.5x slower on it (the matmul costs capacity / L of the encoder's; same
     # values up to float rounding).
     z_cols = jax.lax.stop_gradient(jax.nn.relu(
-        sae_lib.matmul(x - params["b_dec"], jnp.take(W_t, ids, axis=0).T, matmul_dtype)
-        + jnp.take(params["b_enc"], ids)))
-    W_dec = jnp.take(params["W_dec"], ids, axis=0)
-  z_block = _encoder_block(W_t, params["b_enc"], params["b_dec"], x, z_cols, ids, matmul_dtype)
+        sae_lib.matmul(x - p["b_dec"], jnp.take(W_t, ids, axis=0).T, matmul_dtype)
+        + jnp.take(p["b_enc"], ids)))
+    W_dec = jnp.take(p["W_dec"], ids, axis=0)
+  z_block = _encoder_block(W_t, p["b_enc"], p["b_dec"], x, z_cols, ids, matmul_dtype)
   candidates = jnp.where(dead_in_block, z_cols, 0.0)
   codes = jnp.where(top_mask(candidates, min(k_aux, capacity)), z_block, 0.0)
   e_hat = sae_lib.matmul(codes, W_dec, matmul_dtype)
   return jnp.sum(jnp.square(e_hat - residual))
+
+
+def _auxk_switch(p: Params, x, z_pre, residual, dead_mask, k_aux: int, matmul_dtype, with_grad: bool):
+  """The block sum of squares (and, with_grad, its gradient as p's pytree) on the
+  smallest capacity that holds every dead latent; branch 0: nothing dead."""
+  caps = _capacities(p["W_t"].shape[0])
+
+  def block(c):
+    f = functools.partial(_auxk_block, x=x, z_pre=z_pre, residual=residual, dead_mask=dead_mask,
+                          k_aux=k_aux, capacity=c, matmul_dtype=matmul_dtype)
+    return jax.value_and_grad(f) if with_grad else f
+
+  zero = jnp.zeros((), x.dtype)
+  branches = [(lambda q: (zero, jax.tree.map(jnp.zeros_like, q))) if with_grad else (lambda q: zero)]
+  branches += [block(c) for c in caps]
+  n_dead = jnp.sum(dead_mask)
+  index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
+  return jax.lax.switch(index, branches, p)
+
+
+# The switch is never differentiated: its forward under value_and_grad computes the
+# gradient inside the taken branch. Differentiating through lax.switch makes every
+# branch output the union of all branches' residuals, so each step wrote zeros of
+# (N, capacity) for all seven capacities (1 GB at SD shape; 20 ms of a 45 ms step at
+# CanvasMini's).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _auxk_sq(p, x, z_pre, residual, dead_mask, k_aux, matmul_dtype):
+  return _auxk_switch(p, x, z_pre, residual, dead_mask, k_aux, matmul_dtype, with_grad=False)
+
+
+def _auxk_sq_fwd(p, x, z_pre, residual, dead_mask, k_aux, matmul_dtype):
+  return _auxk_switch(p, x, z_pre, residual, dead_mask, k_aux, matmul_dtype, with_grad=True)
+
+
+def _auxk_sq_bwd(k_aux, matmul_dtype, grads, ct):
+  del k_aux, matmul_dtype
+  return jax.tree.map(lambda g: ct * g, grads), None, None, None, None
+
+
+_auxk_sq.defvjp(_auxk_sq_fwd, _auxk_sq_bwd)
 
 
 def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = None, W_t=None,
@@ -312,21 +353,15 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
   """``sae.auxk_loss`` (same value and gradients), skipped while no latent is dead
   (``lax.switch`` branch 0) and computed on the smallest dense block that holds the
   dead.  W_t: W_enc.T if the caller has it (one transpose per step).  z_pre (the
-  step's z_pre, after the ReLU) is used as it is by the block of
-  every latent; narrower blocks recompute their own columns."""
+  step's, after the ReLU) is used as it is by the block of every latent; narrower
+  blocks recompute their own columns."""
   W_t = params["W_enc"].T if W_t is None else W_t
-  d_in, L = x.shape[-1], z_pre.shape[-1]
+  d_in = x.shape[-1]
   k_aux = d_in // 2 if k_aux is None else k_aux
+  p = {"W_t": W_t, "b_enc": params["b_enc"], "b_dec": params["b_dec"], "W_dec": params["W_dec"]}
   residual = jax.lax.stop_gradient(x - x_hat)
-  n_dead = jnp.sum(dead_mask)
-  caps = _capacities(L)
-  branches = [lambda *_: jnp.zeros((), x.dtype)]
-  branches += [functools.partial(
-      lambda c, p, wt: _auxk_block(p, wt, x, z_pre, residual, dead_mask, k_aux, c, matmul_dtype), c) for c in caps]
-  # 0: nothing dead; i: the i-th capacity is the smallest that holds every dead latent.
-  index = jnp.where(n_dead == 0, 0, 1 + jnp.sum(jnp.asarray(caps) < n_dead))
-  sq = jax.lax.switch(index, branches, params, W_t)
-  scale = jnp.minimum(n_dead.astype(x.dtype) / k_aux, 1.0)
+  sq = _auxk_sq(p, x, jax.lax.stop_gradient(z_pre), residual, dead_mask, k_aux, matmul_dtype)
+  scale = jnp.minimum(jnp.sum(dead_mask).astype(x.dtype) / k_aux, 1.0)
   return scale * sq / sae_lib.total_variance(x)
 
 
@@ -334,13 +369,21 @@ def auxk_loss(params: Params, x, x_hat, z_pre, dead_mask, k_aux: int | None = No
 # The loss
 
 
-def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
-                      cfg: sae_lib.SaeConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``sae.unsupervised_loss`` with the sparse backward (same value, aux and gradients)."""
+def select(params: Params, x: jax.Array, cfg: sae_lib.SaeConfig):
+  """(z_pre, (values, lat, tok)): the one dense matmul and the selected pairs, no
+  gradient through either (the gradients come through ``encoder_entries``)."""
+  x = x.reshape(-1, x.shape[-1])
+  z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x, cfg.matmul_dtype))
+  return z_pre, select_pairs(z_pre, cfg.k, cfg.batch_topk)
+
+
+def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array, cfg: sae_lib.SaeConfig,
+                      selected=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``sae.unsupervised_loss`` with the sparse backward (same value, aux and gradients).
+  selected: ``select(params, x, cfg)`` if the caller has it."""
   x = x.reshape(-1, x.shape[-1])
   N, L = x.shape[0], params["W_enc"].shape[1]
-  z_pre = jax.lax.stop_gradient(sae_lib.encode_pre(params, x, cfg.matmul_dtype))  # the one dense matmul
-  values, lat, tok = select_pairs(z_pre, cfg.k, cfg.batch_topk)
+  z_pre, (values, lat, tok) = select(params, x, cfg) if selected is None else selected
   W_t = params["W_enc"].T  # the encoder's gradients are built as rows of W_enc^T: one transpose back
   v = encoder_entries(W_t, params["b_enc"], params["b_dec"], x, values, lat, tok)
   x_hat = decode_pairs(params["W_dec"], v, lat, tok, N) + params["b_dec"]

@@ -3,6 +3,7 @@ import functools
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,6 +78,27 @@ def test_auxk_is_a_switch_with_a_skip_branch(data):
   cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
   jaxpr = str(jax.make_jaxpr(lambda p: sae.unsupervised_loss(p, x, masks[0], cfg))(p))
   assert "cond[" in jaxpr  # lax.switch lowers to cond: AuxK runs only in the branch for dead latents
+
+
+def _conds(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _conds(sub)
+
+
+def test_auxk_gradient_is_computed_inside_the_taken_branch(data):
+  """Differentiating through the capacity switch would make every branch output
+  every branch's residuals, (N, capacity) arrays written as zeros at each step;
+  the switch outputs only the value and the four gradients."""
+  p, x, masks = data
+  cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: sae.unsupervised_loss(p, x, masks[3], cfg)[0]))(p).jaxpr
+  switch = [e for e in _conds(jaxpr) if len(e.params["branches"]) == 1 + len(sae_sparse._capacities(N_LAT))]
+  assert len(switch) == 1, [len(e.params["branches"]) for e in _conds(jaxpr)]
+  # sum of squares; gradients of W_dec, W_enc^T, b_dec, b_enc
+  assert [v.aval.shape for v in switch[0].outvars] == [(), (N_LAT, D_IN), (N_LAT, D_IN), (D_IN,), (N_LAT,)]
 
 
 def _same_entries(got, ref):
