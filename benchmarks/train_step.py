@@ -187,8 +187,14 @@ def main() -> None:
                   help="also time the parts of the sparse BatchTopK step (at the last dead fraction)")
   ap.add_argument("--profile_matmul_dtypes", default="float32",
                   help="comma list: SaeConfig.matmul_dtype of each profile (float32 or bfloat16)")
+  ap.add_argument("--malloc", choices=("keep", "glibc"), default="keep",
+                  help="keep: freed memory stays with the process, as the trainer sets it on the CPU "
+                       "(host_arrays.keep_freed_memory); glibc: the C library's defaults")
   ap.add_argument("--json_out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
   args = ap.parse_args()
+  if args.malloc == "keep":
+    from saemnesia_jax import host_arrays
+    host_arrays.keep_freed_memory()
   rows = []
   print(f"devices: {jax.devices()}")
   print("bound: the one-matmul bound, matmul rate / (2 d_in n_latents) tokens/s (the encoder forward alone)")
@@ -221,7 +227,8 @@ def main() -> None:
             print(f"  {r['part']:52s} {r['seconds']:8.3f} s {r['seconds'] / total:6.1%}  load {r['loadavg']}")
   os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
   with open(args.json_out, "w") as f:
-    json.dump({"devices": str(jax.devices()), "rows": rows, "profiles": profiles}, f, indent=2)
+    json.dump({"devices": str(jax.devices()), "malloc": args.malloc, "rows": rows, "profiles": profiles}, f,
+              indent=2)
   print(f"wrote {args.json_out}")
 
 

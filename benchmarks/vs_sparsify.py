@@ -29,7 +29,9 @@ dead latent in one step).
 
 Each side runs in its own long-lived process (driven over pipes, JSON
 lines); rounds are interleaved (project, peer 2 threads, peer 1 thread, ...),
-and the machine's load average is recorded beside every figure.  The
+and the machine's load average is recorded beside every figure.  Both
+sides run with the same glibc malloc setting (``--malloc``; default keep, the
+trainer's setting on the CPU).  The
 project's process also times a dense matmul of the encoder's size in each
 round: the one-matmul bound is that rate / (2 d_in n_latents) tokens/s.
 
@@ -250,11 +252,20 @@ def main() -> None:
   ap.add_argument("--matmul-dtypes", default="float32",
                   help="comma list: the project's SaeConfig.matmul_dtype per project process "
                        "(float32 = the parameters' dtype; bfloat16 = mixed precision)")
+  ap.add_argument("--malloc", choices=("keep", "glibc"), default="keep",
+                  help="both sides' glibc malloc: keep (freed memory stays with the process, as the trainer "
+                       "sets it on the CPU) or glibc (the defaults)")
   ap.add_argument("--json_out", default=os.path.join(HERE, "results", "vs_sparsify.json"))
   args = ap.parse_args()
   ensure_peer()
   threads = [int(t) for t in args.peer_threads.split(",")]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+  # The same setting on both sides, through glibc's own variables: what the trainer's
+  # host_arrays.keep_freed_memory() sets with mallopt (no mmap'd blocks, 2 GB trim threshold).
+  for var in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+    env.pop(var, None)
+  if args.malloc == "keep":
+    env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2 ** 31 - 1))
   env.setdefault("SPARSIFY_DISABLE_TRITON", "1")
   env.pop("XLA_FLAGS", None)  # one CPU device, all cores
   dtypes = args.matmul_dtypes.split(",")
@@ -265,7 +276,8 @@ def main() -> None:
               for dt in dtypes}
   peer = Worker("peer (sparsify)", SCRIPT, ["--worker", "torch"], env)
   cpus = os.cpu_count()
-  print(f"machine: {cpus} CPUs; the project's XLA uses them all; the peer runs with {threads} torch threads")
+  print(f"machine: {cpus} CPUs; the project's XLA uses them all; the peer runs with {threads} torch threads; "
+        f"malloc on both sides: {args.malloc}")
   print(f"note: {THREADS_NOTE}")
   results = []
   try:

@@ -233,6 +233,9 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
     from saemnesia_jax import checks
     checks.check(stage, config)
     set_xla_cpu_flags(config)
+    if cpu_only():
+      from saemnesia_jax import host_arrays
+      host_arrays.keep_freed_memory()  # XLA:CPU's per-call temporaries: no page faults every step
     module = importlib.import_module(STAGES[stage].module)
     module.run(config)
   except UserError as e:

@@ -83,3 +83,33 @@ def test_all_finite_agrees_with_isfinite_on_every_16_bit_pattern(dtype):
   got = np.array([host_arrays.all_finite(values[i:i + 1]) for i in range(len(values))])
   np.testing.assert_array_equal(got, finite)  # every NaN payload and sign included
   assert host_arrays.all_finite(values[finite]) and not host_arrays.all_finite(values)
+
+
+_RESIDENT = """
+import os
+import numpy as np
+from saemnesia_jax import host_arrays
+applied = host_arrays.keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+a = np.ones(16 << 20, np.float32)  # a 64 MB block, touched and freed, as XLA:CPU's temporaries are each call
+touched = rss()
+del a
+print(applied, touched - rss())
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_keep_freed_memory_keeps_a_freed_block_for_reuse(keep):
+  """With it, a freed 64 MB block stays resident (the next call reuses its pages
+  instead of faulting fresh ones in); without it, glibc hands it back at once."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, **{host_arrays.ENV_KEEP_FREED: keep})
+  out = subprocess.run([sys.executable, "-c", _RESIDENT], env=env, capture_output=True, text=True, check=True)
+  applied, released_mb = out.stdout.split()
+  assert applied == str(keep == "1")
+  if keep == "1":
+    assert int(released_mb) < 8, out.stdout
+  else:
+    assert int(released_mb) > 56, out.stdout
