@@ -128,10 +128,10 @@ def keep_freed_memory(environ=None) -> bool:
   """Has glibc keep freed memory for reuse instead of handing it back to the OS.
 
   XLA:CPU allocates every call's temporaries afresh. glibc serves large
-  blocks (all over 32 MB) with new mmap pages and unmaps them on free, so each
-  train step
-  zero-fills its whole working set again, one page fault at a time (the
-  SAE step at CanvasMini's shape: 17.5 ms with the faults, 9.4 without).
+  blocks (all over 32 MB) with new mmap pages and unmaps them on free, so
+  each train step zero-fills its whole working set again, one page fault at
+  a time (the SAE step at CanvasMini's shape: 17.5 ms with the faults, 9.4
+  without).
   With no mmap'd blocks and a 2 GB trim threshold the pages stay with the
   process, at the cost of its resident memory staying at its peak.
   ``SAEMNESIA_KEEP_FREED_MEMORY=0`` turns it off; a no-op without glibc.

@@ -457,8 +457,8 @@ def loss_and_grads(params: Params, x: jax.Array, dead_mask: jax.Array,
   if not cfg.auxk_alpha or resolve_backward(cfg.backward) != "sparse":
     return jax.value_and_grad(unsupervised_loss, has_aux=True)(params, x, dead_mask, cfg)
   from saemnesia_jax import sae_sparse  # imports this module
-  # The encoder matmul and the selection have no gradient: done once, outside the
-  # cond (XLA:CPU ran the matmul 3x slower inside a conditional at CanvasMini's shape).
+  # The encoder matmul and the selection have no gradient and both branches need
+  # them: computed once, outside the cond, not compiled into each branch.
   selected = sae_sparse.select(params, x, cfg)
   f = jax.value_and_grad(sae_sparse.unsupervised_loss, has_aux=True)
   without = dataclasses.replace(cfg, auxk_alpha=0.0)
