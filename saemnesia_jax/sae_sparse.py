@@ -235,11 +235,11 @@ def _block_bwd(matmul_dtype, res, dz):
   dW_sub = sae_lib.matmul(dpre.T, x - b_dec, matmul_dtype)  # (C, d)
   db_sub = jnp.sum(dpre, axis=0)
   if ids is None:
-    return dW_sub, db_sub, -(db_sub @ W_t), jnp.zeros_like(x), jnp.zeros_like(z_block), None
+    return dW_sub, db_sub, -(db_sub @ W_t), None, None, None
   dW = jnp.zeros_like(W_t).at[ids].set(dW_sub, unique_indices=True)
   db_enc = jnp.zeros((W_t.shape[0],), dpre.dtype).at[ids].set(db_sub, unique_indices=True)
   db_dec = -(db_sub @ jnp.take(W_t, ids, axis=0))
-  return dW, db_enc, db_dec, jnp.zeros_like(x), jnp.zeros_like(z_block), None
+  return dW, db_enc, db_dec, None, None, None
 
 
 _encoder_block.defvjp(_block_fwd, _block_bwd)
