@@ -18,7 +18,7 @@ setup(
         "ml_collections>=1.0",
         "numpy>=1.26",
         # The Flax classes of diffusers are removed in 0.40 and Flax support in
-        # transformers in 5.0: every use of them sits in saemnesia_jax/models.py.
+        # transformers in 5.0: every use of them sits in saemnesia_jax/diffusion/models.py.
         "diffusers>=0.30,<0.40",
         "transformers>=4.40,<5",
         "tokenizers>=0.19",

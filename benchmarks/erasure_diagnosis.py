@@ -19,7 +19,7 @@ through ``jax.debug.callback``:
 
 Then per run: UA on these images (the concept's own classifier), the share
 recognised by the other domain's classifier (>= 0.8 confidence), and the FD of
-the judge features against the same prompts unerased (quality.py).
+the judge features against the same prompts unerased (evaluation/quality.py).
 Rules: ``paper`` (the chosen gamma x mu_target) or ``self:<gamma>`` (z <- gamma
 x z, clamp.with_rules scale='self'), each optionally followed by
 ``|steps=<share>`` / ``|threshold=zero`` (e.g. ``paper|steps=0.4``). Prints a table and writes JSON and a
@@ -49,9 +49,13 @@ def main() -> None:
   a = ap.parse_args()
   import jax
   import jax.numpy as jnp
-  from saemnesia_jax import api, clamp, erase as erase_lib, quality, sae as sae_lib
+  from saemnesia_jax import api
+  from saemnesia_jax.diffusion import clamp
+  from saemnesia_jax.diffusion import erase as erase_lib
+  from saemnesia_jax.evaluation import quality
+  from saemnesia_jax.sae import model as sae_lib
   from saemnesia_jax.evaluate import CanvasMiniJudge
-  from saemnesia_jax.sampler import Sampler, SamplerSpec, sample_prompts
+  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import canvas_mini
   config = canvas_mini.get_config()

@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from saemnesia_jax import models, sizing  # noqa: E402
-from saemnesia_jax import sae as sae_lib  # noqa: E402
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.runtime import sizing
+from saemnesia_jax.sae import model as sae_lib
 
 
 def _timed(fn, args, repeats):
@@ -68,7 +69,7 @@ def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: in
 
 
 def sampler(pipe_dir: str, size: int, batch: int, steps: int, repeats: int, peak: float | None) -> dict:
-  from saemnesia_jax.sampler import Sampler, SamplerSpec, sample_prompts
+  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
   pipe = models.load_pipeline(pipe_dir, dtype="bfloat16")
   s = Sampler(pipe, SamplerSpec(num_steps=steps, height=size, width=size, batch_size=batch))
   prompts = ["A Dogs image in Van_Gogh style."] * batch

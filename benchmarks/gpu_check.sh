@@ -4,7 +4,7 @@
 #      random SD v1.5-architecture pipeline (wall, compile, peak host memory);
 #   2. the SAE train step at SD shape: mixed precision, float32, bfloat16 (tokens/s, MFU);
 #   3. the sampler at batch 8, 512 px, bfloat16 (images/s, MFU).
-# MFU is against the chip's bf16 matmul peak (saemnesia_jax/sizing.py PEAK_FLOPS).
+# MFU is against the chip's bf16 matmul peak (saemnesia_jax/runtime/sizing.py PEAK_FLOPS).
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   GPU_CHECK_TOY=1 bash benchmarks/gpu_check.sh # toy sizes, runs on a CPU (checks the script)

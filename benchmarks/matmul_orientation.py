@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from saemnesia_jax import sae  # noqa: E402
+from saemnesia_jax.sae import model as sae
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import loadavg  # noqa: E402

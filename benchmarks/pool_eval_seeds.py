@@ -22,9 +22,12 @@ import os
 
 import numpy as np
 
-from saemnesia_jax import evaluate_plan, metrics, quality, units as units_lib
-from saemnesia_jax.cli import load_config_file
-from saemnesia_jax.io_utils import atomic_write_json, read_json
+from saemnesia_jax.evaluation import plan as evaluate_plan
+from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.evaluation import quality
+from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax.runtime.cli import load_config_file
+from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 
 COLS = ("style_UA", "style_IRA", "style_CRA", "object_UA", "object_IRA", "object_CRA")
 

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saemnesia_jax import clamp, models
-from saemnesia_jax import sae as sae_lib
-from saemnesia_jax.sampler import Sampler, SamplerSpec
+from saemnesia_jax.diffusion import clamp
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.sae import model as sae_lib
+from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
 
 def identity_edit(p, x, step):

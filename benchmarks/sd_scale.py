@@ -137,8 +137,8 @@ def build_pipeline(path: str = PIPE_DIR, seed: int = 0) -> str:
   if os.path.isfile(os.path.join(path, "model_index.json")):
     return path
   import jax
-  from saemnesia_jax import models
-  from saemnesia_jax.unlearncanvas import OBJECT_CLASSES, STYLES as ALL_STYLES
+  from saemnesia_jax.diffusion import models
+  from saemnesia_jax.evaluation.unlearncanvas import OBJECT_CLASSES, STYLES as ALL_STYLES
   tmp = path + ".tmp"
   os.makedirs(tmp, exist_ok=True)
   words = WORDS + [w for name in (*OBJECT_CLASSES, *ALL_STYLES) for w in name.replace("_", " ").split()]
@@ -177,7 +177,7 @@ def build_classifiers(path: str = CLF_DIR, seed: int = 0, width: int = 1024, dep
   ``width`` / ``depth`` smaller for the toy run."""
   import numpy as np
   from safetensors.numpy import save_file
-  from saemnesia_jax.unlearncanvas import FILES, OBJECT_CLASSES, STYLE_CLASSES
+  from saemnesia_jax.evaluation.unlearncanvas import FILES, OBJECT_CLASSES, STYLE_CLASSES
   os.makedirs(path, exist_ok=True)
   mlp, patch, side = 4 * width, 16, 14
   rng = np.random.default_rng(seed)
@@ -327,7 +327,7 @@ def main() -> None:
   a = ap.parse_args()
   t0 = time.perf_counter()
   if a.toy:
-    from saemnesia_jax import models
+    from saemnesia_jax.diffusion import models
     pipe_dir, clf_dir = os.path.join(CACHE, "toy_pipeline"), os.path.join(CACHE, "toy_classifiers")
     if not os.path.isdir(pipe_dir):
       models.write_tiny_pipeline(pipe_dir, seed=0)

@@ -236,8 +236,9 @@ def collection_overhead(args: argparse.Namespace) -> dict | None:
     return None
   import sys
   import jax
-  from saemnesia_jax import collect, models
-  from saemnesia_jax.sampler import Sampler, SamplerSpec
+  from saemnesia_jax import collect
+  from saemnesia_jax.diffusion import models
+  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
   import tiny  # noqa: E402
   root = tempfile.mkdtemp(dir=args.workdir)
@@ -246,7 +247,7 @@ def collection_overhead(args: argparse.Namespace) -> dict | None:
   config.model.path = args.collect_model or models.write_tiny_pipeline(os.path.join(root, "tiny"))
   config.sampler.num_steps = args.collect_steps
   config.sampler.batch_size = 4
-  from saemnesia_jax import concepts
+  from saemnesia_jax.evaluation import concepts
   n_prompts = len(concepts.prompt_grid(config.concepts))
   config.collect.seeds = tuple(range(max(1, args.collect_units * 4 // n_prompts)))
   plain_t, collect_t = [], []

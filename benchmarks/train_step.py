@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saemnesia_jax import sae as sae_lib
+from saemnesia_jax.sae import model as sae_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import loadavg  # noqa: E402
@@ -130,7 +130,7 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
   """Where the sparse step's time goes: its parts timed one by one (jitted apart, so
   the sum is a little above the step's time: no fusion across the parts)."""
   import optax
-  from saemnesia_jax import sae_sparse
+  from saemnesia_jax.sae import sparse as sae_sparse
   s = SHAPES[shape]
   d, L, k = s["d_in"], s["n_latents"], s["k"]
   rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def main() -> None:
   ap.add_argument("--json_out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
   args = ap.parse_args()
   if args.malloc == "keep":
-    from saemnesia_jax import host_arrays
+    from saemnesia_jax.runtime import host_arrays
     host_arrays.keep_freed_memory()
   rows = []
   print(f"devices: {jax.devices()}")

@@ -8,7 +8,7 @@ same number of steps, classifier-free guidance at the same scale, the same
 starting noise and the same text conditioning.  Two variants:
 
   plain   the sampler as the pipeline stages run it (sample, collect).
-  clamp   the latent clamp of unlearning (``saemnesia_jax/clamp.py``) at the
+  clamp   the latent clamp of unlearning (``saemnesia_jax/diffusion/clamp.py``) at the
           hooked block, with a random SAE (expansion 16, k 8; encoder,
           biases and decoder drawn independently, so a peer that confused
           W_enc with W_dec.T or dropped a bias would disagree) and a ClampSpec
@@ -18,7 +18,7 @@ starting noise and the same text conditioning.  Two variants:
           pattern varying with the step (so a peer that indexed steps
           differently would disagree); 5 inactive padding entries.
 
-The project's side is ``saemnesia_jax.sampler.Sampler`` (the one ``jax.jit``
+The project's side is ``saemnesia_jax.diffusion.sampler.Sampler`` (the one ``jax.jit``
 around a ``lax.scan`` of UNet + CFG + DDIM step, the edit entered by
 ``nn.intercept_methods``, then the decode), built as
 ``benchmarks/sampler.py`` builds it, with its two inputs given as arrays:
@@ -102,7 +102,7 @@ DEFAULT_TOL = 1e-4
 def model_defaults(name: str) -> dict:
   """block, guidance scale and prompts of a model's config (configs/<name>.py)."""
   if name not in CONFIGS:
-    from saemnesia_jax import config_defaults
+    from saemnesia_jax.runtime import config_defaults
     return {"block": "up_blocks.1.attentions.1", "cfg": float(config_defaults.SAMPLER["guidance_scale"]),
             "prompts": ["A cat image in neon style."]}
   spec = importlib.util.spec_from_file_location(f"_vs_diffusers_config_{name}", CONFIGS[name])
@@ -126,7 +126,7 @@ def _clamp_spec(acts, sae, steps: int):
   almost nothing and an agreement check on it would prove little.
   """
   import numpy as np
-  from saemnesia_jax import clamp
+  from saemnesia_jax.diffusion import clamp
   pre = np.maximum((acts - sae["b_dec"]) @ sae["W_enc"] + sae["b_enc"], 0)
   top = np.argsort(-pre, axis=1)[:, :SAE_K]
   counts = np.bincount(top.ravel(), minlength=pre.shape[1])
@@ -155,9 +155,11 @@ def jax_worker() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from saemnesia_jax import clamp, hooks, models
-  from saemnesia_jax import sae as sae_lib
-  from saemnesia_jax.sampler import Sampler, SamplerSpec
+  from saemnesia_jax.diffusion import clamp
+  from saemnesia_jax.diffusion import hooks
+  from saemnesia_jax.diffusion import models
+  from saemnesia_jax.sae import model as sae_lib
+  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
   @dataclasses.dataclass(frozen=True)
   class GivenTextPipeline(models.Pipeline):
@@ -259,7 +261,7 @@ def torch_worker() -> None:
   import numpy as np
   import torch
   from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-  from saemnesia_jax import models  # the project's PyTorch export (reads Flax weights with numpy only)
+  from saemnesia_jax.diffusion import models
   from diffusers.models.activations import GEGLU
   st = {}
   _tanh_gelu = lambda gate: torch.nn.functional.gelu(gate, approximate="tanh")

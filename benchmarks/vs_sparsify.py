@@ -84,7 +84,7 @@ def jax_worker(backward: str, matmul_dtype: str | None = None) -> None:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from saemnesia_jax import sae as sae_lib
+  from saemnesia_jax.sae import model as sae_lib
   from train_step import make_step  # the trainer's step on one device
   st = {}
 

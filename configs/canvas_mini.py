@@ -58,7 +58,7 @@ picked -0.5, -2 and -10.
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax.runtime import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -34,7 +34,7 @@ mass; the softmax has neither floor nor ceiling.
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax.runtime import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:

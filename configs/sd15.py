@@ -57,12 +57,13 @@ On one GPU expect seconds per image; on a 2-core CPU, minutes.
 Evaluation judges with UnlearnCanvas' ViT-L classifiers (run in JAX, read with
 torch): --config.evaluate.classifier_dir=<folder with style_classifier.pth and
 object_classifier.pth>. The 50 style and 20 object names are the
-classifiers' class names (saemnesia_jax/unlearncanvas.py, from the public
+classifiers' class names (saemnesia_jax/evaluation/unlearncanvas.py, from the public
 UnlearnCanvas evaluation code).
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults, unlearncanvas
+from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.evaluation import unlearncanvas
 
 
 def get_config():
@@ -77,7 +78,7 @@ def get_config():
   ))
   config.block = "up_blocks.1.attentions.1"  # objects (SAeUron's and SAEmnesia's)
   # SAeUron's published style results clamp here; each stage runs per block
-  # into {workdir}/{block}/ (saemnesia_jax/blocks.py). '' -> block for both.
+  # into {workdir}/{block}/ (saemnesia_jax/diffusion/blocks.py). '' -> block for both.
   config.style_block = "up_blocks.1.attentions.2"
   config.sampler = ml_collections.ConfigDict(dict(
       num_steps=50,

@@ -11,7 +11,7 @@ own store from its own greedy assignment.
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax.runtime import config_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:

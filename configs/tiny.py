@@ -12,7 +12,7 @@ The hooked block ``up_blocks.1.attentions.1`` has output (8, 8, 64) at 32x32.
 """
 import ml_collections
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax.runtime import config_defaults
 
 
 def get_config():

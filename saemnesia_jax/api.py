@@ -23,8 +23,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from saemnesia_jax import clamp, erase as erase_lib
-from saemnesia_jax.io_utils import read_json
+from saemnesia_jax.diffusion import clamp
+from saemnesia_jax.diffusion import erase as erase_lib
+from saemnesia_jax.runtime.io_utils import read_json
 
 _SHIPPED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "canvas_mini")
 # The SAEs shipped with the CanvasMini model (sparsify layout), their scores and chosen settings.
@@ -58,7 +59,8 @@ class Erasure(NamedTuple):
 def load_pipeline(path_or_config: Any, dtype: str = "float32"):
   """A ``models.Pipeline`` from a directory, 'canvas_mini' (the shipped model)
   or a config (its ``model`` section)."""
-  from saemnesia_jax import common, models
+  from saemnesia_jax.diffusion import setup as common
+  from saemnesia_jax.diffusion import models
   if isinstance(path_or_config, str):
     if path_or_config == "canvas_mini":
       from saemnesia_jax.canvas_mini import PIPELINE_DIR
@@ -126,7 +128,7 @@ def erasure(sae: SAE, tables: Mapping[str, np.ndarray], concepts: Sequence[str],
 def to_pil(images: np.ndarray, scale: int = 1) -> list:
   """(N, H, W, 3) images in [0, 1] -> PIL images (nearest-upscaled by ``scale``)."""
   from PIL import Image
-  from saemnesia_jax import images as img_utils
+  from saemnesia_jax.evaluation import images as img_utils
   out = []
   for im in img_utils.to_uint8(images):
     p = Image.fromarray(im)
@@ -139,7 +141,7 @@ _SAMPLERS: dict = {}
 
 def _sampler(pipe, num_steps: int, height: int, width: int, batch_size: int, block: str | None, k: int):
   """One compiled sampler per (pipeline, shape, block, k), kept for later calls."""
-  from saemnesia_jax.sampler import Sampler, SamplerSpec
+  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
   key = (id(pipe), num_steps, height, width, batch_size, block, k)
   if key not in _SAMPLERS:
     spec = SamplerSpec(num_steps=num_steps, height=height or None, width=width or None, batch_size=batch_size,
@@ -159,7 +161,7 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], erase: Erasure | 
   ``max_latents`` (0: the smallest power of two >= 8 that holds them) sizes
   the clamp: erasures of one size share one compiled sampler.
   """
-  from saemnesia_jax.sampler import sample_prompts
+  from saemnesia_jax.diffusion.sampler import sample_prompts
   if erase is None:
     s = _sampler(pipe, num_steps, height, width, batch_size, None, 0)
     imgs = sample_prompts(s, list(prompts), list(seeds), guidance_scale, progress=progress)

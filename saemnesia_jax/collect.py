@@ -8,7 +8,7 @@ the anchor prompts, ``collect.seeds`` each; or, with
 ``plan``) and stores, for the conditional
 half of CFG at every step, the hooked block's output: one *map* of
 (H*W tokens, d_in) per (prompt, seed, step), with labels (object, style,
-timestep, step, prompt id, seed). See ``store.py`` for the layout.
+timestep, step, prompt id, seed). See ``store/__init__.py`` for the layout.
 
 Work is cut into units of one sampler batch (``sampler.batch_size``
 trajectories x ``num_steps`` maps); row = trajectory * num_steps + step, so a
@@ -21,7 +21,7 @@ u % count == p, all writing one store.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("collect")
 
 import hashlib
@@ -36,9 +36,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from saemnesia_jax import common, concepts, runs, store
-from saemnesia_jax.errors import RunMismatchError
-from saemnesia_jax.io_utils import read_json
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.evaluation import concepts
+from saemnesia_jax.runtime import runs
+from saemnesia_jax import store
+from saemnesia_jax.runtime.errors import RunMismatchError
+from saemnesia_jax.runtime.io_utils import read_json
 
 
 def store_path(config: ml_collections.ConfigDict) -> str:
@@ -176,7 +179,7 @@ def _check_existing(path: str, manifest: dict, overwrite: bool) -> None:
 
 def _identity(manifest: dict) -> dict:
   """A manifest's identity and layout as flat fields (what a store is)."""
-  from saemnesia_jax.config_docs import flat_fields
+  from saemnesia_jax.runtime.config_docs import flat_fields
   m = json.loads(json.dumps({"identity": manifest["identity"], "layout": manifest["layout"]}))
   return flat_fields(m)
 
@@ -213,13 +216,13 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-  from saemnesia_jax import blocks
-  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
-    from saemnesia_jax import sizing
+  from saemnesia_jax.diffusion import blocks
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
+    from saemnesia_jax.runtime import sizing
     return sizing.sampler_dry_run(config, "collect")
   if blocks.per_block(config):  # a store per block ({workdir}/{block}/activations)
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
-  from saemnesia_jax.units import initialize_distributed
+  from saemnesia_jax.runtime.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   c = config.collect
   col = prepare(config)

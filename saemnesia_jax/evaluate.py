@@ -15,7 +15,7 @@ the answer set (every object x style prompt and, with ``evaluate.seed_images``,
 every object's unstyled prompt (UnlearnCanvas' Seed_Images); ``seeds``) is
 sampled (``evaluate.num_steps`` DDIM steps) with the clamp inside the jitted
 sampler, at ``config.block`` for objects and ``config.style_block`` for
-styles, each with that block's SAEs (``blocks.py``), classified by the style and object
+styles, each with that block's SAEs (``diffusion/blocks.py``), classified by the style and object
 classifiers, and scored (docs/method.md section 6). The sweep picks, per concept,
 the setting with the best (UA + IRA) / 2 on ``sweep_seeds``; the table
 reports that setting on the held-out ``eval_seeds``. Sequential unlearning
@@ -23,7 +23,7 @@ erases the first 1, 2, ..., n objects of ``sequential_objects`` at once,
 each with its chosen setting.
 
 Work is cut into units (method x concept x setting x seed set), each written
-atomically when done (``units.py``): a rerun after a crash does only what is
+atomically when done (``runtime/units.py``): a rerun after a crash does only what is
 missing, and several processes (``jax.distributed``; see launch/) split the
 units by ``jax.process_index()``. Process 0 merges: ``{out_dir}/`` gets
 ``table.md`` / ``table.csv`` (Table 1 of docs/method.md), ``per_concept.csv``,
@@ -33,7 +33,7 @@ the same prompts with and without erasure.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("evaluate")
 
 import copy
@@ -45,13 +45,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import blocks, clamp, concepts, metrics, runs
-from saemnesia_jax import units as units_lib
-from saemnesia_jax import variants as variants_lib
-from saemnesia_jax.evaluate_plan import (arms, choose, final_unit, final_units, grid_arms, reused_choices,  # noqa: F401
+from saemnesia_jax.diffusion import blocks
+from saemnesia_jax.diffusion import clamp
+from saemnesia_jax.evaluation import concepts
+from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.runtime import runs
+from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax.evaluation import variants as variants_lib
+from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms, reused_choices,  # noqa: F401
                                          sequential_units, settings, sweep_units, targets, unit_metrics,
                                          unit_quality)
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are
@@ -104,7 +108,7 @@ class CanvasMiniJudge:
     return out["object"], out["style"]
 
   def assess(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """``predict``'s ids plus confidences and penultimate features (quality.py)."""
+    """``predict``'s ids plus confidences and penultimate features (evaluation/quality.py)."""
     return self._ids(self._lib.assess(self.clfs, images))
 
 
@@ -113,7 +117,7 @@ def make_judge(config) -> Any:
   if kind in ("canvas_mini", "canvas_mini_no_object"):
     return CanvasMiniJudge(no_object=kind == "canvas_mini_no_object")
   if kind == "unlearncanvas":
-    from saemnesia_jax import unlearncanvas
+    from saemnesia_jax.evaluation import unlearncanvas
     return unlearncanvas.unlearncanvas_judge(config)
   raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini', 'canvas_mini_no_object' and 'unlearncanvas'; or "
                    "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
@@ -166,7 +170,7 @@ class Evaluation:
   """Model, samplers, SAEs, scores and classifiers of one evaluation run."""
 
   def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
-    from saemnesia_jax import common
+    from saemnesia_jax.diffusion import setup as common
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
     self.judge = judge or make_judge(config)
@@ -217,7 +221,7 @@ class Evaluation:
 
   def sampler(self, k: int, block: str = ""):
     """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block)."""
-    from saemnesia_jax import common
+    from saemnesia_jax.diffusion import setup as common
     block = block or self.config.block
     if (block, k) not in self._samplers:
       config = sampling_config(self.config)
@@ -234,7 +238,7 @@ class Evaluation:
     return concepts.lookup(name, names, domain)
 
   def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
-    from saemnesia_jax import erase
+    from saemnesia_jax.diffusion import erase
     sae = self.sae(method, domain)
     return erase.concept_entry(method, sae["scores"], domain, self.concept_index(domain, name), setting,
                                assignment=sae.get("assignment"))
@@ -262,7 +266,7 @@ class Evaluation:
 
   def run_unit(self, unit: dict) -> dict:
     """Samples and classifies the answer set of one unit."""
-    from saemnesia_jax.sampler import sample_prompts
+    from saemnesia_jax.diffusion.sampler import sample_prompts
     t0 = time.perf_counter()
     method = unit["method"]
     domain = unit.get("domain", "object")  # sequential units erase objects; 'none' erases nothing
@@ -294,7 +298,7 @@ class Evaluation:
 
 
 def fingerprint(config, ctx: Evaluation) -> dict:
-  """What determines every unit's result (see runs.py): the settings, the
+  """What determines every unit's result (see runtime/runs.py): the settings, the
   model's weights, each block's SAEs and scores, and the judge."""
   inputs = {"weights": ctx.pipe.weights_hash(),
             "judge": getattr(ctx.judge, "identity", type(ctx.judge).__name__)}
@@ -325,7 +329,7 @@ def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
 
 
 def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
-  from saemnesia_jax import quality
+  from saemnesia_jax.evaluation import quality
   ev = config.evaluate
   rows, per_concept, wall, qual = {}, [], {}, {}
   base = next((u for u in finals if u["method"] == "none"), None)
@@ -416,8 +420,8 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   same prompts without erasure and with each method's chosen erasure; the
   first (up to three) prompts contain the concept (they should lose it), the
   last (up to two) do not (they should not change)."""
-  from saemnesia_jax import images as img_utils
-  from saemnesia_jax.sampler import sample_prompts
+  from saemnesia_jax.evaluation import images as img_utils
+  from saemnesia_jax.diffusion.sampler import sample_prompts
   config = ev_ctx.config
   chosen_targets = targets(config)
   shown = ([t for t in chosen_targets if t[0] == "object"][:per_domain] +
@@ -461,8 +465,8 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
 
 
 def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict | None:
-  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
-    from saemnesia_jax import sizing
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
+    from saemnesia_jax.runtime import sizing
     return sizing.sampler_dry_run(config, "evaluate")
   units_lib.initialize_distributed()
   ev = config.evaluate
@@ -494,7 +498,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   summary["wall_s_total"] = time.perf_counter() - t0
   print(metrics.format_markdown(summary["table"]))
   if summary["quality"]:
-    from saemnesia_jax import quality
+    from saemnesia_jax.evaluation import quality
     print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
           f"lower is better; recognised: the other domain's classifier at >= "
           f"{config.evaluate.recognised_confidence:g} confidence; coherent UA: erased and still recognised):")

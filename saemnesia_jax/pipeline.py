@@ -26,7 +26,7 @@ percentile grid, fewer seeds); the report says so.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("pipeline")
 
 import hashlib
@@ -38,9 +38,9 @@ from typing import Any
 
 import ml_collections
 
-from saemnesia_jax import config_defaults
-from saemnesia_jax.errors import UserError
-from saemnesia_jax.io_utils import atomic_write_json, read_json
+from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.runtime.errors import UserError
+from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 
 STAGES = ("collect", "probe", "train", "scores", "train_sup", "scores_sup", "evaluate", "report")
 _STORE = ("model", "block", "sampler", "concepts", "collect")
@@ -111,7 +111,7 @@ def _run_stage(stage: str, c: ml_collections.ConfigDict, judge: Any, progress: b
   if stage == "probe":
     return probe.run(c)
   if stage in ("train", "train_sup"):
-    from saemnesia_jax import blocks
+    from saemnesia_jax.diffusion import blocks
     if blocks.per_block(c):  # config.style_block: an SAE per block, as the train CLI runs them
       return {b: train.train(blocks.block_config(c, b), progress=progress)["step"] for b in blocks.blocks(c)}
     return train.train(c, progress=progress)["step"]
@@ -126,7 +126,7 @@ def _run_stage(stage: str, c: ml_collections.ConfigDict, judge: Any, progress: b
 def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict:
   """Runs the stages of ``config.pipeline.stages``; returns {stage: 'ran' | 'skipped'}."""
   import jax
-  from saemnesia_jax import units
+  from saemnesia_jax.runtime import units
   units.initialize_distributed()
   unknown = set(config.pipeline.stages) - set(STAGES)
   if unknown:
@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
       print(f"[pipeline] {stage}: done with the same settings ({path}), skipped")
       done[stage] = "skipped"
       continue
-    # Otherwise the stage runs: its own run fingerprint (runs.py) continues an
+    # Otherwise the stage runs: its own run fingerprint (runtime/runs.py) continues an
     # interrupted run, or refuses other settings naming each differing field.
     print(f"[pipeline] {stage}: running")
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ accuracy overall and per sampling step.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("probe")
 
 import os
@@ -38,10 +38,11 @@ import optax
 from tqdm import tqdm
 
 from saemnesia_jax import collect
-from saemnesia_jax import common
-from saemnesia_jax import io_utils, runs
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.runtime import io_utils
+from saemnesia_jax.runtime import runs
 from saemnesia_jax import store as store_lib
-from saemnesia_jax.errors import UserError
+from saemnesia_jax.runtime.errors import UserError
 
 
 class ProbeError(UserError):
@@ -123,7 +124,7 @@ def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  from saemnesia_jax import blocks
+  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):  # each block's store
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   p = config.probe

@@ -14,7 +14,7 @@ folder stands alone. Missing inputs are named in the report, not invented.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("report")
 
 import json
@@ -26,8 +26,8 @@ import time
 
 import ml_collections
 
-from saemnesia_jax import metrics
-from saemnesia_jax.io_utils import atomic_write_bytes, read_json
+from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, read_json
 
 # Table 1 of the SAEmnesia paper (arXiv 2509.21379): Stable Diffusion v1.5 on UnlearnCanvas, in %.
 PUBLISHED = {
@@ -142,7 +142,8 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes {workdir}/report/report.md (and figures); returns its path."""
-  from saemnesia_jax import association, scores as scores_lib
+  from saemnesia_jax.evaluation import association
+  from saemnesia_jax import scores as scores_lib
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   eval_dir = config.evaluate.out_dir or os.path.join(workdir, "eval")
@@ -165,7 +166,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     missing.append(os.path.join(eval_dir, "summary.json"))
     md += ["(no evaluation yet)", ""]
   if summary and summary.get("quality"):
-    from saemnesia_jax import quality
+    from saemnesia_jax.evaluation import quality
     md += ["## Image quality under erasure", "",
            "FD: Frechet distance between the judge's penultimate features of the images sampled with the erasure "
            "and of the same prompts and seeds without it (lower: the picture changed less), for the erased "

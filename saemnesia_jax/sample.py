@@ -9,7 +9,7 @@ prompts, columns: seeds) and ``manifest.json`` (config, model, timings).
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("sample")
 
 import os
@@ -19,14 +19,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from saemnesia_jax import common, images
-from saemnesia_jax.io_utils import atomic_write_json
-from saemnesia_jax.sampler import sample_prompts
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.evaluation import images
+from saemnesia_jax.runtime.io_utils import atomic_write_json
+from saemnesia_jax.diffusion.sampler import sample_prompts
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-  if config.get("dry_run"):  # compile only: per-device memory and images/s (sizing.py)
-    from saemnesia_jax import sizing
+  if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
+    from saemnesia_jax.runtime import sizing
     return sizing.sampler_dry_run(config, "sample")
   if not config.prompts:
     raise ValueError("config.prompts is empty: give at least one prompt, e.g. "

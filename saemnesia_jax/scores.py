@@ -23,7 +23,7 @@ What it computes (docs/method.md section 4):
 4. The greedy assignment (``supervised.greedy_assignment``: objects first,
    then styles, each concept takes its best free latent; scores averaged over
    steps) for the SAEmnesia fine-tune.
-5. The association report (``association.py``): for each concept, how much
+5. The association report (``evaluation/association.py``): for each concept, how much
    of its positive score mass sits in its best latent, how many latents it
    takes to reach ``mass_fraction`` (90%) of it, and for a supervised SAE the
    share and rank of the *assigned* latent.
@@ -77,7 +77,7 @@ process 0 writes.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("scores")
 
 import functools
@@ -93,15 +93,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from saemnesia_jax import config_defaults
-from saemnesia_jax.association import AGGREGATION, association_report, format_report, plot_report
-from saemnesia_jax import importance as imp
-from saemnesia_jax import sae as sae_lib
-from saemnesia_jax import sparsify_io
+from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.evaluation.association import AGGREGATION, association_report, format_report, plot_report
+from saemnesia_jax.sae import importance as imp
+from saemnesia_jax.sae import model as sae_lib
+from saemnesia_jax.sae import sparsify_io
 from saemnesia_jax import store as store_lib
-from saemnesia_jax import runs, supervised
-from saemnesia_jax.errors import UserError
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+from saemnesia_jax.runtime import runs
+from saemnesia_jax.sae import supervised
+from saemnesia_jax.runtime.errors import UserError
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 FORMAT = "saemnesia_jax.scores"
 VERSION = 1
@@ -396,7 +397,7 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   "manifest", "report", "assignment_ids", "n_maps", "wall_s"}; with a block per
   domain (config.style_block), {block: that} for each block's SAE.
   """
-  from saemnesia_jax import blocks
+  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):
     return {b: run(blocks.block_config(config, b), progress) for b in blocks.blocks(config)}
   t0 = time.perf_counter()

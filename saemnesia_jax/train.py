@@ -32,7 +32,7 @@ over the assigned latents + w_l1 * mean|z| + w_decorr * decorrelation.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("train")
 
 import copy
@@ -52,11 +52,15 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from saemnesia_jax import common, models, runs
-from saemnesia_jax import sae as sae_lib
-from saemnesia_jax import sharding as shard_lib
-from saemnesia_jax import sparsify_io, store, supervised
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.runtime import runs
+from saemnesia_jax.sae import model as sae_lib
+from saemnesia_jax.runtime import sharding as shard_lib
+from saemnesia_jax.sae import sparsify_io
+from saemnesia_jax import store
+from saemnesia_jax.sae import supervised
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
 
 MODES = ("unsupervised", "supervised")
 # Train fields that cannot change the trained SAE: where it goes, how often it
@@ -231,7 +235,7 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
   def step(state, batch):
     batch = as_params_dtype(batch, state["params"])
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    if micro > 1:  # the supervised batch in slices: the same update (supervised.py)
+    if micro > 1:  # the supervised batch in slices: the same update (sae/supervised.py)
       (loss, aux), grads = supervised.accumulated_value_and_grad(
           state["params"], batch["x"], batch["object"], batch["style"], batch["assignment"], supcfg, micro)
     elif mode == "unsupervised":
@@ -354,7 +358,7 @@ def export(tr: Trainer, params, meta: dict) -> str:
 
 
 def fingerprint(tr: Trainer) -> dict:
-  """The settings and inputs that determine this run's SAE (see runs.py)."""
+  """The settings and inputs that determine this run's SAE (see runtime/runs.py)."""
   c = tr.config
   inputs = runs.store_identity(tr.store.manifest, len(store.done_units(tr.store)))
   if c.sae.init_from:
@@ -424,11 +428,11 @@ def init_sample(tr: Trainer, local_tokens) -> jax.Array:
 
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
-  from saemnesia_jax import blocks
+  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):
     raise ValueError(f"config.block and config.style_block differ ({blocks.blocks(config)}): train each with "
                      "train.run(config) (the CLI), or train.train(blocks.block_config(config, block))")
-  from saemnesia_jax.units import initialize_distributed
+  from saemnesia_jax.runtime.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = with_epoch_steps(config)  # before setup: the learning-rate schedule spans the steps
@@ -519,9 +523,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
 def run(config: ml_collections.ConfigDict) -> dict:
   if config.get("dry_run"):
-    from saemnesia_jax import sizing
+    from saemnesia_jax.runtime import sizing
     return sizing.dry_run(config)
-  from saemnesia_jax import blocks
+  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):  # an SAE per block ({workdir}/{block}/{train.name})
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   result = train(config)

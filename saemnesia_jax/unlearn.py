@@ -27,7 +27,7 @@ The stage is a thin wrapper over ``saemnesia_jax.api``.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("unlearn")
 
 import os
@@ -36,9 +36,11 @@ import time
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import api, common, images
-from saemnesia_jax import erase as erase_lib
-from saemnesia_jax.io_utils import atomic_write_json
+from saemnesia_jax import api
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.evaluation import images
+from saemnesia_jax.diffusion import erase as erase_lib
+from saemnesia_jax.runtime.io_utils import atomic_write_json
 
 RUNS = {"saeuron": "sae_unsup", "saemnesia": "sae_sup"}
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from saemnesia_jax import common, concepts, models
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.evaluation import concepts
+from saemnesia_jax.diffusion import models
 from saemnesia_jax.canvas_mini import PIPELINE_DIR, classifiers, data
-from saemnesia_jax.sampler import sample_prompts
+from saemnesia_jax.diffusion.sampler import sample_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import collect, config_defaults, sae, scores, store, supervised, train
+from saemnesia_jax import collect
+from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.sae import model as sae
+from saemnesia_jax import scores
+from saemnesia_jax import store
+from saemnesia_jax.sae import supervised
+from saemnesia_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

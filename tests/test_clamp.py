@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import clamp, models, sae
-from saemnesia_jax.sampler import Sampler, SamplerSpec
+from saemnesia_jax.diffusion import clamp
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.sae import model as sae
+from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
 
 def _identity_sae(d=4):

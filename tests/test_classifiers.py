@@ -9,7 +9,7 @@ import pytest
 
 from saemnesia_jax.canvas_mini import classifiers as C
 from saemnesia_jax.canvas_mini import data as d
-from saemnesia_jax.io_utils import atomic_write_json, hash_files, read_json
+from saemnesia_jax.runtime.io_utils import atomic_write_json, hash_files, read_json
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "canvas_mini.py")
 FRESH_SEED = 12345  # never used to train or evaluate the shipped classifiers

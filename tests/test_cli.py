@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from saemnesia_jax import cli, config_defaults, config_docs
+from saemnesia_jax.runtime import cli
+from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.runtime import config_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

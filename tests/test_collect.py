@@ -8,8 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from saemnesia_jax import collect, models, store
-from saemnesia_jax.errors import RunMismatchError
+from saemnesia_jax import collect
+from saemnesia_jax.diffusion import models
+from saemnesia_jax import store
+from saemnesia_jax.runtime.errors import RunMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3

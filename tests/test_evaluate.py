@@ -7,7 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from saemnesia_jax import collect, evaluate, models, scores, train
+from saemnesia_jax import collect
+from saemnesia_jax import evaluate
+from saemnesia_jax.diffusion import models
+from saemnesia_jax import scores
+from saemnesia_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

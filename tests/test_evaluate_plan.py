@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from saemnesia_jax import evaluate_plan as plan
-from saemnesia_jax import units as units_lib
-from saemnesia_jax.errors import ConfigError
+from saemnesia_jax.evaluation import plan
+from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax.runtime.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

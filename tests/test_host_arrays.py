@@ -1,9 +1,9 @@
-"""Tests of saemnesia_jax/host_arrays.py: the array pool and gather_cast."""
+"""Tests of saemnesia_jax/runtime/host_arrays.py: the array pool and gather_cast."""
 import ml_dtypes
 import numpy as np
 import pytest
 
-from saemnesia_jax import host_arrays
+from saemnesia_jax.runtime import host_arrays
 
 
 @pytest.mark.parametrize("piece_bytes", [512 << 10, 3 * 7 * 2])  # one piece; pieces of 3 rows and a rest

@@ -1,7 +1,7 @@
 """Grids: one tile size at every sampling resolution."""
 import numpy as np
 
-from saemnesia_jax import images
+from saemnesia_jax.evaluation import images
 
 
 def test_grid_tiles_are_the_same_size_at_any_resolution():

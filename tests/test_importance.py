@@ -1,10 +1,10 @@
-"""Tests of saemnesia_jax.importance against hand-computed values."""
+"""Tests of saemnesia_jax.sae.importance against hand-computed values."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import importance as imp
+from saemnesia_jax.sae import importance as imp
 
 
 def test_concept_means_against_a_loop():

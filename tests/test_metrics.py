@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saemnesia_jax import metrics
+from saemnesia_jax.evaluation import metrics
 
 # A hand-made answer set: 3 objects, 3 styles, two anchor images (style -1).
 # Columns: true object, true style, predicted object, predicted style.

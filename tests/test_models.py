@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from saemnesia_jax import hooks, models
+from saemnesia_jax.diffusion import hooks
+from saemnesia_jax.diffusion import models
 
 torch = pytest.importorskip("torch")  # the PyTorch-weights tests need the [torch] extra
 

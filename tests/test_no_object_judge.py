@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from saemnesia_jax import concepts, metrics
-from saemnesia_jax.cli import load_config_file
+from saemnesia_jax.evaluation import concepts
+from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.runtime.cli import load_config_file
 from saemnesia_jax.canvas_mini import classifiers as C
 from saemnesia_jax.canvas_mini import data as d
 from saemnesia_jax.evaluate import CanvasMiniJudge
-from saemnesia_jax.io_utils import read_json
+from saemnesia_jax.runtime.io_utils import read_json
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "canvas_mini.py")
 FRESH_SEED = 12345  # never used to train or evaluate the shipped classifiers

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from saemnesia_jax import pipeline
-from saemnesia_jax.errors import RunMismatchError
+from saemnesia_jax.runtime.errors import RunMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -55,7 +55,7 @@ def _numbers(workdir):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-  from saemnesia_jax import models
+  from saemnesia_jax.diffusion import models
   base = tmp_path_factory.mktemp("pipe")
   models.write_tiny_pipeline(str(base / "tiny_model"), seed=0)
   work = base / "full"

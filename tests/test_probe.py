@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from saemnesia_jax import config_defaults
+from saemnesia_jax.runtime import config_defaults
 from saemnesia_jax import probe
 from saemnesia_jax import store
 

@@ -72,7 +72,7 @@ def test_assignment_choice_and_its_errors():
     evaluate.saemnesia_assignment({"mode": "unsupervised", "assignment": None}, tables, "trained")
   with pytest.raises(ValueError, match="saemnesia_assignment='x'"):
     evaluate.saemnesia_assignment(meta, tables, "x")
-  from saemnesia_jax import config_defaults
+  from saemnesia_jax.runtime import config_defaults
   assert config_defaults.EVALUATE["saemnesia_assignment"] == "trained"
 
 
@@ -95,7 +95,7 @@ def test_evaluation_samples_the_protocols_100_steps():
 
 
 def test_prompts_write_style_names_with_spaces_as_the_benchmark():
-  from saemnesia_jax import concepts
+  from saemnesia_jax.evaluation import concepts
   c = sd15.get_config()
   prompts = [p.prompt for p in concepts.evaluation_grid(c.concepts)]
   assert "A Dogs image in Van Gogh style." in prompts
@@ -105,7 +105,7 @@ def test_prompts_write_style_names_with_spaces_as_the_benchmark():
 
 
 def test_answer_set_holds_the_unstyled_seed_images_prompts():
-  from saemnesia_jax import concepts
+  from saemnesia_jax.evaluation import concepts
   c = sd15.get_config()
   grid = concepts.evaluation_grid(c.concepts, seed_images=c.evaluate.seed_images)
   n_obj, n_sty = len(c.concepts.objects), len(c.concepts.styles)
@@ -114,7 +114,7 @@ def test_answer_set_holds_the_unstyled_seed_images_prompts():
   assert [p.object_id for p in unstyled] == list(range(n_obj))
   assert unstyled[1].prompt == "A Bears image in Seed Images style."
   # Object accuracy counts them, style accuracy leaves them out.
-  from saemnesia_jax import metrics
+  from saemnesia_jax.evaluation import metrics
   t_obj = np.array([p.object_id for p in grid])
   t_sty = np.array([p.style_id for p in grid])
   p_obj = np.where(t_sty == concepts.NO_STYLE, (t_obj + 1) % n_obj, t_obj)  # every unstyled image wrong
@@ -200,7 +200,8 @@ def _anchor_dir(tmp_path, objects, lines=("A {o} on a boat", "A {o} in the rain.
 
 
 def test_sd15_collects_anchor_prompts_apart_from_the_evaluation(tmp_path):
-  from saemnesia_jax import collect, concepts
+  from saemnesia_jax import collect
+  from saemnesia_jax.evaluation import concepts
   c = sd15.get_config()
   c.collect.anchor_prompts_dir = _anchor_dir(tmp_path, c.concepts.objects)
   grid, trajs = collect.plan(c)
@@ -236,7 +237,7 @@ def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
     c.collect.anchor_prompts_dir = str(tmp_path)
     collect.plan(c)
   # The CLI's checks say so before the model loads (sd15's placeholder path).
-  from saemnesia_jax import checks
+  from saemnesia_jax.runtime import checks
   with pytest.raises(checks.ConfigError, match="has no sd_prompt_Architectures.txt .missing for 20 of 20"):
     checks.check("collect", sd15.get_config())
 
@@ -246,7 +247,8 @@ def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
 
 def test_sd15_hooks_a_block_per_domain_with_a_folder_each():
   import sd15_sup
-  from saemnesia_jax import blocks, collect
+  from saemnesia_jax.diffusion import blocks
+  from saemnesia_jax import collect
   c = sd15.get_config()
   assert blocks.domain_blocks(c) == {"object": "up_blocks.1.attentions.1", "style": "up_blocks.1.attentions.2"}
   obj, sty = (blocks.block_config(c, b) for b in blocks.blocks(c))
@@ -272,7 +274,8 @@ def test_sd15_hooks_a_block_per_domain_with_a_folder_each():
 def _write_sae_and_scores(root, block, assignment, n_obj=2, n_sty=2, d_in=4, n_latents=8, steps=3):
   """A supervised SAE export and its scores under ``root`` (what train and scores write)."""
   import json
-  from saemnesia_jax import scores, sparsify_io
+  from saemnesia_jax import scores
+  from saemnesia_jax.sae import sparsify_io
   rng = np.random.default_rng(len(block))
   params = {"W_enc": rng.normal(size=(d_in, n_latents)).astype(np.float32), "b_enc": np.zeros(n_latents, np.float32),
             "W_dec": rng.normal(size=(n_latents, d_in)).astype(np.float32), "b_dec": np.zeros(d_in, np.float32)}
@@ -291,7 +294,7 @@ def _write_sae_and_scores(root, block, assignment, n_obj=2, n_sty=2, d_in=4, n_l
 
 
 def test_evaluation_erases_objects_and_styles_with_their_own_blocks_sae(tmp_path):
-  from saemnesia_jax import blocks
+  from saemnesia_jax.diffusion import blocks
   c = ml_collections.ConfigDict(dict(
       workdir=str(tmp_path), block="b.obj", style_block="b.sty",
       concepts=dict(objects=("o0", "o1"), styles=("s0", "s1")),

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from saemnesia_jax import quality
-from saemnesia_jax.concepts import NO_STYLE
+from saemnesia_jax.evaluation import quality
+from saemnesia_jax.evaluation.concepts import NO_STYLE
 
 
 def _fd_reference(a, b):

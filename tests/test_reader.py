@@ -1,4 +1,4 @@
-"""Tests of the shuffled store readers (saemnesia_jax/reader.py) on the tiny store
+"""Tests of the shuffled store readers (saemnesia_jax/store/reader.py) on the tiny store
 of tests/store_helpers.py."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import pytest
 
-from saemnesia_jax import reader as reader_lib
+from saemnesia_jax.store import reader as reader_lib
 from saemnesia_jax import store as st
 from store_helpers import MPC, N_MAPS, STEPS, T, D, epoch as _epoch, manifest, map_data
 from store_helpers import copy, map_labels, ref, write_units  # noqa: F401 (fixtures)

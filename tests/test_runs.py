@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from saemnesia_jax import checks, runs, train
-from saemnesia_jax.errors import ConfigError, RunMismatchError
+from saemnesia_jax.runtime import checks
+from saemnesia_jax.runtime import runs
+from saemnesia_jax import train
+from saemnesia_jax.runtime.errors import ConfigError, RunMismatchError
 from synthetic import BLOCK, make_concept_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +129,8 @@ def test_unknown_concept_fails_before_any_file(tmp_path):
 def test_block_names_match_the_unet(tmp_path):
   """The checks' block list (read from unet/config.json, no JAX) equals the
   hookable blocks of the loaded UNet."""
-  from saemnesia_jax import hooks, models
+  from saemnesia_jax.diffusion import hooks
+  from saemnesia_jax.diffusion import models
   path = models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
   with open(os.path.join(path, "unet", "config.json")) as f:
     names = checks.unet_blocks(json.load(f))

@@ -1,4 +1,4 @@
-"""Tests of saemnesia_jax.sae: encoder/decoder, TopK variants, losses, dead latents,
+"""Tests of saemnesia_jax.sae.model: encoder/decoder, TopK variants, losses, dead latents,
 decoder constraint, and the sharded loss on a 2x2 (data, model) mesh."""
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from saemnesia_jax import sae
+from saemnesia_jax.sae import model as sae
 
 D_IN, N_LAT, K = 8, 32, 4
 

@@ -1,4 +1,4 @@
-"""Tests of saemnesia_jax.sae_sparse: the sparse backward equals the dense reference."""
+"""Tests of saemnesia_jax.sae.sparse: the sparse backward equals the dense reference."""
 import functools
 import re
 
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import sae, sae_sparse
+from saemnesia_jax.sae import model as sae
+from saemnesia_jax.sae import sparse as sae_sparse
 
 D_IN, N_LAT, K, K_AUX, N = 16, 128, 4, 8, 64
 # Dead counts: none (AuxK skipped), fewer than k_aux (block of 2 < k_aux), a block of 4, of 64, all (z_pre as it is).

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import models
-from saemnesia_jax.sampler import Sampler, SamplerSpec, sample_prompts
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 
 STEPS, B = 4, 2
 BLOCK = "up_blocks.1.attentions.1"

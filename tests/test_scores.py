@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saemnesia_jax import association, scores, sparsify_io, store
-from saemnesia_jax.io_utils import atomic_write_json, hash_files, read_json
+from saemnesia_jax.evaluation import association
+from saemnesia_jax import scores
+from saemnesia_jax.sae import sparsify_io
+from saemnesia_jax import store
+from saemnesia_jax.runtime.io_utils import atomic_write_json, hash_files, read_json
 
 OBJECTS = ("cat", "dog", "owl")
 STYLES = ("neon", "pastel")

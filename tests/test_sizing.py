@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from saemnesia_jax import sizing, train
+from saemnesia_jax.runtime import sizing
+from saemnesia_jax import train
 from synthetic import BLOCK, make_concept_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def test_micro_batches_must_divide_the_batch(tmp_path):
 def test_sampler_dry_run_reads_no_weights_and_sizes_the_real_ones(tmp_path, stage="evaluate"):
   """Compile-only sizing of the sampling stages from config files alone: the
   weights it counts are the loaded pipeline's, and the compile is the real sampler's."""
-  from saemnesia_jax import models
+  from saemnesia_jax.diffusion import models
   model_dir = models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
   c = tiny.get_config()
   c.workdir, c.model.path = str(tmp_path), model_dir

@@ -1,4 +1,4 @@
-"""Tests of saemnesia_jax.sparsify_io: round trip, files written by torch, bad folders."""
+"""Tests of saemnesia_jax.sae.sparsify_io: round trip, files written by torch, bad folders."""
 import json
 import os
 
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import sae
-from saemnesia_jax import sparsify_io as sio
+from saemnesia_jax.sae import model as sae
+from saemnesia_jax.sae import sparsify_io as sio
 
 D_IN, N_LAT, K = 6, 24, 3
 

@@ -1,5 +1,5 @@
-"""Tests of the activation store's format and units (saemnesia_jax/store_format.py,
-store_units.py, and the ``python -m saemnesia_jax.store`` CLI) on the tiny store
+"""Tests of the activation store's format and units (saemnesia_jax/store/format.py,
+store/units.py, and the ``python -m saemnesia_jax.store`` CLI) on the tiny store
 of tests/store_helpers.py.
 
 This file is also the writer script of the subprocess tests:
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
   pytest = None
 
 from saemnesia_jax import store as st
-from saemnesia_jax import store_units
+from saemnesia_jax.store import units as store_units
 from store_helpers import MPC, MPU, N_MAPS, OBJECTS, STEPS, T, D, epoch as _epoch, manifest, map_data
 from store_helpers import copy, map_labels, ref, tree, write_units  # noqa: F401 (fixtures)
 
@@ -276,5 +276,5 @@ def test_unit_writer_writes_in_background(ref, tmp_path):
 
 
 def test_config_checks_name_every_store_compression():
-  from saemnesia_jax import checks
+  from saemnesia_jax.runtime import checks
   assert set(checks.STORE_COMPRESSIONS) == set(st.COMPRESSIONS)

@@ -1,4 +1,4 @@
-"""Tests of saemnesia_jax.supervised: assignments, the loss terms against a numpy
+"""Tests of saemnesia_jax.sae.supervised: assignments, the loss terms against a numpy
 reference, and a short fine-tune on synthetic concept data."""
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from saemnesia_jax import importance, sae
-from saemnesia_jax import supervised as sup
+from saemnesia_jax.sae import importance
+from saemnesia_jax.sae import model as sae
+from saemnesia_jax.sae import supervised as sup
 
 D_IN, N_LAT, T, N_OBJ, N_STY, K = 16, 32, 8, 3, 2, 4
 

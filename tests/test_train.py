@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saemnesia_jax import sparsify_io, store, train
+from saemnesia_jax.sae import sparsify_io
+from saemnesia_jax import store
+from saemnesia_jax import train
 from synthetic import BLOCK, make_concept_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +118,9 @@ def test_interrupted_run_resumes_to_the_same_parameters(concept_store, tmp_path)
 def test_supervised_finetune_makes_assigned_latents_selective(concept_store, tmp_path):
   """SAEmnesia's pipeline: unsupervised SAE -> scores -> greedy assignment -> supervised fine-tune."""
   import json
-  from saemnesia_jax import sae, scores, supervised
+  from saemnesia_jax.sae import model as sae
+  from saemnesia_jax import scores
+  from saemnesia_jax.sae import supervised
   path, _ = concept_store
   unsup = _config(tmp_path, path, steps=100, batch_size=64, eval_every=50, ckpt_every=100, log_every=10)
   train.train(unsup, progress=False)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from saemnesia_jax import units
+from saemnesia_jax.runtime import units
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")

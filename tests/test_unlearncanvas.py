@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from saemnesia_jax import concepts, evaluate, models, unlearncanvas
+from saemnesia_jax.evaluation import concepts
+from saemnesia_jax import evaluate
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.evaluation import unlearncanvas
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE, MLP = 32, 2, 2, 16, 32, 64
 

@@ -4,8 +4,9 @@ import math
 import ml_collections
 import pytest
 
-from saemnesia_jax import erase, variants
-from saemnesia_jax.errors import ConfigError
+from saemnesia_jax.diffusion import erase
+from saemnesia_jax.evaluation import variants
+from saemnesia_jax.runtime.errors import ConfigError
 
 
 def _config(*texts):
@@ -62,7 +63,7 @@ def test_rules_reach_the_clamp_entry_through_the_setting():
 
 
 def test_per_method_gammas_give_equal_budgets():
-  from saemnesia_jax import evaluate_plan
+  from saemnesia_jax.evaluation import plan as evaluate_plan
   v = variants.parse("fine: gammas.saemnesia=-0.1/-0.2/-0.5/-1 threshold=target")
   assert v.rules == (("threshold", "target"),)
   assert v.gammas_of("saemnesia", (-2.0,)) == (-0.1, -0.2, -0.5, -1.0)
@@ -78,7 +79,7 @@ def test_per_method_gammas_give_equal_budgets():
 
 
 def test_a_rule_grid_sweeps_both_rules_and_shares_the_papers_units():
-  from saemnesia_jax import evaluate_plan
+  from saemnesia_jax.evaluation import plan as evaluate_plan
   v = variants.parse("both: threshold=mean/target gammas.saemnesia=-0.5/-1")
   assert v.rules == (("threshold", ("mean", "target")),)
   assert variants.rule_grid(v) == [{}, {"threshold": "target"}]
@@ -100,7 +101,7 @@ def test_a_rule_grid_sweeps_both_rules_and_shares_the_papers_units():
 
 def test_target_threshold_edits_only_above_the_concepts_own_mean():
   import numpy as np
-  from saemnesia_jax import clamp
+  from saemnesia_jax.diffusion import clamp
   mu = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
   e = clamp.concept_entry(mu, np.full((3, 5), 0.5, np.float32), -1.0, assigned=2)
   assert np.array_equal(clamp.with_rules(e, threshold="target").threshold, mu)

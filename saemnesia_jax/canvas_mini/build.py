@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("canvas_mini.build")
 
 import json
@@ -36,13 +36,15 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from saemnesia_jax import common, models, runs
-from saemnesia_jax import images as img_utils
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.runtime import runs
+from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.canvas_mini import PIPELINE_DIR
 from saemnesia_jax.canvas_mini import classifiers as clf_lib
 from saemnesia_jax.canvas_mini import data
-from saemnesia_jax.io_utils import atomic_write_json
-from saemnesia_jax.sampler import Sampler, SamplerSpec, sample_prompts
+from saemnesia_jax.runtime.io_utils import atomic_write_json
+from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 
 
 

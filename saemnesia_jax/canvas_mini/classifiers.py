@@ -46,7 +46,7 @@ from flax import serialization, struct
 from tqdm import tqdm
 
 from saemnesia_jax.canvas_mini import data
-from saemnesia_jax.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
 
 PARAMS_FILE = "classifiers.msgpack"
 REPORT_FILE = "classifiers.json"

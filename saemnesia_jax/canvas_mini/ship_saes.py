@@ -15,7 +15,7 @@ and ``chosen.json``: the evaluation's chosen setting per method and concept
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags, help and checks before the heavy imports
-  from saemnesia_jax import cli
+  from saemnesia_jax.runtime import cli
   cli.main("canvas_mini.ship_saes")
 
 import os
@@ -25,9 +25,9 @@ import ml_collections
 import numpy as np
 
 from saemnesia_jax import scores as scores_lib
-from saemnesia_jax import sparsify_io
+from saemnesia_jax.sae import sparsify_io
 from saemnesia_jax.canvas_mini import ASSET_DIR
-from saemnesia_jax.io_utils import atomic_write_json, read_json
+from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 
 # The arrays of scores.npz the clamp and the API read, per run.
 KEEP = {"sae_unsup": ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "scores_objects",

@@ -1,0 +1,1 @@
+"""The diffusion model layer: loading, hooks, the sampler and the latent clamp."""

@@ -1,0 +1,61 @@
+"""What every stage shares: loading the model a config names, building its
+sampler, and recording the config that produced an output. (The command
+line itself is ``runtime/cli.py``.)"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion.sampler import EditFn, Sampler, SamplerSpec
+
+_WEIGHTS = {"auto": None, "flax": False, "pt": True}
+
+
+def model_path(config: ml_collections.ConfigDict, create: bool = True) -> str:
+  """The pipeline directory of ``config.model.path``: 'canvas_mini' is the
+  shipped CanvasMini model, '' a tiny random pipeline written (once) into the
+  workdir."""
+  path = config.model.path
+  if path == "canvas_mini":
+    from saemnesia_jax.canvas_mini import PIPELINE_DIR
+    path = PIPELINE_DIR
+    if not os.path.isdir(path):
+      raise models.ModelLoadError(
+          f"the CanvasMini pipeline is not built ({path} is missing): run "
+          "`python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py`")
+  elif not path:
+    path = os.path.join(config.workdir, "tiny_pipeline")
+    if create and not os.path.isdir(path):
+      print(f"writing a tiny random SD-like pipeline to {path} (first use only; about a minute)", flush=True)
+      models.write_tiny_pipeline(path, seed=config.model.seed)
+  return path
+
+
+def from_pt(config: ml_collections.ConfigDict) -> bool | None:
+  if config.model.weights not in _WEIGHTS:
+    raise ValueError(f"config.model.weights={config.model.weights!r}; expected one of {sorted(_WEIGHTS)}")
+  return _WEIGHTS[config.model.weights]
+
+
+def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
+  """The pipeline of ``config.model`` (see ``model_path``)."""
+  print(f"loading the model {model_path(config)} ({config.model.dtype})", flush=True)
+  return models.load_pipeline(model_path(config, create=False), dtype=config.model.dtype, from_pt=from_pt(config),
+                              attention=config.model.get("attention", "auto"))
+
+
+def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,
+                 edit_fn: EditFn | None = None) -> Sampler:
+  """The sampler of ``config.sampler``, capturing and/or editing ``config.block``."""
+  s = config.sampler
+  spec = SamplerSpec(num_steps=s.num_steps, height=s.height or None, width=s.width or None,
+                     batch_size=s.batch_size, capture_block=config.block if capture else None,
+                     edit_block=config.block if edit_fn is not None else None)
+  return Sampler(pipe, spec, edit_fn)
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON-able data, for manifests."""
+  return config.to_dict()

@@ -1,0 +1,1 @@
+"""Evaluation: concepts, prompts, metrics (UA/IRA/CRA), work units, plans, variants, image quality."""

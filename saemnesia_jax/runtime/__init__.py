@@ -1,0 +1,1 @@
+"""Runtime plumbing: the CLI, checks, run records, errors, sharding, host memory, multi-host units."""

@@ -1,0 +1,1 @@
+"""The sparse autoencoder: parameters, encode/decode, losses, the sparse step, sparsify I/O, importance scores."""
