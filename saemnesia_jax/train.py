@@ -37,6 +37,7 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -52,15 +53,15 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from saemnesia_jax.diffusion import setup as common
-from saemnesia_jax.diffusion import models
-from saemnesia_jax.runtime import runs
-from saemnesia_jax.sae import model as sae_lib
-from saemnesia_jax.runtime import sharding as shard_lib
-from saemnesia_jax.sae import sparsify_io
 from saemnesia_jax import store
-from saemnesia_jax.sae import supervised
+from saemnesia_jax.diffusion import blocks, models
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.runtime import layout, runs, sizing, tensorboard
+from saemnesia_jax.runtime import sharding as shard_lib
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
+from saemnesia_jax.runtime.units import initialize_distributed
+from saemnesia_jax.sae import artifacts, objectives, sparsify_io, supervised
+from saemnesia_jax.sae import model as sae_lib
 
 MODES = ("unsupervised", "supervised")
 # Train fields that cannot change the trained SAE: where it goes, how often it
@@ -71,10 +72,32 @@ NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_c
               "sae.backward")  # the sparse and dense backward give the same SAE
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
+run_dir = layout.run_dir
 
 
-def run_dir(config: ml_collections.ConfigDict) -> str:
-  return os.path.abspath(os.path.join(config.workdir, config.train.name))
+# ------------------------------------------------------------------ the step
+
+
+def train_step(state: dict, batch: dict, *, objective: objectives.Objective, tx: optax.GradientTransformation,
+               dead_tokens_threshold: int) -> tuple[dict, dict]:
+  """One update of the train state (params, opt_state, step, dead counters) on one batch."""
+  batch = {**batch, "x": batch["x"].astype(state["params"]["W_enc"].dtype)}  # batches come in the store's dtype
+  dead = sae_lib.dead_mask(state["dead"], dead_tokens_threshold)
+  (loss, aux), grads = objective.value_and_grad(state["params"], dead, batch)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = sae_lib.normalize_decoder(optax.apply_updates(state["params"], updates))
+  n_tokens = batch["x"].shape[0] * (batch["x"].shape[1] if batch["x"].ndim == 3 else 1)
+  metrics = objectives.metrics_of(aux, loss)
+  metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
+  return dict(params=params, opt_state=opt_state, step=state["step"] + 1,
+              dead=sae_lib.update_dead_counter(state["dead"], aux["fired"], n_tokens)), metrics
+
+
+def eval_step(params: dict, batch: dict, *, objective: objectives.Objective) -> dict:
+  """The objective's terms on a validation batch (nothing counted as dead)."""
+  batch = {**batch, "x": batch["x"].astype(params["W_enc"].dtype)}
+  loss, aux = objective.loss(params, jnp.zeros((params["W_enc"].shape[1],), bool), batch)
+  return objectives.metrics_of(aux, loss)
 
 
 # ------------------------------------------------------------------ set-up
@@ -82,12 +105,11 @@ def run_dir(config: ml_collections.ConfigDict) -> str:
 
 def open_training_store(config: ml_collections.ConfigDict) -> store.Store:
   """The activation store, checked against the config's model and block."""
-  from saemnesia_jax.collect import store_path
-  path = store_path(config)
+  path = layout.store_path(config)
   st = store.open_store(path)
   expected: dict[str, Any] = {"block": config.block}
   if config.train.check_model:
-    mpath = common.model_path(config, create=False)
+    mpath = layout.model_dir(config)
     if os.path.isdir(mpath):
       expected["weights_sha256"] = models.weights_hash(mpath, common.from_pt(config))
   store.check_identity(st, **expected)
@@ -111,42 +133,43 @@ def sae_config(config) -> sae_lib.SaeConfig:
                            matmul_dtype=s.get("matmul_dtype") or None)
 
 
-def supervised_config(config, n_objects: int) -> supervised.SupervisedConfig:
-  s = config.sae
-  return supervised.SupervisedConfig(n_objects=n_objects, k=s.k, batch_topk=s.batch_topk,
-                                     sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
-                                     w_decorr=s.w_decorr, sup_loss=s.sup_loss)
+def make_objective(config, shape: store.ShapeRecord) -> objectives.Objective:
+  """The objective of ``config.sae.mode`` (``train.micro_batches`` for the supervised one)."""
+  s, micro = config.sae, config.train.micro_batches
+  if s.mode == "unsupervised":
+    if micro > 1:
+      raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
+    return objectives.unsupervised(sae_config(config))
+  if micro > 1 and config.train.batch_size % micro:
+    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
+                     f"{config.train.batch_size} (maps per batch)")
+  cfg = supervised.SupervisedConfig(n_objects=len(shape.objects), k=s.k, batch_topk=s.batch_topk,
+                                    sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
+                                    w_decorr=s.w_decorr, sup_loss=s.sup_loss)
+  return objectives.supervised_objective(cfg, micro)
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  if t.lr_decay == "linear":
-    lr = optax.linear_schedule(t.learning_rate, t.learning_rate * t.final_lr_fraction, t.steps)
-  elif t.lr_decay == "constant":
-    lr = t.learning_rate
-  else:
-    raise ValueError(f"config.train.lr_decay={t.lr_decay!r}; expected 'linear' or 'constant'")
-  return optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(t.grad_clip),
-                     optax.adam(lr, eps=t.adam_eps))
+  return objectives.make_optimizer(t.learning_rate, t.steps, lr_decay=t.lr_decay,
+                                   final_lr_fraction=t.final_lr_fraction, grad_clip=t.grad_clip,
+                                   adam_eps=t.adam_eps)
 
 
-def load_assignment(config, st: store.Store, rng) -> np.ndarray:
+def load_assignment(config, shape: store.ShapeRecord, rng) -> np.ndarray:
   """Concept -> latent ids (objects first), from config.sae.assignment."""
-  grid = st.manifest["identity"]["prompt_grid"]
-  n_obj, n_sty = len(grid["objects"]), len(grid["styles"])
+  n_obj, n_sty = len(shape.objects), len(shape.styles)
   how = config.sae.assignment
-  L = n_latents(config, st.d_in)
+  L = n_latents(config, shape.d_in)
   if how == "random":
     return np.asarray(supervised.random_assignment(rng, n_obj, n_sty, L))
   path = how
   if how == "greedy":
-    path = os.path.join(config.sae.scores_dir or os.path.join(config.workdir, "sae_unsup", "scores"),
-                        "assignment.json")
+    path = os.path.join(layout.scores_dir_for_assignment(config), artifacts.ASSIGNMENT_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"no concept->latent assignment at {path}: run the scores stage on an unsupervised SAE first "
         "(python -m saemnesia_jax.scores --config ...), or use --config.sae.assignment=random")
-  from saemnesia_jax.scores import load_assignment as _load
-  ids = np.asarray(_load(path, grid["objects"], grid["styles"]), np.int32)
+  ids = np.asarray(artifacts.load_assignment(path, shape.objects, shape.styles), np.int32)
   if len(ids) != n_obj + n_sty or ids.max() >= L:
     raise ValueError(f"assignment {path} has {len(ids)} entries (max {ids.max()}) but the store has "
                      f"{n_obj} objects + {n_sty} styles and the SAE {L} latents")
@@ -157,43 +180,40 @@ def load_assignment(config, st: store.Store, rng) -> np.ndarray:
 class Trainer:
   """Everything one training run holds; built by ``setup``."""
   config: Any
-  store: store.Store
-  mode: str
+  shape: store.ShapeRecord
+  objective: objectives.Objective
   mesh: Any
   tx: Any
   state_shardings: Any
-  batch_sharding: Any
+  batch_sharding: Any  # of the data axes ('data')
+  step_shardings: dict  # of each field of the step's batch
   step_fn: Any
   eval_fn: Any
   init_fn: Any
   assignment: np.ndarray | None
   assignment_on_mesh: Any = None  # the assignment, placed once (replicated)
 
-
-def _metrics_of(aux: dict, loss) -> dict:
-  keep = ("fvu", "auxk", "l0", "n_dead", "mse", "l_sup", "bce", "softmax_ce", "l1", "decorr",
-          "object_acc", "style_acc")
-  return {"loss": loss, **{k: aux[k] for k in keep if k in aux}}
+  @property
+  def mode(self) -> str:
+    return self.objective.name
 
 
-def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> Trainer:
+def setup(config: ml_collections.ConfigDict, shape: store.ShapeRecord) -> Trainer:
+  """The jitted step, evaluation and initialisation of ``config`` for a store of ``shape``."""
   mode = config.sae.mode
   if mode not in MODES:
     raise ValueError(f"config.sae.mode={mode!r}; expected one of {MODES}")
-  st = st or open_training_store(config)
-  d_in, L = st.d_in, n_latents(config, st.d_in)
+  d_in, L = shape.d_in, n_latents(config, shape.d_in)
   mesh = shard_lib.make_mesh(config.train.mesh_shape)
   rules = [tuple(r) for r in config.train.sharding_rules]
   tx = make_optimizer(config.train)
   rng = jax.random.PRNGKey(config.train.seed)
-  grid = st.manifest["identity"]["prompt_grid"]
-  assignment = load_assignment(config, st, rng) if mode == "supervised" else None
-  scfg = sae_config(config)
-  supcfg = supervised_config(config, len(grid["objects"])) if mode == "supervised" else None
+  assignment = load_assignment(config, shape, rng) if mode == "supervised" else None
+  objective = make_objective(config, shape)
 
   def init_fn(x_sample):
     if config.sae.init_from:
-      params, cfg = sparsify_io.load_sparsify(config.sae.init_from, dtype=np.float32)
+      params, _ = sparsify_io.load_sparsify(config.sae.init_from, dtype=np.float32)
       if params["W_enc"].shape != (d_in, L):
         raise ValueError(f"init_from {config.sae.init_from}: SAE of shape {params['W_enc'].shape}, "
                          f"this run needs (d_in, n_latents) = {(d_in, L)}")
@@ -211,64 +231,25 @@ def setup(config: ml_collections.ConfigDict, st: store.Store | None = None) -> T
   state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep,
                   dead=NamedSharding(mesh, P(*shard_lib.spec_for("b_enc", rules))))
   batch_sh = shard_lib.batch_sharding(mesh)
-  if mode == "supervised":  # maps and labels over 'data'; the assignment replicated
-    step_batch_sh = dict(x=batch_sh, object=batch_sh, style=batch_sh, assignment=rep)
-  else:
-    step_batch_sh = dict(x=batch_sh)
-
-  def loss_fn(params, dead, batch):
-    if mode == "unsupervised":
-      return sae_lib.unsupervised_loss(params, batch["x"], dead, scfg)
-    return supervised.supervised_loss(params, batch["x"], batch["object"], batch["style"],
-                                      batch["assignment"], supcfg)
-
-  micro = config.train.micro_batches
-  if micro > 1 and mode != "supervised":
-    raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
-  if micro > 1 and config.train.batch_size % micro:
-    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
-                     f"{config.train.batch_size} (maps per batch)")
-
-  def as_params_dtype(batch, params):  # batches come in the store's dtype
-    return {**batch, "x": batch["x"].astype(params["W_enc"].dtype)}
-
-  def step(state, batch):
-    batch = as_params_dtype(batch, state["params"])
-    dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    if micro > 1:  # the supervised batch in slices: the same update (sae/supervised.py)
-      (loss, aux), grads = supervised.accumulated_value_and_grad(
-          state["params"], batch["x"], batch["object"], batch["style"], batch["assignment"], supcfg, micro)
-    elif mode == "unsupervised":
-      (loss, aux), grads = sae_lib.loss_and_grads(state["params"], batch["x"], dead, scfg)
-    else:
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], dead, batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = sae_lib.normalize_decoder(optax.apply_updates(state["params"], updates))
-    n_tokens = batch["x"].shape[0] * (batch["x"].shape[1] if batch["x"].ndim == 3 else 1)
-    dead_c = sae_lib.update_dead_counter(state["dead"], aux["fired"], n_tokens)
-    metrics = _metrics_of(aux, loss)
-    metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
-    return dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead_c), metrics
-
-  def evaluate(params, batch):
-    batch = as_params_dtype(batch, params)
-    no_dead = jnp.zeros((params["W_enc"].shape[1],), bool)
-    loss, aux = loss_fn(params, no_dead, batch)
-    return _metrics_of(aux, loss)
-
+  # Maps and labels over 'data'; the assignment replicated.
+  step_batch_sh = {k: rep if k == "assignment" else batch_sh
+                   for k in objective.batch_shapes(1, 1, d_in, shape.dtype, 0)}
+  step = functools.partial(train_step, objective=objective, tx=tx,
+                           dead_tokens_threshold=config.sae.dead_tokens)
   step_fn = jax.jit(step, in_shardings=(state_sh, step_batch_sh), out_shardings=(state_sh, rep),
                     donate_argnums=0)
-  eval_fn = jax.jit(evaluate, in_shardings=(param_sh, step_batch_sh), out_shardings=rep)
+  eval_fn = jax.jit(functools.partial(eval_step, objective=objective), in_shardings=(param_sh, step_batch_sh),
+                    out_shardings=rep)
   init_jit = jax.jit(init_fn, out_shardings=state_sh)
   placed = None if assignment is None else jax.device_put(jnp.asarray(assignment), rep)
-  return Trainer(config, st, mode, mesh, tx, state_sh, batch_sh, step_fn, eval_fn, init_jit, assignment,
-                 placed)
+  return Trainer(config, shape, objective, mesh, tx, state_sh, batch_sh, step_batch_sh, step_fn, eval_fn,
+                 init_jit, assignment, placed)
 
 
 # ----------------------------------------------------------------- data
 
 
-def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: bool = True,
+def make_reader(tr: Trainer, st: store.Store, split: str, state: dict | None = None, shuffle: bool = True,
                 num_epochs: int | None = None, **reader_kw):
   """The store reader of this run; ``reader_kw`` (e.g. process_index /
   process_count) go to the reader."""
@@ -279,29 +260,23 @@ def make_reader(tr: Trainer, split: str, state: dict | None = None, shuffle: boo
   kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
             shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
             prefetch=shuffle, dtype=None, **reader_kw)
-  if tr.mode == "unsupervised":
-    return store.TokenBatches(tr.store, t.batch_size, **kw)
-  return store.MapBatches(tr.store, t.batch_size, **kw)
+  cls = store.MapBatches if tr.objective.per_map else store.TokenBatches
+  return cls(st, t.batch_size, **kw)
 
 
 def place(tr: Trainer, raw) -> dict:
   """A reader batch -> a dict of global arrays on the mesh."""
-  if tr.mode == "unsupervised":
-    batch = {"x": raw}
-  else:
-    x, labels = raw
-    batch = {"x": x, "object": labels["object"], "style": labels["style"]}
-  batch = store.to_global(batch, tr.batch_sharding)
-  if tr.mode == "supervised":
+  batch = store.to_global(tr.objective.batch_of(raw), tr.batch_sharding)
+  if tr.assignment_on_mesh is not None:
     batch["assignment"] = tr.assignment_on_mesh
   return batch
 
 
-def validate(tr: Trainer, params) -> dict | None:
+def validate(tr: Trainer, st: store.Store, params) -> dict | None:
   if tr.config.train.val_fraction <= 0:
     return None
   sums, n = {}, 0
-  for raw in make_reader(tr, "val", shuffle=False, num_epochs=1):
+  for raw in make_reader(tr, st, "val", shuffle=False, num_epochs=1):
     m = jax.device_get(tr.eval_fn(params, place(tr, raw)))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v)
@@ -316,7 +291,7 @@ def validate(tr: Trainer, params) -> dict | None:
 
 def checkpoint_manager(config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(run_dir(config), "checkpoints"),
+      os.path.join(run_dir(config), layout.CHECKPOINTS),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
 
 
@@ -339,16 +314,16 @@ def _restore(mngr, tr: Trainer, x_sample):
   return out["state"], out["reader"], out["meta"]
 
 
-def export(tr: Trainer, params, meta: dict) -> str:
+def export(tr: Trainer, st: store.Store, params, meta: dict) -> str:
   """The SAE in sparsify's layout + saemnesia.json (what produced it)."""
-  out = os.path.join(run_dir(tr.config), "export")
+  out = os.path.join(run_dir(tr.config), layout.EXPORT)
   s = tr.config.sae
   cfg = {"k": s.k, "batch_topk": s.batch_topk, "normalize_decoder": True}
   sparsify_io.save_sparsify(jax.device_get(params), cfg, out, overwrite=True)
-  grid = tr.store.manifest["identity"]["prompt_grid"]
-  atomic_write_json(os.path.join(out, "saemnesia.json"), {
-      "mode": tr.mode, "store": tr.store.path, "store_identity": tr.store.manifest["identity"],
-      "block": tr.store.manifest["identity"]["block"], "objects": grid["objects"],
+  grid = st.manifest["identity"]["prompt_grid"]
+  atomic_write_json(os.path.join(out, artifacts.META_FILE), {
+      "mode": tr.mode, "store": st.path, "store_identity": st.manifest["identity"],
+      "block": st.manifest["identity"]["block"], "objects": grid["objects"],
       "styles": grid["styles"],
       "assignment": None if tr.assignment is None else [int(i) for i in tr.assignment],
       "sae": tr.config.sae.to_dict(), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
@@ -357,10 +332,10 @@ def export(tr: Trainer, params, meta: dict) -> str:
   return out
 
 
-def fingerprint(tr: Trainer) -> dict:
+def fingerprint(tr: Trainer, st: store.Store) -> dict:
   """The settings and inputs that determine this run's SAE (see runtime/runs.py)."""
   c = tr.config
-  inputs = runs.store_identity(tr.store.manifest, len(store.done_units(tr.store)))
+  inputs = runs.store_identity(st.manifest, len(store.done_units(st)))
   if c.sae.init_from:
     inputs["init_from"] = runs.sae_hash(c.sae.init_from)
   if tr.assignment is not None:
@@ -404,8 +379,7 @@ def with_epoch_steps(config: ml_collections.ConfigDict, st: store.Store | None =
     raise ValueError(f"config.train.epochs={epochs}: give a number of epochs, or 0 to use config.train.steps")
   if not epochs:
     return config
-  from saemnesia_jax.collect import store_path
-  st = st or store.open_store(store_path(config))
+  st = st or store.open_store(layout.store_path(config))
   per_epoch = steps_per_epoch(config, st)
   steps = max(1, int(np.ceil(epochs * per_epoch)))
   unit = "tokens" if config.sae.mode == "unsupervised" else "maps"
@@ -428,45 +402,45 @@ def init_sample(tr: Trainer, local_tokens) -> jax.Array:
 
 def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains (or resumes) the SAE of ``config``; returns the final metrics."""
-  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):
     raise ValueError(f"config.block and config.style_block differ ({blocks.blocks(config)}): train each with "
                      "train.run(config) (the CLI), or train.train(blocks.block_config(config, block))")
-  from saemnesia_jax.runtime.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = with_epoch_steps(config)  # before setup: the learning-rate schedule spans the steps
-  tr = setup(config)
+  st = open_training_store(config)
+  config = with_epoch_steps(config, st)  # before setup: the learning-rate schedule spans the steps
+  tr = setup(config, st.shape)
   t = config.train
   out_dir = run_dir(config)
-  runs.begin(out_dir, fingerprint(tr), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
+  runs.begin(out_dir, fingerprint(tr, st), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
              fresh="--config.train.name=<new name>", write=jax.process_index() == 0)
   mngr = checkpoint_manager(config)
   reader = None
-  x0 = jax.ShapeDtypeStruct((t.batch_size, tr.store.d_in), jnp.float32)
+  x0 = jax.ShapeDtypeStruct((t.batch_size, st.d_in), jnp.float32)
   restored = _restore(mngr, tr, x0)
   if restored is not None:
     state, reader_state, meta = restored
-    reader = make_reader(tr, "train", state=reader_state)
+    reader = make_reader(tr, st, "train", state=reader_state)
     if meta["stopped_early"] or meta["step"] >= t.steps:
       print(f"{out_dir} is complete (step {meta['step']}"
             f"{', stopped early' if meta['stopped_early'] else ''}): nothing to train")
     else:
       print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
     if jax.process_index() == 0:
-      _keep_metrics_until(os.path.join(out_dir, "metrics.jsonl"), int(meta["step"]))
+      _keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
   else:
-    reader = make_reader(tr, "train")
-    first = next(make_reader(tr, "train"))  # geometric-median init of b_dec from a first batch
-    sample = first if tr.mode == "unsupervised" else first[0].reshape(-1, tr.store.d_in)
+    reader = make_reader(tr, st, "train")
+    first = next(make_reader(tr, st, "train"))  # geometric-median init of b_dec from a first batch
+    sample = first[0].reshape(-1, st.d_in) if tr.objective.per_map else first
     state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
             "stopped_early": False, "config": config.to_dict()}
   primary = jax.process_index() == 0  # several hosts: one writes the logs and the export
   if primary:
     atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
-  tokens_per_step = t.batch_size * (1 if tr.mode == "unsupervised" else tr.store.tokens_per_map)
-  log_f = open(os.path.join(out_dir, "metrics.jsonl") if primary else os.devnull, "a")
+  tokens_per_step = tr.objective.tokens_per_step(t.batch_size, st.tokens_per_map)
+  log_f = open(os.path.join(out_dir, layout.METRICS) if primary else os.devnull, "a")
+  curves = tensorboard.ScalarWriter(out_dir, enabled=primary)  # `tensorboard --logdir {workdir}`
   start = int(meta["step"])
   pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
               disable=not progress)
@@ -479,22 +453,22 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     step += 1
     meta["step"], meta["tokens_seen"] = step, meta["tokens_seen"] + tokens_per_step
     pbar.update(1)
-    if step % t.log_every == 0 or step == t.steps:
+    if runs.itstime(step, t.log_every, t.steps):
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       now = time.perf_counter()
       m.update(step=step, tokens=meta["tokens_seen"],
                tokens_per_s=(step - step_last) * tokens_per_step / (now - t_last),
                tokens_per_s_per_device=(step - step_last) * tokens_per_step / (now - t_last) / tr.mesh.size)
       t_last, step_last = now, step
-      if step % t.eval_every == 0 or step == t.steps:
-        v = validate(tr, state["params"])
+      if runs.itstime(step, t.eval_every, t.steps):
+        v = validate(tr, st, state["params"])
         if v is not None:
           m.update({f"val_{k}": x for k, x in v.items()})
           meta["last_val"] = v["loss"]
           if meta["best_val"] is None or v["loss"] < meta["best_val"] - t.min_delta:
             meta["best_val"], meta["bad_evals"] = v["loss"], 0
             if t.early_stop and primary:  # export the best; without early stopping, the end of the schedule
-              export(tr, state["params"], meta)
+              export(tr, st, state["params"], meta)
           else:
             meta["bad_evals"] += 1
             if t.early_stop and meta["bad_evals"] >= t.patience:
@@ -504,8 +478,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
                        tok_s=f"{m['tokens_per_s']:.0f}")
       log_f.write(json.dumps(m) + "\n")
       log_f.flush()
+      curves.scalars(step, m)
       last = m
-    if step % t.ckpt_every == 0 or step == t.steps or meta["stopped_early"]:
+    if runs.itstime(step, t.ckpt_every, t.steps) or meta["stopped_early"]:
       meta["wall_s"] = time.perf_counter() - wall0
       # orbax serialises in the background: give it a snapshot of meta,
       # which this loop goes on mutating (else a checkpoint can claim a later step).
@@ -515,17 +490,26 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()
+  curves.close()
   if (t.val_fraction <= 0 or not t.early_stop) and step >= t.steps and primary:
-    export(tr, state["params"], meta)
+    export(tr, st, state["params"], meta)
   return {"step": step, "metrics": last, "best_val": meta["best_val"], "run_dir": out_dir,
           "stopped_early": meta["stopped_early"], "state": state}
 
 
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Compiles this config's train step for the mesh without data (``sizing``)."""
+  shape = sizing.shape_record(config)
+  cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
+  cfg.sae.init_from = ""
+  if cfg.sae.mode == "supervised":
+    cfg.sae.assignment = "random"
+  return sizing.train_dry_run(config, setup(cfg, shape))
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
   if config.get("dry_run"):
-    from saemnesia_jax.runtime import sizing
-    return sizing.dry_run(config)
-  from saemnesia_jax.diffusion import blocks
+    return dry_run(config)
   if blocks.per_block(config):  # an SAE per block ({workdir}/{block}/{train.name})
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   result = train(config)
@@ -533,7 +517,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
   print(f"trained to step {result['step']}: " + ", ".join(
       f"{k} {v:.4g}" for k, v in m.items() if k in ("loss", "fvu", "l0", "dead_fraction", "val_loss",
                                                    "object_acc", "style_acc", "tokens_per_s")))
-  print(f"SAE in {os.path.join(result['run_dir'], 'export')}")
+  print(f"SAE in {os.path.join(result['run_dir'], layout.EXPORT)}")
   return result
 
 
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call: the last step trained (per block with config.style_block)."""
+  del judge
+  if blocks.per_block(config):  # config.style_block: an SAE per block, as the CLI trains them
+    return {b: train(blocks.block_config(config, b), progress=progress)["step"] for b in blocks.blocks(config)}
+  return train(config, progress=progress)["step"]

@@ -8,11 +8,16 @@ small JSON files (the model's ``unet/config.json``, a store's
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 from typing import Any, Callable
 
+from saemnesia_jax.diffusion import blocks
+from saemnesia_jax.evaluation import variants
+from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
+from saemnesia_jax.runtime import layout, registry
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,14 +75,8 @@ def _process_count() -> int:
 
 def model_dir(config) -> str | None:
   """The pipeline folder of config.model.path; None for the tiny pipeline not yet written."""
-  path = config.model.path
-  if path == "canvas_mini":
-    from saemnesia_jax.canvas_mini import PIPELINE_DIR
-    return PIPELINE_DIR
-  if not path:
-    tiny = os.path.join(config.workdir, "tiny_pipeline")
-    return tiny if os.path.isdir(tiny) else None
-  return path
+  path = layout.model_dir(config)
+  return path if config.model.path or os.path.isdir(path) else None
 
 
 def unet_blocks(unet_config: dict) -> list[str]:
@@ -148,7 +147,6 @@ def known_concepts(config, field: str, domain: str) -> None:
   names = list(config.concepts.objects if domain == "object" else config.concepts.styles)
   for n in _get(config, field):
     if n not in names:
-      import difflib
       close = difflib.get_close_matches(n, names, n=3)
       _fail(field, n, f"unknown {domain}",
             f"did you mean {', '.join(close)}?" if close else f"known {domain}s: {', '.join(names)}")
@@ -158,7 +156,7 @@ def known_concepts(config, field: str, domain: str) -> None:
 
 
 def store_dir(config) -> str:
-  return config.collect.store_path or os.path.join(config.workdir, "activations")
+  return layout.store_path(config)
 
 
 def store_manifest(config) -> dict:
@@ -195,7 +193,6 @@ def _sample(config) -> None:
 def _collect(config) -> None:
   c = config.collect
   if c.anchor_prompts_dir and not config.get("dry_run"):  # a placeholder path fails first, in a second
-    from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
     missing = [o for o in config.concepts.objects
                if not os.path.isfile(os.path.join(c.anchor_prompts_dir, ANCHOR_FILE.format(object=o)))]
     if missing:
@@ -217,7 +214,6 @@ def _collect(config) -> None:
 
 def per_block(config) -> list:
   """The config of each hooked block (one, or the object and the style block)."""
-  from saemnesia_jax.diffusion import blocks
   try:
     return [blocks.block_config(config, b) for b in blocks.blocks(config)]
   except ValueError as e:
@@ -265,7 +261,7 @@ def _train(config) -> None:
     if s.k > latents:
       _fail("sae.k", s.k, f"more than the SAE's {latents} latents", "lower sae.k or raise sae.n_latents")
     if s.mode == "supervised" and s.assignment == "greedy":
-      path = os.path.join(c.sae.scores_dir or os.path.join(c.workdir, "sae_unsup", "scores"), "assignment.json")
+      path = os.path.join(layout.scores_dir_for_assignment(c), "assignment.json")
       if not os.path.isfile(path):
         _fail("sae.assignment", "greedy", f"no {path}",
               "run the scores stage on the unsupervised SAE first, or use --config.sae.assignment=random")
@@ -281,8 +277,7 @@ def _scores(config) -> None:
   if config.scores.mass_fraction > 1:
     _fail("scores.mass_fraction", config.scores.mass_fraction, "must be in (0, 1]")
   for c in per_block(config):
-    # scores.settings' rule, not imported: scores imports JAX.
-    sae_cfg("scores.sae_dir", c.scores.sae_dir or os.path.join(c.workdir, "sae_unsup", "export"))
+    sae_cfg("scores.sae_dir", layout.scores_sae_dir(c))
     store_manifest(c)
 
 
@@ -308,7 +303,6 @@ def _evaluate(config) -> None:
       if not 0 < p < 100:
         _fail("evaluate.percentiles", tuple(ev.percentiles), "each must be in (0, 100)")
   _positive(config, "evaluate.max_latents")
-  from saemnesia_jax.evaluation import variants
   variants.variants(config)
   if ev.chosen_from and not os.path.isfile(ev.chosen_from):
     _fail("evaluate.chosen_from", ev.chosen_from, "no such file",
@@ -322,10 +316,10 @@ def _evaluate(config) -> None:
     _fail("evaluate.classifier_dir", ev.classifier_dir, "no such folder",
           "give the folder with style_classifier.pth and object_classifier.pth")
   for c in per_block(config):
-    for m, run in (("saeuron", "sae_unsup"), ("saemnesia", "sae_sup")):
+    for m in layout.RUN_OF_METHOD:
       if m in ev.methods:
-        sae_cfg(f"evaluate.{m}_sae", c.evaluate[f"{m}_sae"] or os.path.join(c.workdir, run, "export"))
-        scores = c.evaluate[f"{m}_scores"] or os.path.join(c.workdir, run, "scores")
+        sae_cfg(f"evaluate.{m}_sae", layout.method_sae(c, m))
+        scores = layout.method_scores(c, m)
         if not os.path.isfile(os.path.join(scores, "scores.npz")):
           _fail(f"evaluate.{m}_scores", scores, "no scores.npz there",
                 "run python -m saemnesia_jax.scores on that SAE first")
@@ -341,7 +335,6 @@ def _unlearn(config) -> None:
   low = [n.lower() for n in names]
   for c in u.concepts:
     if c.lower() not in low:
-      import difflib
       close = difflib.get_close_matches(c, names, n=3)
       _fail("unlearn.concepts", c, "not a concept of config.concepts",
             f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(names)}")
@@ -355,11 +348,10 @@ def _unlearn(config) -> None:
 
 
 def _pipeline_check(config) -> None:
-  from saemnesia_jax import pipeline  # light at import: JAX only when it runs
-  unknown = [st for st in config.pipeline.stages if st not in pipeline.STAGES]
+  unknown = [st for st in config.pipeline.stages if st not in registry.PIPELINE_STEPS]
   if unknown:
     _fail("pipeline.stages", tuple(config.pipeline.stages), f"unknown stages {unknown}",
-          f"known: {', '.join(pipeline.STAGES)}")
+          f"known: {', '.join(registry.PIPELINE_STEPS)}")
   _collect(config)  # the first stage's checks; each later stage checks its inputs when it starts
 
 
@@ -369,8 +361,8 @@ def _report(config) -> None:
 
 
 def _ship_saes(config) -> None:
-  for run in ("sae_unsup", "sae_sup"):
-    if not os.path.isfile(os.path.join(config.workdir, run, "export", "cfg.json")):
+  for run in (layout.UNSUP_RUN, layout.SUP_RUN):
+    if not os.path.isfile(os.path.join(layout.sae_export(config.workdir, run), "cfg.json")):
       _fail("workdir", config.workdir, f"no SAE in {run}/export", "run the pipeline on CanvasMini first")
 
 
@@ -383,6 +375,9 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "evaluate": _evaluate, "canvas_mini.build": _build, "unlearn": _unlearn, "pipeline": _pipeline_check,
     "report": _report, "canvas_mini.ship_saes": _ship_saes,
 }
+
+
+assert set(CHECKS) == set(registry.STAGES), "every registered stage has its checks"
 
 
 def check(stage: str, config) -> None:

@@ -16,7 +16,6 @@ traceback. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import importlib.util
 import os
@@ -24,35 +23,12 @@ import sys
 from typing import Any, Sequence
 
 from saemnesia_jax.runtime import config_docs
+from saemnesia_jax.runtime.registry import STAGES
 from saemnesia_jax.runtime.errors import ConfigError, UserError
 
 ENV_DEBUG = "SAEMNESIA_DEBUG"
 EXIT_USER_ERROR = 2
 
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  module: str  # importable module with run(config)
-  reads: tuple[str, ...]  # config sections / fields the stage uses (help, fingerprints)
-
-
-_COMMON = ("workdir", "overwrite")
-_BLOCKS = _COMMON + ("block", "style_block")
-STAGES = {
-    "sample": Stage("saemnesia_jax.sample", _COMMON + ("dry_run", "model", "sampler", "prompts", "seeds")),
-    "collect": Stage("saemnesia_jax.collect", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "collect")),
-    "probe": Stage("saemnesia_jax.probe", _BLOCKS + ("collect.store_path", "probe")),
-    "train": Stage("saemnesia_jax.train", _BLOCKS + ("dry_run", "model", "collect.store_path", "sae", "train")),
-    "scores": Stage("saemnesia_jax.scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores")),
-    "evaluate": Stage("saemnesia_jax.evaluate", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "evaluate")),
-    "unlearn": Stage("saemnesia_jax.unlearn", _BLOCKS + ("model", "sampler", "concepts", "unlearn")),
-    "pipeline": Stage("saemnesia_jax.pipeline", _BLOCKS + ("model", "sampler", "concepts", "collect", "probe",
-                                                           "sae", "train", "scores", "evaluate", "pipeline")),
-    "report": Stage("saemnesia_jax.report", _COMMON + ("probe.out_dir", "evaluate.out_dir", "pipeline")),
-    "canvas_mini.ship_saes": Stage("saemnesia_jax.canvas_mini.ship_saes", _COMMON + ("unlearn.sae_root",)),
-    "canvas_mini.build": Stage("saemnesia_jax.canvas_mini.build",
-                               _COMMON + ("data", "classifier", "model", "base_train", "base_eval", "build")),
-}
 
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 

@@ -401,7 +401,7 @@ def project_decoder_grads() -> optax.GradientTransformation:
 # The unsupervised (SAeUron) objective
 
 
-def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
+def dense_unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
                       cfg: SaeConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """FVU + auxk_alpha * AuxK on a batch of tokens x (N, d_in) (leading axes are flattened).
 
@@ -412,11 +412,10 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
       ``update_dead_counter`` together with N);
     n_dead: number of dead latents in ``dead_mask``.
 
-  ``cfg.backward`` chooses the formulation (same values and gradients).
+  Autodiff of this graph is the dense backward; ``objectives.unsupervised_loss``
+  picks it or ``sparse.unsupervised_loss`` by ``cfg.backward`` (same values
+  and gradients).
   """
-  if resolve_backward(cfg.backward) == "sparse":
-    from saemnesia_jax.sae import sparse as sae_sparse
-    return sae_sparse.unsupervised_loss(params, x, dead_mask, cfg)
   x = _tokens(x)
   n_latents = params["W_enc"].shape[1]
   z_pre = encode_pre(params, x, cfg.matmul_dtype)
@@ -441,27 +440,3 @@ def unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   loss = fvu_ + cfg.auxk_alpha * aux_
   return loss, {"fvu": fvu_, "auxk": aux_, "l0": l0, "fired": fired,
                 "n_dead": jnp.sum(dead_mask).astype(jnp.int32)}
-
-
-def loss_and_grads(params: Params, x: jax.Array, dead_mask: jax.Array,
-                   cfg: SaeConfig) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Params]:
-  """``((loss, aux), grads)`` of ``unsupervised_loss``: what a train step needs.
-
-  With the sparse backward and AuxK on, a ``lax.cond`` on "any latent dead"
-  picks between the whole loss-and-gradient computed with AuxK and without it
-  (the first ~2,400 steps of a run at SD scale have nothing dead). Skipping
-  AuxK inside the loss is not enough: the gradient of its skipped branch is
-  still a set of full-size zero arrays added to the parameters' gradients.
-  Both sides give the same values (AuxK is 0 with nothing dead).
-  """
-  if not cfg.auxk_alpha or resolve_backward(cfg.backward) != "sparse":
-    return jax.value_and_grad(unsupervised_loss, has_aux=True)(params, x, dead_mask, cfg)
-  from saemnesia_jax.sae import sparse as sae_sparse
-  # The encoder matmul and the selection have no gradient and both branches need
-  # them: computed once, outside the cond, not compiled into each branch.
-  selected = sae_sparse.select(params, x, cfg)
-  f = jax.value_and_grad(sae_sparse.unsupervised_loss, has_aux=True)
-  without = dataclasses.replace(cfg, auxk_alpha=0.0)
-  return jax.lax.cond(jnp.any(dead_mask),
-                      lambda p, x, d, s: f(p, x, d, cfg, s),
-                      lambda p, x, d, s: f(p, x, d, without, s), params, x, dead_mask, selected)

@@ -30,14 +30,14 @@ from collections.abc import Sequence
 from saemnesia_jax.store.reader import MapBatches, TokenBatches, split_hash, to_global
 from saemnesia_jax.store.format import (
     COMPRESSIONS, DTYPES, FORMAT, LABEL_FIELDS, LABEL_FILL, REQUIRED_IDENTITY, VERSION, ManifestMismatchError,
-    Store, StoreError, check_identity, default_maps_per_chunk, make_manifest, open_store)
+    ShapeRecord, Store, StoreError, check_identity, default_maps_per_chunk, make_manifest, open_store)
 from saemnesia_jax.store.units import (
     UnitWriter, done_units, format_summary, pending_units, read_labels, read_unit, summary, unit_rows, verify,
     write_unit)
 
 __all__ = [
     "COMPRESSIONS", "DTYPES", "FORMAT", "LABEL_FIELDS", "LABEL_FILL", "REQUIRED_IDENTITY", "VERSION",
-    "ManifestMismatchError", "MapBatches", "Store", "StoreError", "TokenBatches", "UnitWriter",
+    "ManifestMismatchError", "MapBatches", "ShapeRecord", "Store", "StoreError", "TokenBatches", "UnitWriter",
     "check_identity", "default_maps_per_chunk", "done_units", "format_summary", "main", "make_manifest",
     "open_store", "pending_units", "read_labels", "read_unit", "split_hash", "summary", "to_global",
     "unit_rows", "verify", "write_unit",

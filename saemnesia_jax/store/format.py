@@ -94,6 +94,20 @@ class ManifestMismatchError(StoreError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ShapeRecord:
+  """What a trainer needs to know of a store to build its step: the map shape,
+  the dtype batches arrive in and the prompt grid (concept names). A dry run
+  builds one from the model's config files alone, before anything is collected."""
+  d_in: int
+  tokens_per_map: int
+  dtype: np.dtype
+  objects: tuple[str, ...]
+  styles: tuple[str, ...]
+  block: str
+  path: str = "(none)"
+
+
+@dataclasses.dataclass(frozen=True)
 class Store:
   """An open activation store: its path, manifest and tensorstore handles."""
   path: str
@@ -121,6 +135,13 @@ class Store:
   @property
   def dtype(self) -> np.dtype:
     return DTYPES[self.layout["dtype"]]
+
+  @property
+  def shape(self) -> ShapeRecord:
+    identity = self.manifest["identity"]
+    grid = identity["prompt_grid"]
+    return ShapeRecord(self.d_in, self.tokens_per_map, self.dtype, tuple(grid["objects"]), tuple(grid["styles"]),
+                       identity.get("block", ""), self.path)
 
   @property
   def maps_per_chunk(self) -> int:
