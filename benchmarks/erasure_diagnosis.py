@@ -54,7 +54,7 @@ def main() -> None:
   from saemnesia_jax.diffusion import erase as erase_lib
   from saemnesia_jax.evaluation import quality
   from saemnesia_jax.sae import model as sae_lib
-  from saemnesia_jax.evaluate import CanvasMiniJudge
+  from saemnesia_jax.judges.canvas_mini import CanvasMiniJudge
   from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import canvas_mini

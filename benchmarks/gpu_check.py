@@ -24,8 +24,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.runtime import sizing
 from saemnesia_jax.sae import model as sae_lib
+from saemnesia_jax.sae import objectives
 
 
 def _timed(fn, args, repeats):
@@ -52,7 +54,7 @@ def train_step(d_in: int, n_latents: int, k: int, batch: int, dtype, repeats: in
 
   @jax.jit
   def step(params, opt_state, x):
-    (loss, _), g = sae_lib.loss_and_grads(params, x, dead, cfg)
+    (loss, _), g = objectives.loss_and_grads(params, x, dead, cfg)
     upd, opt_state = tx.update(g, opt_state, params)
     return sae_lib.normalize_decoder(optax.apply_updates(params, upd)), opt_state, loss
 
@@ -110,7 +112,7 @@ def main():
     d_in, L, k, batch, reps = 64, 1024, 8, 512, 2
     pipe_dir = os.path.join(sd_scale.CACHE, "toy_pipeline")
     if not os.path.isdir(pipe_dir):
-      models.write_tiny_pipeline(pipe_dir)
+      tiny_lib.write_tiny_pipeline(pipe_dir)
     size, sbatch, steps, sreps = 32, 8, 2, 1
   else:
     d_in, L, k, batch, reps = 1280, 20480, 32, 4096, 20

@@ -70,7 +70,7 @@ def main(argv=None):
                                                      "judge_sinks.json"))
   args = ap.parse_args(argv)
   from saemnesia_jax.canvas_mini import data
-  from saemnesia_jax.evaluate import CanvasMiniJudge
+  from saemnesia_jax.judges.canvas_mini import CanvasMiniJudge
   objects = list(data.OBJECTS)
   size = args.size
   result = {"no_object": {}, "no_object_judge": {}, "erased": {}}

@@ -27,6 +27,7 @@ import numpy as np
 
 from saemnesia_jax.diffusion import clamp
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.sae import model as sae_lib
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
@@ -98,7 +99,7 @@ def main() -> None:
   results = {"devices": str(jax.devices()), "jax": jax.__version__, "models": []}
   for name in args.models.split(","):
     if name == "tiny":
-      path = models.write_tiny_pipeline(os.path.join(tempfile.mkdtemp(), "tiny"))
+      path = tiny_lib.write_tiny_pipeline(os.path.join(tempfile.mkdtemp(), "tiny"))
     elif name == "canvas_mini":
       from saemnesia_jax.canvas_mini import PIPELINE_DIR
       if not os.path.isdir(PIPELINE_DIR):

@@ -138,6 +138,7 @@ def build_pipeline(path: str = PIPE_DIR, seed: int = 0) -> str:
     return path
   import jax
   from saemnesia_jax.diffusion import models
+  from saemnesia_jax.diffusion import tiny as tiny_lib
   from saemnesia_jax.evaluation.unlearncanvas import OBJECT_CLASSES, STYLES as ALL_STYLES
   tmp = path + ".tmp"
   os.makedirs(tmp, exist_ok=True)
@@ -330,7 +331,7 @@ def main() -> None:
     from saemnesia_jax.diffusion import models
     pipe_dir, clf_dir = os.path.join(CACHE, "toy_pipeline"), os.path.join(CACHE, "toy_classifiers")
     if not os.path.isdir(pipe_dir):
-      models.write_tiny_pipeline(pipe_dir, seed=0)
+      tiny_lib.write_tiny_pipeline(pipe_dir, seed=0)
     build_classifiers(clf_dir, width=64, depth=2)
     a.size = min(a.size, 32)
   else:

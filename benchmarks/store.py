@@ -238,13 +238,14 @@ def collection_overhead(args: argparse.Namespace) -> dict | None:
   import jax
   from saemnesia_jax import collect
   from saemnesia_jax.diffusion import models
+  from saemnesia_jax.diffusion import tiny as tiny_lib
   from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
   import tiny  # noqa: E402
   root = tempfile.mkdtemp(dir=args.workdir)
   config = tiny.get_config()
   config.workdir = root
-  config.model.path = args.collect_model or models.write_tiny_pipeline(os.path.join(root, "tiny"))
+  config.model.path = args.collect_model or tiny_lib.write_tiny_pipeline(os.path.join(root, "tiny"))
   config.sampler.num_steps = args.collect_steps
   config.sampler.batch_size = 4
   from saemnesia_jax.evaluation import concepts

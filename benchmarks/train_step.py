@@ -39,6 +39,8 @@ import numpy as np
 
 from saemnesia_jax.sae import model as sae_lib
 
+from saemnesia_jax.sae import objectives
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import loadavg  # noqa: E402
 
@@ -75,7 +77,7 @@ def make_step(scfg: sae_lib.SaeConfig, tx):
 
   def step(state, x):
     dead = sae_lib.dead_mask(state["dead"], scfg.dead_tokens_threshold)
-    (loss, aux), g = sae_lib.loss_and_grads(state["params"], x, dead, scfg)
+    (loss, aux), g = objectives.loss_and_grads(state["params"], x, dead, scfg)
     u, o = tx.update(g, state["opt_state"], state["params"])
     p = sae_lib.normalize_decoder(optax.apply_updates(state["params"], u))
     return dict(params=p, opt_state=o, dead=sae_lib.update_dead_counter(state["dead"], aux["fired"], x.shape[0])), loss
@@ -166,7 +168,7 @@ def profile(shape: str, batch: int, repeats: int, dead_fraction: float, batch_to
            ("decoder forward + backward (gathers, scatter-adds)", dec, (p, vals, lat, tok, x)),
            ("encoder sparse backward (scatter-add into W_enc^T)", enc_bwd, (p, x, vals, lat, tok)),
            ("optimizer: projection, clip, Adam, renorm", opt_step, (p, opt, p))]
-  if dead_fraction > 0:  # with nothing dead the step's lax.cond (sae.loss_and_grads) leaves AuxK out
+  if dead_fraction > 0:  # with nothing dead the step's lax.cond (objectives.loss_and_grads) leaves AuxK out
     parts.insert(4, (f"AuxK forward + backward ({dead_fraction:.0%} dead)", auxk, (p, x, x_hat, z, dead)))
   rows = []
   for name, fn, args in parts:

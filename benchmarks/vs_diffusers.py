@@ -30,7 +30,7 @@ model has a VAE) and nothing else.  Its compile time (``lower`` +
 
 The peer is diffusers' ``UNet2DConditionModel`` + ``DDIMScheduler`` (+
 ``AutoencoderKL`` for the decode) in PyTorch, loaded from the project's own
-PyTorch export of the same pipeline (``models._convert_to_pytorch``, what
+PyTorch export of the same pipeline (``torch_export.convert_to_pytorch``, what
 ``save_pipeline(fmt='safetensors')`` runs), driven by the usual diffusers
 loop (scale_model_input, UNet on [uncond, cond], CFG, scheduler.step).
 UNets with ``addition_embed_type='text_time'`` (CanvasMini) get the pooled
@@ -158,6 +158,8 @@ def jax_worker() -> None:
   from saemnesia_jax.diffusion import clamp
   from saemnesia_jax.diffusion import hooks
   from saemnesia_jax.diffusion import models
+  from saemnesia_jax.diffusion import tiny as tiny_lib
+  from saemnesia_jax.diffusion import torch_export
   from saemnesia_jax.sae import model as sae_lib
   from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
@@ -184,7 +186,7 @@ def jax_worker() -> None:
       t0 = time.perf_counter()
       path = cmd["path"]
       if path == "tiny":  # written here, not in the driver (which imports no JAX)
-        path = models.write_tiny_pipeline(os.path.join(cmd["tmp"], "tiny_pipeline"))
+        path = tiny_lib.write_tiny_pipeline(os.path.join(cmd["tmp"], "tiny_pipeline"))
       pipe = models.load_pipeline(path)
       pipe = GivenTextPipeline(**{f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe)})
       steps, batch, block = cmd["steps"], cmd["batch"], cmd["block"]
@@ -335,7 +337,7 @@ def torch_worker() -> None:
       for sub in ("unet", "vae", "scheduler"):
         if os.path.isdir(os.path.join(cmd["path"], sub)):
           shutil.copytree(os.path.join(cmd["path"], sub), os.path.join(export, sub))
-      models._convert_to_pytorch(export, safetensors=True)  # the project's own export
+      torch_export.convert_to_pytorch(export, safetensors=True)  # the project's own export
       unet = UNet2DConditionModel.from_pretrained(os.path.join(export, "unet")).eval()
       vae = (AutoencoderKL.from_pretrained(os.path.join(export, "vae")).eval()
              if os.path.isdir(os.path.join(export, "vae")) else None)
@@ -421,7 +423,7 @@ def main() -> None:
   try:
     for name in args.models.split(","):
       if name == "tiny":
-        path = "tiny"  # models.write_tiny_pipeline into the run's temp dir, by the project's process
+        path = "tiny"  # tiny_lib.write_tiny_pipeline into the run's temp dir, by the project's process
       elif name == "canvas_mini":
         from saemnesia_jax.canvas_mini import PIPELINE_DIR
         if not os.path.isdir(os.path.join(PIPELINE_DIR, "unet")):

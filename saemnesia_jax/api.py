@@ -23,20 +23,26 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from saemnesia_jax.diffusion import clamp
-from saemnesia_jax.diffusion import erase as erase_lib
-from saemnesia_jax.runtime.io_utils import read_json
+from PIL import Image
 
-_SHIPPED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "canvas_mini")
+from saemnesia_jax.canvas_mini import ASSET_DIR, PIPELINE_DIR
+from saemnesia_jax.diffusion import clamp, models
+from saemnesia_jax.diffusion import erase as erase_lib
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
+from saemnesia_jax.evaluation import images as img_utils
+from saemnesia_jax.runtime import layout
+from saemnesia_jax.runtime.io_utils import read_json
+from saemnesia_jax.sae import artifacts
+
 # The SAEs shipped with the CanvasMini model (sparsify layout), their scores and chosen settings.
-SHIPPED = {"saeuron": os.path.join(_SHIPPED_ROOT, "sae_unsup", "export"),
-           "saemnesia": os.path.join(_SHIPPED_ROOT, "sae_sup", "export")}
-SHIPPED_CHOSEN = os.path.join(_SHIPPED_ROOT, "chosen.json")
+SHIPPED = {m: layout.sae_export(ASSET_DIR, run) for m, run in layout.RUN_OF_METHOD.items()}
+SHIPPED_CHOSEN = os.path.join(ASSET_DIR, "chosen.json")
 
 
 def shipped_scores(method: str) -> str:
   """The scores folder of the shipped CanvasMini SAE of ``method``."""
-  return os.path.join(os.path.dirname(SHIPPED[method]), "scores")
+  return layout.sae_scores(ASSET_DIR, layout.RUN_OF_METHOD[method])
 
 
 class SAE(NamedTuple):
@@ -59,11 +65,8 @@ class Erasure(NamedTuple):
 def load_pipeline(path_or_config: Any, dtype: str = "float32"):
   """A ``models.Pipeline`` from a directory, 'canvas_mini' (the shipped model)
   or a config (its ``model`` section)."""
-  from saemnesia_jax.diffusion import setup as common
-  from saemnesia_jax.diffusion import models
   if isinstance(path_or_config, str):
     if path_or_config == "canvas_mini":
-      from saemnesia_jax.canvas_mini import PIPELINE_DIR
       path_or_config = PIPELINE_DIR
     return models.load_pipeline(path_or_config, dtype=dtype)
   return common.load_model(path_or_config)
@@ -71,8 +74,7 @@ def load_pipeline(path_or_config: Any, dtype: str = "float32"):
 
 def load_sae(path: str) -> SAE:
   """An SAE folder in sparsify's layout (cfg.json + sae.safetensors [+ saemnesia.json])."""
-  from saemnesia_jax import scores
-  params, cfg, meta = scores.load_sae(path)
+  params, cfg, meta = artifacts.load_sae(path)
   trained = (meta or {}).get("assignment")
   return SAE({k: np.asarray(v, np.float32) for k, v in params.items()}, int(cfg["k"]),
              (meta or {}).get("block"), path, None if trained is None else np.asarray(trained, np.int32))
@@ -81,8 +83,7 @@ def load_sae(path: str) -> SAE:
 def load_scores(path: str) -> dict[str, np.ndarray]:
   """The arrays of a scores folder (scores.npz: mu, thresholds, importance scores,
   timesteps, assignment, concept names)."""
-  from saemnesia_jax import scores
-  return scores.load_scores(path)
+  return artifacts.load_scores(path)
 
 
 def load_chosen(path: str) -> dict[str, dict]:
@@ -127,8 +128,6 @@ def erasure(sae: SAE, tables: Mapping[str, np.ndarray], concepts: Sequence[str],
 
 def to_pil(images: np.ndarray, scale: int = 1) -> list:
   """(N, H, W, 3) images in [0, 1] -> PIL images (nearest-upscaled by ``scale``)."""
-  from PIL import Image
-  from saemnesia_jax.evaluation import images as img_utils
   out = []
   for im in img_utils.to_uint8(images):
     p = Image.fromarray(im)
@@ -141,7 +140,6 @@ _SAMPLERS: dict = {}
 
 def _sampler(pipe, num_steps: int, height: int, width: int, batch_size: int, block: str | None, k: int):
   """One compiled sampler per (pipeline, shape, block, k), kept for later calls."""
-  from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
   key = (id(pipe), num_steps, height, width, batch_size, block, k)
   if key not in _SAMPLERS:
     spec = SamplerSpec(num_steps=num_steps, height=height or None, width=width or None, batch_size=batch_size,
@@ -161,7 +159,6 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], erase: Erasure | 
   ``max_latents`` (0: the smallest power of two >= 8 that holds them) sizes
   the clamp: erasures of one size share one compiled sampler.
   """
-  from saemnesia_jax.diffusion.sampler import sample_prompts
   if erase is None:
     s = _sampler(pipe, num_steps, height, width, batch_size, None, 0)
     imgs = sample_prompts(s, list(prompts), list(seeds), guidance_scale, progress=progress)

@@ -36,16 +36,18 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from saemnesia_jax import store
+from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.evaluation import concepts
-from saemnesia_jax.runtime import runs
-from saemnesia_jax import store
+from saemnesia_jax.runtime import layout, runs, sizing
+from saemnesia_jax.runtime.config_docs import flat_fields
+from saemnesia_jax.runtime.units import initialize_distributed
 from saemnesia_jax.runtime.errors import RunMismatchError
 from saemnesia_jax.runtime.io_utils import read_json
 
 
-def store_path(config: ml_collections.ConfigDict) -> str:
-  return config.collect.store_path or os.path.join(config.workdir, "activations")
+store_path = layout.store_path
 
 
 def _maps_per_chunk(num_steps: int, map_bytes: int, target: int = 4 << 20) -> int:
@@ -179,7 +181,6 @@ def _check_existing(path: str, manifest: dict, overwrite: bool) -> None:
 
 def _identity(manifest: dict) -> dict:
   """A manifest's identity and layout as flat fields (what a store is)."""
-  from saemnesia_jax.runtime.config_docs import flat_fields
   m = json.loads(json.dumps({"identity": manifest["identity"], "layout": manifest["layout"]}))
   return flat_fields(m)
 
@@ -216,13 +217,11 @@ def write_units(col: Collection, units: list[int], desc: str = "collect") -> Non
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-  from saemnesia_jax.diffusion import blocks
   if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
-    from saemnesia_jax.runtime import sizing
-    return sizing.sampler_dry_run(config, "collect")
+    pipe = common.load_model(config, abstract=True)
+    return sizing.sampler_dry_run(config, "collect", pipe, common.make_sampler(config, pipe, capture=True))
   if blocks.per_block(config):  # a store per block ({workdir}/{block}/activations)
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
-  from saemnesia_jax.runtime.units import initialize_distributed
   initialize_distributed()  # several hosts (launch/): before anything touches a device
   c = config.collect
   col = prepare(config)
@@ -240,3 +239,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   return {"path": col.store.path, "units_written": len(todo), "wall_s": wall, "summary": s}
 
 
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call."""
+  del judge, progress
+  return run(config)

@@ -42,16 +42,21 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from matplotlib.figure import Figure
 
-from saemnesia_jax.diffusion import blocks
-from saemnesia_jax.diffusion import clamp
-from saemnesia_jax.evaluation import concepts
-from saemnesia_jax.evaluation import metrics
-from saemnesia_jax.runtime import runs
-from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax import judges
+from saemnesia_jax.diffusion import blocks, clamp, erase
+from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.diffusion.sampler import sample_prompts
+from saemnesia_jax.evaluation import concepts, metrics, quality
+from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.evaluation import variants as variants_lib
+from saemnesia_jax.runtime import layout, runs, sizing
+from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax.sae import artifacts, objectives
 from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms, reused_choices,  # noqa: F401
                                          sequential_units, settings, sweep_units, targets, unit_metrics,
                                          unit_quality)
@@ -70,60 +75,6 @@ NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scor
 CONTINUABLE = ("evaluate.methods", "evaluate.variants", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
                "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.sequential",
                "evaluate.sequential_objects", "input:chosen_from")
-
-
-# -------------------------------------------------------------- classifiers
-
-
-class CanvasMiniJudge:
-  """The CanvasMini classifiers behind the evaluation's interface.
-
-  ``predict(images (N, H, W, 3) in [0, 1]) -> (object ids, style ids)`` with
-  style -1 (``concepts.NO_STYLE``) for the no-style class and, for the
-  no-object judge (``no_object=True``), object -1 (``concepts.NO_OBJECT``) for
-  "no object". Another benchmark plugs in an object with the same method
-  (e.g. the UnlearnCanvas ViT-L classifiers through torch).
-  """
-
-  def __init__(self, path: str | None = None, no_object: bool = False):
-    from saemnesia_jax.canvas_mini import classifiers, data
-    self._lib, self._no_style, self._no_object = classifiers, data.NO_STYLE_ID, data.N_OBJECTS
-    folder = classifiers.default_path(no_object) if path is None else path
-    self.clfs = classifiers.load_classifiers(folder)
-    if self.clfs.no_object != no_object:
-      raise ValueError(f"the classifiers at {folder} {'lack' if no_object else 'have'} the no-object class: "
-                       f"set config.evaluate.classifier to "
-                       f"{'canvas_mini_no_object' if self.clfs.no_object else 'canvas_mini'} (or give classifiers that match)")
-    kind = "canvas_mini_no_object:" if no_object else "canvas_mini:"
-    self.identity = kind + hash_files([os.path.join(folder, classifiers.PARAMS_FILE)])[:16]
-
-  def _ids(self, out: dict) -> dict:
-    out["object"] = np.where(out["object"] == self._no_object, concepts.NO_OBJECT, out["object"]).astype(np.int32)
-    out["style"] = np.where(out["style"] == self._no_style, concepts.NO_STYLE, out["style"]).astype(np.int32)
-    return out
-
-  def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    obj, sty = self._lib.predict(self.clfs, images)
-    out = self._ids({"object": obj, "style": sty})
-    return out["object"], out["style"]
-
-  def assess(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """``predict``'s ids plus confidences and penultimate features (evaluation/quality.py)."""
-    return self._ids(self._lib.assess(self.clfs, images))
-
-
-def make_judge(config) -> Any:
-  kind = config.evaluate.classifier
-  if kind in ("canvas_mini", "canvas_mini_no_object"):
-    return CanvasMiniJudge(no_object=kind == "canvas_mini_no_object")
-  if kind == "unlearncanvas":
-    from saemnesia_jax.evaluation import unlearncanvas
-    return unlearncanvas.unlearncanvas_judge(config)
-  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini', 'canvas_mini_no_object' and 'unlearncanvas'; or "
-                   "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
-
-
-# -------------------------------------------------------------- the context
 
 
 def saemnesia_assignment(meta: dict | None, tables: dict, how: str, sae_dir: str = "") -> np.ndarray:
@@ -162,18 +113,13 @@ def sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return out
 
 
-def _default(path: str, workdir: str, *parts: str) -> str:
-  return path or os.path.join(workdir, *parts)
-
-
 class Evaluation:
   """Model, samplers, SAEs, scores and classifiers of one evaluation run."""
 
   def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
-    from saemnesia_jax.diffusion import setup as common
     self.config, ev = config, config.evaluate
     self.pipe = common.load_model(config)
-    self.judge = judge or make_judge(config)
+    self.judge = judge or judges.make_judge(config)
     grid = concepts.evaluation_grid(config.concepts, seed_images=ev.seed_images)
     self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
     self.prompts = [p.prompt for p in grid]
@@ -194,20 +140,18 @@ class Evaluation:
 
   def _load_methods(self, config: ml_collections.ConfigDict, block: str) -> dict:
     """method -> {params, k, scores, assignment} of one block's SAEs."""
-    from saemnesia_jax import scores
     ev, out = config.evaluate, {}
     for m in ev.methods:
       if m == "none":
         continue
-      run = "sae_unsup" if m == "saeuron" else "sae_sup"
-      sae_dir = _default(ev.get(f"{m}_sae"), config.workdir, run, "export")
-      params, cfg, meta = scores.load_sae(sae_dir)
+      sae_dir = layout.method_sae(config, m)
+      params, cfg, meta = artifacts.load_sae(sae_dir)
       if (meta or {}).get("block") not in (None, block):
         raise ValueError(f"the {m} SAE at {sae_dir} was trained at block {meta['block']!r}, but this evaluation "
                          f"clamps at {block!r} (config.block / config.style_block): point "
                          f"config.evaluate.{m}_sae at that block's SAE")
-      scores_dir = _default(ev.get(f"{m}_scores"), config.workdir, run, "scores")
-      tables = scores.load_scores(scores_dir)
+      scores_dir = layout.method_scores(config, m)
+      tables = artifacts.load_scores(scores_dir)
       out[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables,
                     identity={"sae": runs.sae_hash(sae_dir),  # for the run fingerprint
                               "scores": hash_files([os.path.join(scores_dir, "scores.npz")])})
@@ -221,7 +165,6 @@ class Evaluation:
 
   def sampler(self, k: int, block: str = ""):
     """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block)."""
-    from saemnesia_jax.diffusion import setup as common
     block = block or self.config.block
     if (block, k) not in self._samplers:
       config = sampling_config(self.config)
@@ -238,7 +181,6 @@ class Evaluation:
     return concepts.lookup(name, names, domain)
 
   def entry(self, method: str, domain: str, name: str, setting: dict) -> clamp.Entry:
-    from saemnesia_jax.diffusion import erase
     sae = self.sae(method, domain)
     return erase.concept_entry(method, sae["scores"], domain, self.concept_index(domain, name), setting,
                                assignment=sae.get("assignment"))
@@ -266,7 +208,6 @@ class Evaluation:
 
   def run_unit(self, unit: dict) -> dict:
     """Samples and classifies the answer set of one unit."""
-    from saemnesia_jax.diffusion.sampler import sample_prompts
     t0 = time.perf_counter()
     method = unit["method"]
     domain = unit.get("domain", "object")  # sequential units erase objects; 'none' erases nothing
@@ -329,7 +270,6 @@ def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
 
 
 def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
-  from saemnesia_jax.evaluation import quality
   ev = config.evaluate
   rows, per_concept, wall, qual = {}, [], {}, {}
   base = next((u for u in finals if u["method"] == "none"), None)
@@ -386,10 +326,8 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
 
 
 def _plot_sequential(path, seq_rows):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  fig = Figure(figsize=(11, 3.2))
+  axes = fig.subplots(1, 3)
   for ax, key in zip(axes, ("UA", "IRA", "CRA")):
     for m, rs in seq_rows.items():
       ax.plot([r["n"] for r in rs], [100 * r[key] for r in rs], marker="o", label=m)
@@ -401,7 +339,6 @@ def _plot_sequential(path, seq_rows):
   fig.suptitle("Sequential unlearning")
   fig.tight_layout()
   atomic_write_bytes(path, metrics._png(fig))
-  plt.close(fig)
 
 
 def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
@@ -420,8 +357,6 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   same prompts without erasure and with each method's chosen erasure; the
   first (up to three) prompts contain the concept (they should lose it), the
   last (up to two) do not (they should not change)."""
-  from saemnesia_jax.evaluation import images as img_utils
-  from saemnesia_jax.diffusion.sampler import sample_prompts
   config = ev_ctx.config
   chosen_targets = targets(config)
   shown = ([t for t in chosen_targets if t[0] == "object"][:per_domain] +
@@ -464,13 +399,26 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
 # -------------------------------------------------------------------- run
 
 
+def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
+  """Compiles the clamp sampler from the model's config files alone (``sizing``)."""
+  pipe = common.load_model(config, abstract=True)
+  cfg = sampling_config(config)
+  sampler = common.make_sampler(cfg, pipe, edit_fn=clamp.make_edit_fn(config.sae.k))
+  d_in = sampler.block_output_shape(config.block)[-1]
+  L, m, n = objectives.n_latents(config, d_in), int(config.evaluate.max_latents), cfg.sampler.num_steps
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  sae = {"W_enc": f32(d_in, L), "b_enc": f32(L), "W_dec": f32(L, d_in), "b_dec": f32(d_in)}
+  spec = clamp.ClampSpec(jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((n, m), bool),
+                         f32(n, m), f32(n, m))
+  return sizing.sampler_dry_run(config, "evaluate", pipe, sampler, (sae, spec), print_fn=print_fn)
+
+
 def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict | None:
   if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
-    from saemnesia_jax.runtime import sizing
-    return sizing.sampler_dry_run(config, "evaluate")
+    return dry_run(config)
   units_lib.initialize_distributed()
   ev = config.evaluate
-  out_dir = _default(ev.out_dir, config.workdir, "eval")
+  out_dir = layout.eval_dir(config)
   targets(config)  # unknown concept names fail before any work
   grid_arms(config)  # so do unknown grid rows
   ctx = Evaluation(config, judge)
@@ -498,7 +446,6 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   summary["wall_s_total"] = time.perf_counter() - t0
   print(metrics.format_markdown(summary["table"]))
   if summary["quality"]:
-    from saemnesia_jax.evaluation import quality
     print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
           f"lower is better; recognised: the other domain's classifier at >= "
           f"{config.evaluate.recognised_confidence:g} confidence; coherent UA: erased and still recognised):")
@@ -507,3 +454,7 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   print(f"wrote {out_dir}")
   return summary
 
+
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call: whether this process wrote the summary."""
+  return run(config, judge=judge, progress=progress) is not None

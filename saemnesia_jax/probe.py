@@ -37,9 +37,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from saemnesia_jax import collect
-from saemnesia_jax.diffusion import setup as common
-from saemnesia_jax.runtime import io_utils
+from saemnesia_jax.diffusion import blocks
+from saemnesia_jax.runtime import io_utils, layout
 from saemnesia_jax.runtime import runs
 from saemnesia_jax import store as store_lib
 from saemnesia_jax.runtime.errors import UserError
@@ -124,17 +123,16 @@ def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):  # each block's store
     return {b: run(blocks.block_config(config, b)) for b in blocks.blocks(config)}
   p = config.probe
-  path = collect.store_path(config)
+  path = layout.store_path(config)
   st = store_lib.open_store(path)
   if st.manifest["identity"].get("block") != config.block:
     raise ProbeError(f"the store at {path} holds {st.manifest['identity'].get('block')!r}, the config asks for "
                      f"{config.block!r}: collect this block first (python -m saemnesia_jax.collect with the "
                      "same --config.block and --config.workdir)")
-  out_dir = p.out_dir or os.path.join(config.workdir, "probe")
+  out_dir = layout.probe_dir(config)
   fp = runs.make(config, ("block", "probe"), ("probe.out_dir",),
                  runs.store_identity(st.manifest, len(store_lib.done_units(st))), stage="probe")
   runs.begin(out_dir, fp, overwrite=runs.overwrite(config), fresh="--config.probe.out_dir=<new folder>")
@@ -166,3 +164,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{d['worst_step_accuracy']:10.3f}")
   return "\n".join(lines)
 
+
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call."""
+  del judge, progress
+  return run(config)

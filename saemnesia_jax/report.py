@@ -23,10 +23,15 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Any
 
+import jax
 import ml_collections
+from matplotlib.figure import Figure
 
-from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.evaluation import association, metrics, quality
+from saemnesia_jax.runtime import config_defaults, layout, registry
+from saemnesia_jax.sae import artifacts
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, read_json
 
 # Table 1 of the SAEmnesia paper (arXiv 2509.21379): Stable Diffusion v1.5 on UnlearnCanvas, in %.
@@ -97,7 +102,6 @@ def plot_training(runs: dict[str, list[dict]], path: str) -> bool:
   """FVU, dead latents and (supervised) concept accuracy against the step, per SAE run."""
   if not any(runs.values()):
     return False
-  from matplotlib.figure import Figure
   fig = Figure(figsize=(12, 3.2))
   panels = (("fvu", "FVU (solid: train, dashed: validation)", "val_fvu"), ("dead_fraction", "dead latents (fraction)", None),
             ("object_acc", "supervised accuracy", "style_acc"))
@@ -142,11 +146,9 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes {workdir}/report/report.md (and figures); returns its path."""
-  from saemnesia_jax.evaluation import association
-  from saemnesia_jax import scores as scores_lib
-  out_dir = os.path.join(workdir, "report")
+  out_dir = layout.report_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
-  eval_dir = config.evaluate.out_dir or os.path.join(workdir, "eval")
+  eval_dir = layout.eval_dir(config, workdir)
   missing: list[str] = []
   md = [f"# SAEmnesia vs SAeUron: report of {workdir}", "",
         "Built by `python -m saemnesia_jax.report` from the files the stages wrote; nothing here is typed in "
@@ -166,7 +168,6 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     missing.append(os.path.join(eval_dir, "summary.json"))
     md += ["(no evaluation yet)", ""]
   if summary and summary.get("quality"):
-    from saemnesia_jax.evaluation import quality
     md += ["## Image quality under erasure", "",
            "FD: Frechet distance between the judge's penultimate features of the images sampled with the erasure "
            "and of the same prompts and seeds without it (lower: the picture changed less), for the erased "
@@ -181,21 +182,21 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     if name:
       md += [f"![sequential]({name})", ""]
   md += ["## Concept-latent association (scores stage)", ""]
-  for run, label in (("sae_unsup", "unsupervised SAE (SAeUron)"), ("sae_sup", "supervised SAE (SAEmnesia)")):
-    sdir = os.path.join(workdir, run, "scores")
-    rep = _read(os.path.join(sdir, scores_lib.REPORT_FILE))
+  for run, label in ((layout.UNSUP_RUN, "unsupervised SAE (SAeUron)"), (layout.SUP_RUN, "supervised SAE (SAEmnesia)")):
+    sdir = layout.sae_scores(workdir, run)
+    rep = _read(os.path.join(sdir, artifacts.REPORT_FILE))
     if rep is None:
-      missing.append(os.path.join(sdir, scores_lib.REPORT_FILE))
+      missing.append(os.path.join(sdir, artifacts.REPORT_FILE))
       continue
     md += [f"### {label}", "", "```", association.format_report(rep), "```", ""]
-    name = _figure(os.path.join(sdir, scores_lib.PLOT_FILE), out_dir, f"association_{run}.png", missing)
+    name = _figure(os.path.join(sdir, artifacts.PLOT_FILE), out_dir, f"association_{run}.png", missing)
     if name:
       md += [f"![association {run}]({name})", ""]
-  runs = {run: _jsonl(os.path.join(workdir, run, "metrics.jsonl")) for run in ("sae_unsup", "sae_sup")}
+  runs = {run: _jsonl(layout.metrics_file(workdir, run)) for run in (layout.UNSUP_RUN, layout.SUP_RUN)}
   md += ["## SAE training", ""]
   for run, rows in runs.items():
     if not rows:
-      missing.append(os.path.join(workdir, run, "metrics.jsonl"))
+      missing.append(layout.metrics_file(workdir, run))
       continue
     last = rows[-1]
     vals = ", ".join(f"{k} {last[k]:.4g}" for k in ("fvu", "val_fvu", "val_loss", "dead_fraction", "object_acc",
@@ -204,7 +205,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   md.append("")
   if plot_training(runs, os.path.join(out_dir, "training.png")):
     md += ["![training curves](training.png)", ""]
-  probe = _read(os.path.join(config.probe.out_dir or os.path.join(workdir, "probe"), "probe.json"))
+  probe = _read(os.path.join(layout.probe_dir(config, workdir), "probe.json"))
   if probe:
     md += ["## Probe of the hooked block (held-out accuracy of map-mean activations)", ""]
     md += [f"- {d}: {r['accuracy']:.3f} (chance {r['chance']:.3f})" for d, r in probe["domains"].items()]
@@ -213,13 +214,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   name = _figure(os.path.join(eval_dir, "erasure_grid.png"), out_dir, "erasure_grid.png", missing)
   if name:
     md += [f"![erasure grid]({name})", ""]
-  if os.path.isfile(os.path.join(workdir, "unlearn", "grid.png")):
-    _figure(os.path.join(workdir, "unlearn", "grid.png"), out_dir, "unlearn_grid.png", missing)
+  unlearn_grid = os.path.join(layout.unlearn_dir(config, workdir), "grid.png")
+  if os.path.isfile(unlearn_grid):
+    _figure(unlearn_grid, out_dir, "unlearn_grid.png", missing)
     md += ["The unlearn stage's grid:", "", "![unlearn grid](unlearn_grid.png)", ""]
   if summary:
     md += ["## Per concept", "", per_concept_table(summary), ""]
-  records = {s: _read(os.path.join(workdir, "pipeline", f"{s}.json")) for s in
-             ("collect", "probe", "train", "scores", "train_sup", "scores_sup", "evaluate")}
+  records = {s: _read(layout.pipeline_record(workdir, s)) for s in registry.PIPELINE_STEPS if s != "report"}
   if any(records.values()):
     md += ["## Stage wall times (the pipeline's records)", "", "| stage | wall (s) | finished |", "|---|---|---|"]
     md += [f"| {s} | {r['wall_s']:.1f} | {r['finished']} |" for s, r in records.items() if r]
@@ -235,12 +236,15 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict) -> str:
-  import jax
-  from saemnesia_jax import pipeline
   if jax.process_index() != 0:
     return ""
-  c = pipeline.quick_config(config) if config.pipeline.quick else config
+  c = config_defaults.quick_of(config) if config.pipeline.quick else config
   path = build(c, c.workdir)
   print(f"wrote {path}")
   return path
 
+
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call: the report's path."""
+  del judge, progress
+  return build(config, config.workdir)

@@ -21,20 +21,21 @@ from absl import logging
 
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.evaluation import images
+from saemnesia_jax.runtime import layout, sizing
 from saemnesia_jax.runtime.io_utils import atomic_write_json
 from saemnesia_jax.diffusion.sampler import sample_prompts
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
   if config.get("dry_run"):  # compile only: per-device memory and images/s (runtime/sizing.py)
-    from saemnesia_jax.runtime import sizing
-    return sizing.sampler_dry_run(config, "sample")
+    pipe = common.load_model(config, abstract=True)
+    return sizing.sampler_dry_run(config, "sample", pipe, common.make_sampler(config, pipe))
   if not config.prompts:
     raise ValueError("config.prompts is empty: give at least one prompt, e.g. "
                      "--config.prompts=\"('A cat image in neon style.',)\"")
   if not config.seeds:
     raise ValueError("config.seeds is empty: give at least one seed, e.g. --config.seeds=\"(188,)\"")
-  out_dir = os.path.join(config.workdir, "samples")
+  out_dir = layout.samples_dir(config.workdir)
   pipe = common.load_model(config)
   sampler = common.make_sampler(config, pipe)
   prompts = [p for p in config.prompts for _ in config.seeds]

@@ -84,7 +84,7 @@ import functools
 import io
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -93,7 +93,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from saemnesia_jax.runtime import config_defaults
+from saemnesia_jax.diffusion import blocks
+from saemnesia_jax.runtime import config_defaults, layout
+from saemnesia_jax.sae.artifacts import (
+    ASSIGNMENT_FILE, FORMAT, MANIFEST_FILE, META_FILE, PLOT_FILE, REPORT_FILE, SCORES_FILE, VERSION, ScoresError,
+    check_sae_fits_store, load_assignment, load_sae, load_scores)  # noqa: F401 (the stage's readers, re-exported)
 from saemnesia_jax.evaluation.association import AGGREGATION, association_report, format_report, plot_report
 from saemnesia_jax.sae import importance as imp
 from saemnesia_jax.sae import model as sae_lib
@@ -101,24 +105,10 @@ from saemnesia_jax.sae import sparsify_io
 from saemnesia_jax import store as store_lib
 from saemnesia_jax.runtime import runs
 from saemnesia_jax.sae import supervised
-from saemnesia_jax.runtime.errors import UserError
-from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
-
-FORMAT = "saemnesia_jax.scores"
-VERSION = 1
-META_FILE = "saemnesia.json"
-SCORES_FILE = "scores.npz"
-ASSIGNMENT_FILE = "assignment.json"
-REPORT_FILE = "report.json"
-PLOT_FILE = "report.png"
-MANIFEST_FILE = "manifest.json"
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files
 
 DEFAULTS = config_defaults.SCORES
 DOMAINS = ("objects", "styles")
-
-
-class ScoresError(UserError):
-  """The SAE, the store or the settings of the scores stage do not fit together."""
 
 
 # --------------------------------------------------------------------------
@@ -138,12 +128,11 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ScoresError(f"config.scores has unknown fields {unknown}; known fields: {sorted(DEFAULTS)}")
   s = {**DEFAULTS, **section}
   workdir = config.get("workdir", "") or "."
-  s["sae_dir"] = os.path.abspath(s["sae_dir"] or os.path.join(workdir, "sae_unsup", "export"))
-  s["out_dir"] = os.path.abspath(s["out_dir"] or os.path.join(os.path.dirname(s["sae_dir"]), "scores"))
+  s["sae_dir"] = os.path.abspath(s["sae_dir"] or layout.sae_export(workdir, layout.UNSUP_RUN))
+  s["out_dir"] = os.path.abspath(s["out_dir"] or os.path.join(os.path.dirname(s["sae_dir"]), layout.SCORES))
   collect = config.get("collect", None)
   store_path = collect.get("store_path", "") if collect is not None else ""
-  # The same rule as collect.store_path (not imported: collect loads diffusers).
-  s["store_path"] = os.path.abspath(store_path or os.path.join(workdir, "activations"))
+  s["store_path"] = os.path.abspath(store_path or layout.default_store(workdir))
   if int(s["batch_size"]) < 1:
     raise ScoresError(f"config.scores.batch_size must be >= 1 (maps per batch), got {s['batch_size']}")
   if s["split"] not in ("all", "train", "val"):
@@ -151,43 +140,6 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not 0.0 < float(s["mass_fraction"]) <= 1.0:
     raise ScoresError(f"config.scores.mass_fraction must be in (0, 1], got {s['mass_fraction']}")
   return s
-
-
-def load_sae(sae_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any] | None]:
-  """(params float32, sparsify cfg, saemnesia.json or None) of an exported SAE folder."""
-  try:
-    params, cfg = sparsify_io.load_sparsify(sae_dir, dtype=np.float32, allow_training_only_options=True)
-  except sparsify_io.SparsifyFormatError as e:
-    raise ScoresError(f"cannot load the SAE for the scores stage: {e} Train one first "
-                      "(python -m saemnesia_jax.train) or set --config.scores.sae_dir.") from e
-  meta_path = os.path.join(sae_dir, META_FILE)
-  meta = read_json(meta_path) if os.path.isfile(meta_path) else None
-  if meta is not None and meta.get("mode") not in ("unsupervised", "supervised"):
-    raise ScoresError(f"{meta_path}: mode must be 'unsupervised' or 'supervised', got {meta.get('mode')!r}")
-  return params, cfg, meta
-
-
-def check_sae_fits_store(sae_dir: str, cfg: Mapping[str, Any], meta: Mapping[str, Any] | None,
-                         store: store_lib.Store) -> None:
-  """Refuses an SAE trained on other activations than ``store`` holds.
-
-  Checks d_in always; block and model weights hash when saemnesia.json
-  records the identity of the store the SAE was trained on.
-  """
-  fix = ("Point --config.scores.sae_dir at an SAE trained on this store, or --config.collect.store_path "
-         "at the store this SAE was trained on.")
-  if int(cfg["d_in"]) != store.d_in:
-    raise ScoresError(f"the SAE at {sae_dir} has d_in={cfg['d_in']}, but the activation store at "
-                      f"{store.path} holds d_in={store.d_in} channels per token. {fix}")
-  trained_on = (meta or {}).get("store_identity")
-  if not trained_on:
-    return
-  here = store.manifest["identity"]
-  lines = [f"  {key}: SAE trained on {trained_on.get(key)!r}, store has {here.get(key)!r}"
-           for key in ("block", "weights_sha256") if trained_on.get(key) != here.get(key)]
-  if lines:
-    raise ScoresError(f"the SAE at {sae_dir} was trained on activations of another model or block than "
-                      f"the store at {store.path} holds:\n" + "\n".join(lines) + f"\n{fix}")
 
 
 def _concept_names(store: store_lib.Store, meta: Mapping[str, Any] | None,
@@ -348,39 +300,6 @@ def importance_tables(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# Loading the outputs
-
-
-def load_scores(out_dir: str) -> dict[str, np.ndarray]:
-  """The arrays of scores.npz in ``out_dir`` (see the module docstring), after checking
-  that the folder is complete (manifest.json is written last)."""
-  if not os.path.isfile(os.path.join(out_dir, MANIFEST_FILE)):
-    raise ScoresError(f"{out_dir} holds no complete scores (manifest.json missing): run "
-                      "`python -m saemnesia_jax.scores --config ...` first")
-  with np.load(os.path.join(out_dir, SCORES_FILE)) as f:
-    return {key: f[key] for key in f.files}
-
-
-def load_assignment(path: str, objects: Sequence[str] | None = None,
-                    styles: Sequence[str] | None = None) -> np.ndarray:
-  """The concept -> latent assignment (int32, objects then styles) from assignment.json
-  (or the scores folder holding it); with names given, they must match."""
-  if os.path.isdir(path):
-    path = os.path.join(path, ASSIGNMENT_FILE)
-  a = read_json(path)
-  for key, names in (("objects", objects), ("styles", styles)):
-    if names is not None and a[f"{key[:-1]}_names"] != list(names):
-      raise ScoresError(f"{path} assigns latents to {key} {a[f'{key[:-1]}_names']}, but the caller has "
-                        f"{list(names)}: compute the scores on the store of these concepts")
-  # The name -> latent maps are the record; the JSON writer sorts their keys, so order comes from the lists.
-  ids = [a["objects"][n] for n in a["object_names"]] + [a["styles"][n] for n in a["style_names"]]
-  if ids != a["latents"]:
-    raise ScoresError(f"{path} is inconsistent: its name -> latent maps give {ids}, its latents list "
-                      f"{a['latents']}; run the scores stage again")
-  return np.asarray(ids, np.int32)
-
-
-# --------------------------------------------------------------------------
 # The stage
 
 
@@ -397,7 +316,6 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   "manifest", "report", "assignment_ids", "n_maps", "wall_s"}; with a block per
   domain (config.style_block), {block: that} for each block's SAE.
   """
-  from saemnesia_jax.diffusion import blocks
   if blocks.per_block(config):
     return {b: run(blocks.block_config(config, b), progress) for b in blocks.blocks(config)}
   t0 = time.perf_counter()
@@ -472,3 +390,8 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
           "n_maps": int(sums["n_maps"]), "wall_s": time.perf_counter() - t0}
 
 
+def pipeline_step(config: ml_collections.ConfigDict, *, judge: Any = None, progress: bool = True) -> Any:
+  """The pipeline's call: the scores folder (per block with config.style_block)."""
+  del judge
+  out = run(config, progress=progress)
+  return out["out_dir"] if "out_dir" in out else {b: r["out_dir"] for b, r in out.items()}

@@ -121,45 +121,11 @@ def open_training_store(config: ml_collections.ConfigDict) -> store.Store:
   return st
 
 
-def n_latents(config, d_in: int) -> int:
-  return config.sae.n_latents or d_in * config.sae.expansion_factor
-
-
-def sae_config(config) -> sae_lib.SaeConfig:
-  s = config.sae
-  return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
-                           k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
-                           sparse_decode=s.sparse_decode, backward=s.backward,
-                           matmul_dtype=s.get("matmul_dtype") or None)
-
-
-def make_objective(config, shape: store.ShapeRecord) -> objectives.Objective:
-  """The objective of ``config.sae.mode`` (``train.micro_batches`` for the supervised one)."""
-  s, micro = config.sae, config.train.micro_batches
-  if s.mode == "unsupervised":
-    if micro > 1:
-      raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
-    return objectives.unsupervised(sae_config(config))
-  if micro > 1 and config.train.batch_size % micro:
-    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
-                     f"{config.train.batch_size} (maps per batch)")
-  cfg = supervised.SupervisedConfig(n_objects=len(shape.objects), k=s.k, batch_topk=s.batch_topk,
-                                    sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
-                                    w_decorr=s.w_decorr, sup_loss=s.sup_loss)
-  return objectives.supervised_objective(cfg, micro)
-
-
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return objectives.make_optimizer(t.learning_rate, t.steps, lr_decay=t.lr_decay,
-                                   final_lr_fraction=t.final_lr_fraction, grad_clip=t.grad_clip,
-                                   adam_eps=t.adam_eps)
-
-
 def load_assignment(config, shape: store.ShapeRecord, rng) -> np.ndarray:
   """Concept -> latent ids (objects first), from config.sae.assignment."""
   n_obj, n_sty = len(shape.objects), len(shape.styles)
   how = config.sae.assignment
-  L = n_latents(config, shape.d_in)
+  L = objectives.n_latents(config, shape.d_in)
   if how == "random":
     return np.asarray(supervised.random_assignment(rng, n_obj, n_sty, L))
   path = how
@@ -203,13 +169,13 @@ def setup(config: ml_collections.ConfigDict, shape: store.ShapeRecord) -> Traine
   mode = config.sae.mode
   if mode not in MODES:
     raise ValueError(f"config.sae.mode={mode!r}; expected one of {MODES}")
-  d_in, L = shape.d_in, n_latents(config, shape.d_in)
+  d_in, L = shape.d_in, objectives.n_latents(config, shape.d_in)
   mesh = shard_lib.make_mesh(config.train.mesh_shape)
   rules = [tuple(r) for r in config.train.sharding_rules]
-  tx = make_optimizer(config.train)
+  tx = objectives.optimizer_from_config(config.train)
   rng = jax.random.PRNGKey(config.train.seed)
   assignment = load_assignment(config, shape, rng) if mode == "supervised" else None
-  objective = make_objective(config, shape)
+  objective = objectives.from_config(config, len(shape.objects))
 
   def init_fn(x_sample):
     if config.sae.init_from:
@@ -497,14 +463,14 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
           "stopped_early": meta["stopped_early"], "state": state}
 
 
-def dry_run(config: ml_collections.ConfigDict) -> dict:
+def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   """Compiles this config's train step for the mesh without data (``sizing``)."""
   shape = sizing.shape_record(config)
   cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
   cfg.sae.init_from = ""
   if cfg.sae.mode == "supervised":
     cfg.sae.assignment = "random"
-  return sizing.train_dry_run(config, setup(cfg, shape))
+  return sizing.train_dry_run(config, setup(cfg, shape), print_fn=print_fn)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

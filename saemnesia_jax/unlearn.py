@@ -40,9 +40,10 @@ from saemnesia_jax import api
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.evaluation import images
 from saemnesia_jax.diffusion import erase as erase_lib
+from saemnesia_jax.runtime import layout
 from saemnesia_jax.runtime.io_utils import atomic_write_json
 
-RUNS = {"saeuron": "sae_unsup", "saemnesia": "sae_sup"}
+RUNS = layout.RUN_OF_METHOD
 
 
 def sae_root(config: ml_collections.ConfigDict) -> str:
@@ -63,8 +64,7 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
   for m in u.methods:
     if m not in RUNS:
       raise ValueError(f"config.unlearn.methods has {m!r}; known: {tuple(RUNS)}")
-    out[m] = (u.sae_dir or os.path.join(root, RUNS[m], "export"),
-              u.scores_dir or os.path.join(root, RUNS[m], "scores"))
+    out[m] = (u.sae_dir or layout.sae_export(root, RUNS[m]), u.scores_dir or layout.sae_scores(root, RUNS[m]))
   return out
 
 
@@ -72,7 +72,7 @@ def chosen_path(config: ml_collections.ConfigDict) -> str | None:
   u, root = config.unlearn, sae_root(config)
   if u.chosen:
     return u.chosen
-  for p in (os.path.join(root, "chosen.json"), os.path.join(root, "eval", "summary.json")):
+  for p in (os.path.join(root, "chosen.json"), layout.eval_summary_in(root)):
     if os.path.isfile(p):
       return p
   return None
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   if not u.seeds:
     raise ValueError("config.unlearn.seeds is empty: give at least one seed, e.g. --config.unlearn.seeds=\"(188,)\"")
   t0 = time.perf_counter()
-  out_dir = u.out_dir or os.path.join(config.workdir, "unlearn")
+  out_dir = layout.unlearn_dir(config)
   pipe = api.load_pipeline(config)
   cpath = chosen_path(config)
   chosen = api.load_chosen(cpath) if cpath else {}

@@ -10,6 +10,7 @@ from flax.traverse_util import flatten_dict
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.evaluation import concepts
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.canvas_mini import PIPELINE_DIR, classifiers, data
 from saemnesia_jax.diffusion.sampler import sample_prompts
 
@@ -58,7 +59,7 @@ def test_pytorch_export_round_trips_every_parameter_and_image(config, tmp_path):
   """CanvasMini (with the pooled-text ``text_time`` add_embedding) exported to
   PyTorch safetensors and read back: every parameter and every image equal."""
   pipe = common.load_model(config)
-  out = models.save_pipeline(str(tmp_path / "pt"), pipe.unet, pipe.params["unet"], pipe.text_encoder,
+  out = tiny_lib.save_pipeline(str(tmp_path / "pt"), pipe.unet, pipe.params["unet"], pipe.text_encoder,
                              pipe.params["text_encoder"], pipe.tokenizer, pipe.scheduler, fmt="safetensors")
   back = models.load_pipeline(out, from_pt=True)
   flat = lambda p: {"/".join(map(str, k)): np.asarray(v) for k, v in flatten_dict(p).items()}

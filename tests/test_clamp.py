@@ -6,6 +6,7 @@ import pytest
 
 from saemnesia_jax.diffusion import clamp
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.sae import model as sae
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec
 
@@ -111,7 +112,7 @@ def test_a_latent_selected_by_two_concepts_is_edited_once():
 
 
 def test_gamma_and_concept_sweep_compiles_the_sampler_once(tmp_path):
-  pipe = models.load_pipeline(models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=2))
+  pipe = models.load_pipeline(tiny_lib.write_tiny_pipeline(str(tmp_path / "tiny"), seed=2))
   block = "up_blocks.1.attentions.1"
   s = Sampler(pipe, SamplerSpec(num_steps=3, batch_size=2, edit_block=block), clamp.make_edit_fn(k=4))
   params = sae.init_params(jax.random.PRNGKey(0), 64, 128)

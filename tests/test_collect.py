@@ -10,6 +10,7 @@ import pytest
 
 from saemnesia_jax import collect
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax import store
 from saemnesia_jax.runtime.errors import RunMismatchError
 
@@ -19,7 +20,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  return models.write_tiny_pipeline(str(tmp_path_factory.mktemp("model") / "tiny"), seed=0)
+  return tiny_lib.write_tiny_pipeline(str(tmp_path_factory.mktemp("model") / "tiny"), seed=0)
 
 
 def _config(model_dir, store_path, **collect_overrides):
@@ -95,7 +96,7 @@ def test_two_processes_write_the_same_store_as_one(model_dir, reference, tmp_pat
 def test_store_of_another_model_or_block_is_refused(tmp_path_factory, model_dir, reference):
   """Collect never appends to a store made by another model or at another
   block: one message names each differing field (the store is untouched)."""
-  other = models.write_tiny_pipeline(str(tmp_path_factory.mktemp("other") / "tiny"), seed=5)
+  other = tiny_lib.write_tiny_pipeline(str(tmp_path_factory.mktemp("other") / "tiny"), seed=5)
   before = sorted(os.listdir(os.path.join(reference[0], "units")))
   with pytest.raises(RunMismatchError, match=r"(?s)identity\.weights_sha256 .*overwrite=True"):
     collect.run(_config(other, reference[0]))

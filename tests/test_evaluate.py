@@ -10,6 +10,7 @@ import pytest
 from saemnesia_jax import collect
 from saemnesia_jax import evaluate
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax import scores
 from saemnesia_jax import train
 
@@ -60,7 +61,7 @@ def _config(workdir, model_dir):
 def prepared(tmp_path_factory):
   """A tiny pipeline with its store, both SAEs and both score tables (the inputs of evaluate)."""
   work = tmp_path_factory.mktemp("eval")
-  model_dir = models.write_tiny_pipeline(str(work / "tiny"), seed=0)
+  model_dir = tiny_lib.write_tiny_pipeline(str(work / "tiny"), seed=0)
   c = _config(work, model_dir)
   collect.run(c)
   train.train(c, progress=False)

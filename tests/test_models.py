@@ -9,15 +9,16 @@ from flax.traverse_util import flatten_dict
 
 from saemnesia_jax.diffusion import hooks
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 
 torch = pytest.importorskip("torch")  # the PyTorch-weights tests need the [torch] extra
 
-SPEC = models.TinySpec()
+SPEC = tiny_lib.TinySpec()
 
 
 @pytest.fixture(scope="module")
 def flax_dir(tmp_path_factory):
-  return models.write_tiny_pipeline(str(tmp_path_factory.mktemp("m") / "flax"), SPEC, seed=3)
+  return tiny_lib.write_tiny_pipeline(str(tmp_path_factory.mktemp("m") / "flax"), SPEC, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def _assert_params_equal(a, b):
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_pytorch_weights_round_trip_equal_params(flax_dir, flax_pipe, tmp_path, fmt):
-  unet, _, te, tok, vae, _, sched = models.tiny_components(SPEC, seed=3)
+  unet, _, te, tok, vae, _, sched = tiny_lib.tiny_components(SPEC, seed=3)
   p = flax_pipe.params
-  pt_dir = models.save_pipeline(str(tmp_path / fmt), unet, p["unet"], te, p["text_encoder"], tok,
+  pt_dir = tiny_lib.save_pipeline(str(tmp_path / fmt), unet, p["unet"], te, p["text_encoder"], tok,
                                 sched, vae, p["vae"], fmt=fmt)
   names = os.listdir(os.path.join(pt_dir, "unet"))
   assert not any(n.endswith(".msgpack") for n in names), names
@@ -48,9 +49,9 @@ def test_pytorch_weights_round_trip_equal_params(flax_dir, flax_pipe, tmp_path, 
 
 def test_flax_round_trip_and_pytorch_forward_agree(flax_pipe, tmp_path):
   # Flax -> save -> load gives the same parameters ...
-  unet, _, te, tok, vae, _, sched = models.tiny_components(SPEC, seed=3)
+  unet, _, te, tok, vae, _, sched = tiny_lib.tiny_components(SPEC, seed=3)
   p = flax_pipe.params
-  again = models.load_pipeline(models.save_pipeline(
+  again = models.load_pipeline(tiny_lib.save_pipeline(
       str(tmp_path / "again"), unet, p["unet"], te, p["text_encoder"], tok, sched, vae, p["vae"]))
   for part in ("unet", "text_encoder", "vae"):
     _assert_params_equal(again.params[part], p[part])

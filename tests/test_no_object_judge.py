@@ -12,7 +12,7 @@ from saemnesia_jax.evaluation import metrics
 from saemnesia_jax.runtime.cli import load_config_file
 from saemnesia_jax.canvas_mini import classifiers as C
 from saemnesia_jax.canvas_mini import data as d
-from saemnesia_jax.evaluate import CanvasMiniJudge
+from saemnesia_jax.judges.canvas_mini import CanvasMiniJudge
 from saemnesia_jax.runtime.io_utils import read_json
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "canvas_mini.py")

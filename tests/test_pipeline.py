@@ -56,8 +56,9 @@ def _numbers(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   from saemnesia_jax.diffusion import models
+  from saemnesia_jax.diffusion import tiny as tiny_lib
   base = tmp_path_factory.mktemp("pipe")
-  models.write_tiny_pipeline(str(base / "tiny_model"), seed=0)
+  tiny_lib.write_tiny_pipeline(str(base / "tiny_model"), seed=0)
   work = base / "full"
   done = pipeline.run(_config(work), progress=False)
   return work, done
@@ -136,11 +137,11 @@ def test_pipeline_trains_and_scores_an_sae_per_block_with_a_style_block(tmp_path
   calls = []
   monkeypatch.setattr(train, "train", lambda cfg, progress=True: (calls.append((cfg.block, cfg.workdir)),
                                                                   {"step": 7})[1])
-  out = pipeline._run_stage("train", c, None, False)
+  out = train.pipeline_step(c, progress=False)
   assert calls == [(c.block, os.path.join(c.workdir, c.block)),
                    (c.style_block, os.path.join(c.workdir, c.style_block))]
   assert out == {c.block: 7, c.style_block: 7}
   # scores.run answers {block: result} with two blocks (scores.py); the stage records each out_dir.
   per_block = {b: {"out_dir": f"/x/{b}/scores", "wall_s": 1.0} for b in (c.block, c.style_block)}
   monkeypatch.setattr(scores, "run", lambda cfg, progress=True: per_block)
-  assert pipeline._run_stage("scores", c, None, False) == {b: f"/x/{b}/scores" for b in per_block}
+  assert scores.pipeline_step(c, progress=False) == {b: f"/x/{b}/scores" for b in per_block}

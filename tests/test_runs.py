@@ -131,7 +131,8 @@ def test_block_names_match_the_unet(tmp_path):
   hookable blocks of the loaded UNet."""
   from saemnesia_jax.diffusion import hooks
   from saemnesia_jax.diffusion import models
-  path = models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
+  from saemnesia_jax.diffusion import tiny as tiny_lib
+  path = tiny_lib.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
   with open(os.path.join(path, "unet", "config.json")) as f:
     names = checks.unet_blocks(json.load(f))
   assert sorted(names) == sorted(hooks.hookable_blocks(models.load_pipeline(path).params["unet"]))

@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saemnesia_jax.sae import model as sae
+from saemnesia_jax.sae import objectives
 
 D_IN, N_LAT, K = 8, 32, 4
 
@@ -182,14 +183,14 @@ def test_decoder_constraint(params):
 def test_unsupervised_loss_terms(params, x):
   cfg = sae.SaeConfig(k=K)
   dead = jnp.arange(N_LAT) < 20
-  loss, aux = sae.unsupervised_loss(params, x, dead, cfg)
+  loss, aux = objectives.unsupervised_loss(params, x, dead, cfg)
   x_hat = sae.decode(params, sae.encode(params, x, K))
   np.testing.assert_allclose(aux["fvu"], sae.fvu(x, x_hat), rtol=1e-6)
   np.testing.assert_allclose(loss, aux["fvu"] + aux["auxk"] / 32, rtol=1e-6)
   assert float(aux["auxk"]) > 0.0 and int(aux["n_dead"]) == 20
   assert float(aux["l0"]) <= K
   np.testing.assert_array_equal(aux["fired"], sae.fired_from_codes(sae.encode(params, x, K)))
-  sparse_loss, _ = sae.unsupervised_loss(params, x, dead, sae.SaeConfig(k=K, sparse_decode=True))
+  sparse_loss, _ = objectives.unsupervised_loss(params, x, dead, sae.SaeConfig(k=K, sparse_decode=True))
   np.testing.assert_allclose(sparse_loss, loss, rtol=1e-5)
   with pytest.raises(ValueError, match="sparse_decode"):
     sae.SaeConfig(k=K, batch_topk=True, sparse_decode=True)
@@ -208,7 +209,7 @@ def test_sharded_loss_and_grads_match_single_device(params, cfg):
   mesh = Mesh(np.array(devices[:4]).reshape(2, 2), ("data", "model"))
   x = jax.random.normal(jax.random.key(12), (32, D_IN))
   dead = jnp.arange(N_LAT) % 3 == 0
-  fn = jax.jit(jax.value_and_grad(lambda p, x, d: sae.unsupervised_loss(p, x, d, cfg), has_aux=True))
+  fn = jax.jit(jax.value_and_grad(lambda p, x, d: objectives.unsupervised_loss(p, x, d, cfg), has_aux=True))
   (loss1, aux1), g1 = fn(params, x, dead)
 
   specs = sae.param_partition_specs("model")

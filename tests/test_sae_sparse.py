@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from saemnesia_jax.sae import model as sae
+from saemnesia_jax.sae import objectives
 from saemnesia_jax.sae import sparse as sae_sparse
 
 D_IN, N_LAT, K, K_AUX, N = 16, 128, 4, 8, 64
@@ -32,7 +33,7 @@ def data():
 @functools.lru_cache(maxsize=None)
 def _loss_and_grads(batch_topk: bool, backward: str):
   cfg = sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward=backward)
-  return jax.jit(jax.value_and_grad(lambda p, x, dead: sae.unsupervised_loss(p, x, dead, cfg), has_aux=True))
+  return jax.jit(jax.value_and_grad(lambda p, x, dead: objectives.unsupervised_loss(p, x, dead, cfg), has_aux=True))
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])
@@ -60,7 +61,7 @@ def test_loss_and_grads_with_auxk_behind_a_cond_equals_dense(data, batch_topk):
   the same values and gradients as the dense reference for every dead count."""
   p, x, masks = data
   cfg = sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward="sparse")
-  f = jax.jit(lambda p, x, dead: sae.loss_and_grads(p, x, dead, cfg))
+  f = jax.jit(lambda p, x, dead: objectives.loss_and_grads(p, x, dead, cfg))
   assert "cond[" in str(jax.make_jaxpr(f)(p, x, masks[0]))
   for n_dead, dead in zip(DEAD_COUNTS, masks):
     (l_d, aux_d), g_d = _loss_and_grads(batch_topk, "dense")(p, x, dead)
@@ -77,7 +78,7 @@ def test_loss_and_grads_with_auxk_behind_a_cond_equals_dense(data, batch_topk):
 def test_auxk_is_a_switch_with_a_skip_branch(data):
   p, x, masks = data
   cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
-  jaxpr = str(jax.make_jaxpr(lambda p: sae.unsupervised_loss(p, x, masks[0], cfg))(p))
+  jaxpr = str(jax.make_jaxpr(lambda p: objectives.unsupervised_loss(p, x, masks[0], cfg))(p))
   assert "cond[" in jaxpr  # lax.switch lowers to cond: AuxK runs only in the branch for dead latents
 
 
@@ -95,7 +96,7 @@ def test_auxk_gradient_is_computed_inside_the_taken_branch(data):
   the switch outputs only the value and the four gradients."""
   p, x, masks = data
   cfg = sae.SaeConfig(k=K, k_aux=K_AUX, backward="sparse")
-  jaxpr = jax.make_jaxpr(jax.grad(lambda p: sae.unsupervised_loss(p, x, masks[3], cfg)[0]))(p).jaxpr
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: objectives.unsupervised_loss(p, x, masks[3], cfg)[0]))(p).jaxpr
   switch = [e for e in _conds(jaxpr) if len(e.params["branches"]) == 1 + len(sae_sparse._capacities(N_LAT))]
   assert len(switch) == 1, [len(e.params["branches"]) for e in _conds(jaxpr)]
   # sum of squares; gradients of W_dec, W_enc^T, b_dec, b_enc
@@ -210,7 +211,7 @@ def test_bfloat16_matmuls_sparse_equals_dense_and_every_large_matmul_is_bfloat16
   p, x, masks = data
   cfgs = {(b, m): sae.SaeConfig(k=K, batch_topk=batch_topk, k_aux=K_AUX, backward=b, matmul_dtype=m)
           for b in ("dense", "sparse") for m in (None, "bfloat16")}
-  fs = {key: jax.jit(functools.partial(sae.loss_and_grads, cfg=cfg)) for key, cfg in cfgs.items()}
+  fs = {key: jax.jit(functools.partial(objectives.loss_and_grads, cfg=cfg)) for key, cfg in cfgs.items()}
   for n_dead, dead in zip(DEAD_COUNTS, masks):
     (l32, _), g32 = fs[("dense", None)](p, x, dead)
     (l_d, aux_d), g_d = fs[("dense", "bfloat16")](p, x, dead)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 
 STEPS, B = 4, 2
@@ -23,7 +24,7 @@ IDENTITY = {"scale": jnp.float32(1.0), "shift": jnp.float32(0.0), "from_step": j
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-  return models.load_pipeline(models.write_tiny_pipeline(str(tmp_path_factory.mktemp("p") / "tiny"), seed=1))
+  return models.load_pipeline(tiny_lib.write_tiny_pipeline(str(tmp_path_factory.mktemp("p") / "tiny"), seed=1))
 
 
 @pytest.fixture(scope="module")

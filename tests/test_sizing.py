@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from saemnesia_jax.runtime import sizing
-from saemnesia_jax import train
+from saemnesia_jax import evaluate, train
 from synthetic import BLOCK, make_concept_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +32,8 @@ def test_dry_run_bytes_match_the_real_state(tmp_path, mode):
   if mode == "supervised":
     c.sae.assignment = "random"
   lines = []
-  out = sizing.dry_run(c, print_fn=lines.append)
-  tr = train.setup(c)
+  out = sizing.train_dry_run(c, train.setup(c, sizing.shape_record(c)), print_fn=lines.append)
+  tr = train.setup(c, train.open_training_store(c).shape)
   state = tr.init_fn(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
   dev = tr.mesh.devices.flat[0]
   pb = out["per_device_bytes"]
@@ -61,17 +61,18 @@ def test_micro_batches_must_divide_the_batch(tmp_path):
   c.sae.mode, c.sae.assignment = "supervised", "random"
   c.train.update(dict(batch_size=8, micro_batches=3))
   with pytest.raises(ValueError, match="micro_batches=3 must divide config.train.batch_size=8"):
-    train.setup(c)
+    train.setup(c, sizing.shape_record(c))
   c.sae.mode = "unsupervised"
   with pytest.raises(ValueError, match="supervised step only"):
-    train.setup(c)
+    train.setup(c, sizing.shape_record(c))
 
 
 def test_sampler_dry_run_reads_no_weights_and_sizes_the_real_ones(tmp_path, stage="evaluate"):
   """Compile-only sizing of the sampling stages from config files alone: the
   weights it counts are the loaded pipeline's, and the compile is the real sampler's."""
   from saemnesia_jax.diffusion import models
-  model_dir = models.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
+  from saemnesia_jax.diffusion import tiny as tiny_lib
+  model_dir = tiny_lib.write_tiny_pipeline(str(tmp_path / "tiny"), seed=0)
   c = tiny.get_config()
   c.workdir, c.model.path = str(tmp_path), model_dir
   c.sampler.update(dict(num_steps=2, batch_size=3))
@@ -79,7 +80,8 @@ def test_sampler_dry_run_reads_no_weights_and_sizes_the_real_ones(tmp_path, stag
   for f in models.weight_files(model_dir):
     os.rename(f, f + ".hidden")  # the dry run must not need them
   lines = []
-  out = sizing.sampler_dry_run(c, stage, print_fn=lines.append)
+  c.dry_run = True
+  out = evaluate.dry_run(c, print_fn=lines.append)
   weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(real.params))
   assert out["per_device_bytes"]["weights"] == weights
   assert out["per_device_bytes"]["temporaries"] > 0 and out["xla_flops_per_call"] > 0

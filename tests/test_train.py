@@ -39,17 +39,22 @@ def _config(workdir, store_path, **train_overrides):
   return c
 
 
-def _batches(tr, n):
-  reader = train.make_reader(tr, "train")
+def _setup(c):
+  st = train.open_training_store(c)
+  return train.setup(c, st.shape), st
+
+
+def _batches(tr, st, n):
+  reader = train.make_reader(tr, st, "train")
   return [train.place(tr, next(reader)) for _ in range(n)]
 
 
 def test_sharded_step_equals_single_device(concept_store, tmp_path):
   results = {}
   for shape in [(1, 1), (2, 2)]:
-    tr = train.setup(_config(tmp_path, concept_store[0], mesh_shape=shape))
+    tr, st = _setup(_config(tmp_path, concept_store[0], mesh_shape=shape))
     assert tr.mesh.devices.shape == shape
-    batches = _batches(tr, 3)
+    batches = _batches(tr, st, 3)
     state = tr.init_fn(batches[0]["x"])
     if shape == (2, 2):  # the latent axis really is split over 'model'
       w = state["params"]["W_enc"]
@@ -76,8 +81,8 @@ def test_sparse_sharded_step_equals_dense_single_device(concept_store, tmp_path)
     c = _config(tmp_path, concept_store[0], mesh_shape=shape)
     c.sae.backward = backward
     c.sae.dead_tokens = 48  # latents silent for 2 batches of 32 are dead: AuxK runs from step 3
-    tr = train.setup(c)
-    batches = _batches(tr, 5)
+    tr, st = _setup(c)
+    batches = _batches(tr, st, 5)
     state = tr.init_fn(batches[0]["x"])
     losses, n_dead = [], []
     for b in batches:
@@ -159,11 +164,11 @@ def test_store_of_another_width_or_block_is_refused(concept_store, tmp_path):
   c = _config(tmp_path, concept_store[0])
   c.sae.d_in = 32
   with pytest.raises(store.ManifestMismatchError, match=r"width 16.*config.sae.d_in=32"):
-    train.setup(c)
+    _setup(c)
   c = _config(tmp_path, concept_store[0])
   c.block = "up_blocks.1.attentions.0"
   with pytest.raises(store.ManifestMismatchError, match="block"):
-    train.setup(c)
+    _setup(c)
 
 
 def test_config_typo_is_an_error(tmp_path):
@@ -203,10 +208,10 @@ if jax.process_index() == 0:
   two = dict(np.load(tmp_path / "two.npz"))
 
   # One process, four devices, the two processes' readers side by side.
-  tr = train.setup(_config(tmp_path / "one", concept_store[0], **overrides))
+  tr, st = _setup(_config(tmp_path / "one", concept_store[0], **overrides))
   assert tr.mesh.devices.shape == (4, 1)
-  readers = [train.make_reader(tr, "train", process_index=i, process_count=2) for i in range(2)]
-  firsts = [next(train.make_reader(tr, "train", process_index=i, process_count=2)) for i in range(2)]
+  readers = [train.make_reader(tr, st, "train", process_index=i, process_count=2) for i in range(2)]
+  firsts = [next(train.make_reader(tr, st, "train", process_index=i, process_count=2)) for i in range(2)]
   state = tr.init_fn(train.init_sample(tr, np.concatenate(firsts)))
   w0 = np.asarray(state["params"]["W_enc"])
   for _ in range(overrides["steps"]):

@@ -9,7 +9,10 @@ import torch
 from saemnesia_jax.evaluation import concepts
 from saemnesia_jax import evaluate
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.judges import vit
 from saemnesia_jax.evaluation import unlearncanvas
+from saemnesia_jax import judges
+from saemnesia_jax.judges import unlearncanvas as uc_judge
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE, MLP = 32, 2, 2, 16, 32, 64
 
@@ -69,7 +72,7 @@ def _numpy_vit(sd, images_nhwc, features=False):
 
 def test_timm_vit_maps_onto_flax_vit(tmp_path):
   sd = _timm_state_dict(5, 0)
-  model, params = models.vit_from_timm(_save(tmp_path / "c.pth", sd), num_heads=HEADS)
+  model, params = vit.vit_from_timm(_save(tmp_path / "c.pth", sd), num_heads=HEADS)
   x = np.random.default_rng(1).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
   got = np.asarray(model(x.transpose(0, 3, 1, 2), params=params).logits)
   np.testing.assert_allclose(got, _numpy_vit(sd, x), atol=2e-4, rtol=2e-4)
@@ -78,7 +81,7 @@ def test_timm_vit_maps_onto_flax_vit(tmp_path):
 def test_judge_maps_classes_to_concept_ids(tmp_path):
   objects_cls, styles_cls = ("Bears", "Cats", "Dogs"), ("Pastel", "Seed_Images", "Van_Gogh", "Winter")
   obj_sd, sty_sd = _timm_state_dict(3, 2), _timm_state_dict(4, 3)
-  judge = unlearncanvas.ViTJudge(
+  judge = uc_judge.ViTJudge(
       _save(tmp_path / "o.pth", obj_sd), _save(tmp_path / "s.pth", sty_sd),
       objects=("Dogs", "Bears", "Cats"), styles=("Van_Gogh", "Pastel"),  # Winter is not evaluated
       object_classes=objects_cls, style_classes=styles_cls, batch_size=4, num_heads=HEADS)
@@ -101,14 +104,14 @@ def test_judge_maps_classes_to_concept_ids(tmp_path):
 
 def test_bad_inputs_name_the_problem(tmp_path):
   with pytest.raises(models.ModelLoadError, match="not a timm ViT classifier"):
-    models.vit_from_timm(_save(tmp_path / "x.pth", {"weight": np.zeros((2, 2), np.float32)}))
+    vit.vit_from_timm(_save(tmp_path / "x.pth", {"weight": np.zeros((2, 2), np.float32)}))
   with pytest.raises(KeyError, match="no class for \\['tigers'\\]"):
     unlearncanvas.class_map(unlearncanvas.OBJECT_CLASSES, ("Bears", "Tigers"), "object")
   with pytest.raises(FileNotFoundError, match="style_classifier.pth"):
-    unlearncanvas._find(str(tmp_path), "style")
+    unlearncanvas.find_classifier(str(tmp_path), "style")
   config = ml_collections.ConfigDict({"evaluate": {"classifier": "unlearncanvas", "classifier_dir": ""}})
   with pytest.raises(ValueError, match="needs config.evaluate.classifier_dir"):
-    evaluate.make_judge(config)
+    judges.make_judge(config)
   config.evaluate.classifier = "clip"
   with pytest.raises(ValueError, match="'canvas_mini', 'canvas_mini_no_object' and 'unlearncanvas'"):
-    evaluate.make_judge(config)
+    judges.make_judge(config)

@@ -36,8 +36,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny
 from saemnesia_jax.runtime import runs
 from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.canvas_mini import PIPELINE_DIR
@@ -64,7 +64,7 @@ def build_components(config: ml_collections.ConfigDict):
       **(dict(addition_embed_type="text_time", addition_time_embed_dim=m.time_id_dim,
               projection_class_embeddings_input_dim=m.text_width + m.time_id_dim)
          if m.pooled_text_conditioning else {}))
-  tokenizer = models.build_word_tokenizer(data.vocabulary(), m.max_length)
+  tokenizer = tiny.build_word_tokenizer(data.vocabulary(), m.max_length)
   text_config = models.CLIPTextConfig(
       vocab_size=len(tokenizer), hidden_size=m.text_width, intermediate_size=2 * m.text_width,
       num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
@@ -273,13 +273,13 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
     state, loss = train_step(state, x0, tok)
     losses.append(loss)
     done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
+    if runs.itstime(done, t.log_every, t.steps):
       mean_loss = float(jnp.mean(jnp.stack(losses)))
       losses = []
       rate = (done - start) * t.batch_size / (time.perf_counter() - t0)
       pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
       rec = {"step": done, "loss": mean_loss, "images_per_s": rate, "time": time.time()}
-      if done % t.eval_every == 0 or done == t.steps:
+      if runs.itstime(done, t.eval_every, t.steps):
         pipe = as_pipeline(config, components, state["ema"])
         if eval_sampler is None:
           eval_sampler = Sampler(pipe, SamplerSpec(num_steps=config.base_eval.num_steps,
@@ -291,7 +291,7 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
                    f"style acc {r['style_accuracy']:.3f}")
       with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    if done % t.ckpt_every == 0 or done == t.steps:
+    if runs.itstime(done, t.ckpt_every, t.steps):
       mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     pbar.update(1)
   pbar.close()
@@ -301,7 +301,7 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
 
 def export(config, components, params, out_dir: str, report: dict) -> str:
   unet, text_encoder, tokenizer, scheduler = components
-  models.save_pipeline(out_dir, unet, params["unet"], text_encoder, params["text_encoder"],
+  tiny.save_pipeline(out_dir, unet, params["unet"], text_encoder, params["text_encoder"],
                        tokenizer, scheduler)
   atomic_write_json(os.path.join(out_dir, "canvas_mini.json"), report)
   return out_dir

@@ -24,16 +24,17 @@ import shutil
 import ml_collections
 import numpy as np
 
-from saemnesia_jax import scores as scores_lib
+from saemnesia_jax.runtime import layout
+from saemnesia_jax.sae import artifacts as scores_lib
 from saemnesia_jax.sae import sparsify_io
 from saemnesia_jax.canvas_mini import ASSET_DIR
 from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 
 # The arrays of scores.npz the clamp and the API read, per run.
-KEEP = {"sae_unsup": ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "scores_objects",
+KEEP = {layout.UNSUP_RUN: ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "scores_objects",
                       "scores_styles", "counts_objects", "counts_styles", "timesteps", "assignment", "objects",
                       "styles"),
-        "sae_sup": ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "counts_objects",
+        layout.SUP_RUN: ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "counts_objects",
                     "counts_styles", "timesteps", "assignment", "objects", "styles")}
 
 
@@ -60,7 +61,7 @@ def ship(workdir: str, chosen_path: str, dest: str = ASSET_DIR) -> dict:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-  chosen = config.unlearn.chosen or os.path.join(config.workdir, "eval", "summary.json")
+  chosen = config.unlearn.chosen or layout.eval_summary_in(config.workdir)
   sizes = ship(config.workdir, chosen)
   for run_name, n in sizes.items():
     print(f"{run_name}: {n / 1e6:.2f} MB in {os.path.join(ASSET_DIR, run_name)}")

@@ -4,7 +4,7 @@ The one place where "erase concept c with SAEmnesia at gamma g" or "with
 SAeUron at percentile p and gamma g" becomes ``clamp.Entry`` values; the
 evaluate stage, the unlearn stage and the Python API (``api.py``) all call it.
 
-``tables`` are the arrays of a scores folder (``scores.load_scores``):
+``tables`` are the arrays of a scores folder (``sae/artifacts.load_scores``):
 mu / threshold (and, for SAeUron, the importance scores) per domain, the
 scored ``timesteps`` and, for SAEmnesia, the concept -> latent
 ``assignment`` (objects, then styles).

@@ -15,13 +15,15 @@ A *pipeline directory* has the Stable Diffusion v1.x diffusers layout::
     vae/           optional: absent for pixel-space models
 
 :func:`load_pipeline` reads it (Flax weights, or PyTorch weights converted on
-load, which needs ``torch``); :func:`write_tiny_pipeline` writes a small random
-one with the same block structure as SD (cross-attention down and up blocks).
+load, which needs ``torch``). The other modules of the model layer build on
+this one and import no diffusers or transformers themselves:
+``diffusion/tiny.py`` writes a small random pipeline with SD's block structure,
+``diffusion/torch_export.py`` converts one to PyTorch weights, and
+``judges/vit.py`` loads the UnlearnCanvas ViT classifiers.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from typing import Any, NamedTuple, Sequence
@@ -39,6 +41,7 @@ from diffusers.utils import logging as _diffusers_logging  # noqa: E402
 from transformers.utils import logging as _transformers_logging  # noqa: E402
 
 from saemnesia_jax.runtime.errors import UserError  # noqa: E402
+from saemnesia_jax.runtime.io_utils import hash_files  # noqa: E402
 
 _diffusers_logging.set_verbosity_error()
 _transformers_logging.set_verbosity_error()
@@ -175,7 +178,7 @@ def unet_forward(unet, unet_params, latents_nchw: jax.Array, t: jax.Array, conte
   return unet.apply({"params": unet_params}, latents_nchw, t, encoder_hidden_states=cond.hidden, **apply_kwargs)
 
 
-def _parse_dtype(dtype) -> Any:
+def parse_dtype(dtype) -> Any:
   if isinstance(dtype, str):
     if dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -224,7 +227,7 @@ def _load_pt_state_dict(file: str):
   return load_state_dict(file)
 
 
-def _tree_mismatches(expected, params) -> list[str]:
+def tree_mismatches(expected, params) -> list[str]:
   """Names missing or extra in ``params`` against the abstract tree
   ``expected``, then the leaves whose shapes differ."""
   expected, got = flatten_dict(expected), flatten_dict(params)
@@ -247,7 +250,7 @@ def _check_params(name: str, module, params, file: str) -> None:
         "Is the config from the same checkpoint?")
 
 
-def _cast(params, dtype):
+def cast_params(params, dtype):
   if dtype == jnp.float32:
     return params
   return jax.tree_util.tree_map(
@@ -374,7 +377,7 @@ def _load_text_encoder(folder: str, from_pt, dtype, abstract=False):
     params = _place_leaves(dict(params), dtype)
   else:
     params = read_flax_weights(file, dtype)
-  bad = _tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)), params)
+  bad = tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), shape)), params)
   if bad:
     raise ModelLoadError(f"text encoder weights in {file} do not match its config.json: {bad[:3]}. "
                          "Is the config from the same checkpoint?")
@@ -397,7 +400,7 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
     abstract: parameters as ``jax.ShapeDtypeStruct`` from the config files
       alone (no weights read or needed): for compile-only sizing (dry runs).
   """
-  jdtype = _parse_dtype(dtype)
+  jdtype = parse_dtype(dtype)
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ModelLoadError(f"pipeline directory {path} does not exist")
@@ -460,318 +463,18 @@ def weight_files(path: str, from_pt: bool | None = None) -> list[str]:
 
 def weights_hash(path: str, from_pt: bool | None = None) -> str:
   """SHA-256 of a pipeline directory's weights, without loading it (= Pipeline.weights_hash)."""
-  from saemnesia_jax.runtime.io_utils import hash_files
   return hash_files(weight_files(path, from_pt))
 
 
-# ----------------------------------------------------------------------------
-# Writing pipelines: a tiny random one for tests and examples, and saving.
-
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
-DEFAULT_WORDS = (
-    "a an the of in image photo picture style painting drawing with and on "
-    "cat dog circle square ring bar cross star tree house car boat bird fish "
-    "red green blue black white bright dark stripes dots checker neon pastel").split()
-
-
-def build_word_tokenizer(words: Sequence[str], max_length: int) -> PreTrainedTokenizerFast:
-  """An offline word-level tokenizer (lower-case, punctuation split off).
-
-  Ids: 0 <pad>, 1 <unk>, 2 <bos>, 3 <eos>, then ``words``; every sequence is
-  ``<bos> words... <eos>`` padded with <pad>. Unknown words map to <unk>.
-  """
-  from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-  from tokenizers.models import WordLevel
-  vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-  for w in (*words, ".", ",", "'"):
-    w = w.lower()
-    if w not in vocab:
-      vocab[w] = len(vocab)
-  tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-  tok.post_processor = processors.TemplateProcessing(
-      single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
-  return PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-      unk_token="<unk>", model_max_length=max_length)
-
-
-@dataclasses.dataclass(frozen=True)
-class TinySpec:
-  """Shape of a small SD-like pipeline.
-
-  ``block_out_channels`` are multiples of 32 (diffusers' GroupNorm has 32
-  groups). With three levels, ``up_blocks.1`` is the middle resolution, as
-  ``up_blocks.1`` of SD (4 levels) is the second-coarsest.
-  """
-  sample_size: int = 16  # latent (or pixel) side
-  in_channels: int = 4
-  block_out_channels: tuple[int, ...] = (32, 64, 64)
-  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-  up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-  layers_per_block: int = 1
-  num_heads: int = 2  # diffusers calls this attention_head_dim (a naming quirk)
-  text_width: int = 32
-  text_layers: int = 2
-  text_heads: int = 2
-  max_length: int = 16
-  vae: bool = True
-  vae_channels: tuple[int, ...] = (32, 32)
-  words: tuple[str, ...] = tuple(DEFAULT_WORDS)
-
-
-def tiny_components(spec: TinySpec, seed: int = 0):
-  """Builds random (unet, unet_params, text_encoder, tokenizer, vae, vae_params, scheduler)."""
-  rng = jax.random.PRNGKey(seed)
-  r_unet, r_text, r_vae = jax.random.split(rng, 3)
-  unet = FlaxUNet2DConditionModel(
-      sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.in_channels,
-      down_block_types=spec.down_block_types, up_block_types=spec.up_block_types,
-      block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
-      attention_head_dim=spec.num_heads, cross_attention_dim=spec.text_width)
-  unet_params = unet.init_weights(r_unet)
-  tokenizer = build_word_tokenizer(spec.words, spec.max_length)
-  text_config = CLIPTextConfig(
-      vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
-      num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-      max_position_embeddings=spec.max_length, pad_token_id=tokenizer.pad_token_id,
-      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-  text_encoder = FlaxCLIPTextModel(text_config, seed=int(jax.random.randint(r_text, (), 0, 2**30)))
-  vae = vae_params = None
-  if spec.vae:
-    n = len(spec.vae_channels)
-    vae = FlaxAutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=spec.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=spec.vae_channels, layers_per_block=1,
-        sample_size=spec.sample_size * 2 ** (n - 1))
-    vae_params = vae.init_weights(r_vae)
-  # SD v1.x's schedule: scaled-linear betas 0.00085..0.012, 1000 steps.
-  scheduler = FlaxDDIMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-      set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
-  return unet, unet_params, text_encoder, tokenizer, vae, vae_params, scheduler
-
-
-def save_pipeline(path: str, unet, unet_params, text_encoder, text_params, tokenizer, scheduler,
-                  vae=None, vae_params=None, fmt: str = "flax") -> str:
-  """Writes a diffusers-format pipeline directory.
-
-  ``fmt``: 'flax' (msgpack), 'pt' (PyTorch .bin for diffusers models,
-  safetensors for the text encoder: what diffusers/transformers write by
-  default) or 'safetensors' (PyTorch weights as safetensors everywhere). The
-  PyTorch formats convert through the PyTorch classes (``from_flax``), which
-  needs torch.
-  Written to ``path + '.tmp'`` first and renamed, so a crash leaves no
-  half-written pipeline.
-  """
-  import shutil
-  if fmt not in ("flax", "pt", "safetensors"):
-    raise ValueError(f"unknown weights format {fmt!r}; expected 'flax', 'pt' or 'safetensors'")
-  path = os.path.abspath(path)
-  tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  to_np = lambda p: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), p)
-  unet.save_pretrained(os.path.join(tmp, "unet"), params=to_np(unet_params))
-  text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"), params=to_np(text_params))
-  if vae is not None:
-    vae.save_pretrained(os.path.join(tmp, "vae"), params=to_np(vae_params))
-  tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-  scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-  if fmt != "flax":
-    _convert_to_pytorch(tmp, safetensors=(fmt == "safetensors"))
-  with open(os.path.join(tmp, "model_index.json"), "w") as f:
-    json.dump({"_class_name": "FlaxStableDiffusionPipeline",
-               "_diffusers_version": diffusers.__version__,
-               "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-               "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-               "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-               "scheduler": ["diffusers", "FlaxDDIMScheduler"],
-               **({"vae": ["diffusers", "FlaxAutoencoderKL"]} if vae is not None else {})}, f, indent=2)
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)
-  return path
-
-
-def _poison(model) -> None:
-  """Fills every float tensor of a torch model with NaN, so that a weight the
-  conversion does not fill is found afterwards (``_unfilled``)."""
-  import torch
-  with torch.no_grad():
-    for t in model.state_dict().values():
-      if t.is_floating_point():
-        t.fill_(float("nan"))
-
-
-def _unfilled(model) -> list[str]:
-  import torch
-  return [k for k, t in model.state_dict().items() if t.is_floating_point() and bool(torch.isnan(t).any())]
-
-
-def _load_linear_pairs(module, state: dict) -> None:
-  """Flax Dense weights {(name, 'kernel'|'bias'): array} into torch Linear layers of ``module``."""
-  import torch
-  sd = module.state_dict()
-  with torch.no_grad():
-    for (name, leaf), v in state.items():
-      key = f"{name}.{'weight' if leaf == 'kernel' else 'bias'}"
-      sd[key].copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32).T if leaf == "kernel" else v)))
-
-
-def _convert_to_pytorch(folder: str, safetensors: bool) -> None:
-  """Replaces the Flax weights in ``folder`` by PyTorch ones (same values).
-
-  Every weight of the torch model must be filled: a name the library
-  converters do not map raises ``ModelLoadError`` instead of leaving torch's
-  random initial values in the export.
-  """
-  try:
-    import torch  # noqa: F401
-  except ImportError as e:
-    raise ModelLoadError("writing PyTorch weights needs torch (`pip install torch==2.13.0`)") from e
+def torch_side() -> Any:
+  """diffusers' and transformers' PyTorch classes and Flax -> PyTorch
+  converters (deferred: torch is an optional dependency)."""
+  import types
   from diffusers import AutoencoderKL, UNet2DConditionModel
+  from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
   from transformers import CLIPTextModel
-  for sub, cls, flax_name in (("unet", UNet2DConditionModel, UNET_FLAX_WEIGHTS),
-                              ("vae", AutoencoderKL, VAE_FLAX_WEIGHTS),
-                              ("text_encoder", CLIPTextModel, TEXT_FLAX_WEIGHTS)):
-    d = os.path.join(folder, sub)
-    if not os.path.isdir(d):
-      continue
-    # from_pretrained(from_flax=True) fails here in both libraries (diffusers
-    # 0.39 re-reads the msgpack as a torch file; transformers 4.57 leaves
-    # meta tensors), so build the torch model and convert the weights directly.
-    if sub == "text_encoder":
-      from transformers import CLIPTextConfig as _Config
-      from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model as _load
-      model = cls(_Config.from_pretrained(d))
-      _poison(model)
-      model = _load(model, os.path.join(d, flax_name))
-    else:
-      from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-      from flax.serialization import msgpack_restore
-      from flax.traverse_util import unflatten_dict
-      with open(os.path.join(d, flax_name), "rb") as f:
-        state = flatten_dict(msgpack_restore(f.read()))
-      if sub == "vae":
-        state = {tuple(_VAE_ATTN_FLAX_TO_PT.get(p, p) for p in k): v for k, v in state.items()}
-      # diffusers' converter turns 'linear_1' into 'linear.1' outside
-      # time_embedding, so SDXL's text_time add_embedding is loaded here.
-      add = {k[1:]: state.pop(k) for k in list(state) if k[0] == "add_embedding"}
-      model = cls.from_config(cls.load_config(d))
-      _poison(model)
-      model = load_flax_weights_in_pytorch_model(model, unflatten_dict(state))
-      if add:
-        _load_linear_pairs(model.add_embedding, add)
-    missing = _unfilled(model)
-    if missing:
-      raise ModelLoadError(f"exporting {d} to PyTorch left {len(missing)} weights unset "
-                           f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): the Flax and "
-                           "PyTorch names do not map; nothing was written")
-    os.remove(os.path.join(d, flax_name))
-    model.save_pretrained(d, safe_serialization=safetensors or sub == "text_encoder")
-
-
-def write_tiny_pipeline(path: str, spec: TinySpec = TinySpec(), seed: int = 0, fmt: str = "flax") -> str:
-  """Writes a small randomly initialised SD-like pipeline to ``path``."""
-  unet, unet_params, te, tok, vae, vae_params, sched = tiny_components(spec, seed)
-  return save_pipeline(path, unet, unet_params, te, te.params, tok, sched, vae, vae_params, fmt=fmt)
-
-
-# ------------------------------------------------- timm ViT image classifiers
-
-
-def _timm_state_dict(file: str) -> dict[str, np.ndarray]:
-  """A timm checkpoint as numpy: a state dict, or a dict holding one under
-  'model_state_dict' / 'state_dict' / 'model' (as training scripts save it)."""
-  if file.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(file)
-  try:
-    import torch
-  except ImportError as e:
-    raise ModelLoadError(f"{file} is a PyTorch checkpoint; reading it needs torch "
-                         "(`pip install saemnesia_jax[torch]`)") from e
-  obj = torch.load(file, map_location="cpu", weights_only=True)
-  for key in ("model_state_dict", "state_dict", "model"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
-      break
-  return {k: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}
-
-
-def vit_from_timm(file: str, num_heads: int = 0, layer_norm_eps: float = 1e-6,
-                  dtype: str = "float32") -> tuple[Any, dict]:
-  """(FlaxViTForImageClassification, params) from a timm ``VisionTransformer``
-  checkpoint (class token, pre-norm blocks, fused qkv, ``head`` on the class
-  token; e.g. ``vit_large_patch16_224`` with a new head, as the UnlearnCanvas
-  classifiers are). Sizes are read from the weights; ``num_heads`` 0 means
-  width / 64, as every standard ViT has. The module takes NCHW pixels.
-  """
-  sd = _timm_state_dict(file)
-  need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "head.weight")
-  missing = [k for k in need if k not in sd]
-  if missing:
-    raise ModelLoadError(f"{file} is not a timm ViT classifier: no {missing} among its "
-                         f"{len(sd)} tensors (e.g. {sorted(sd)[:4]})")
-  width = sd["cls_token"].shape[-1]
-  patch = sd["patch_embed.proj.weight"].shape[-1]
-  n_tokens = sd["pos_embed"].shape[1] - 1
-  side = int(round(n_tokens ** 0.5))
-  depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-  heads = num_heads or max(1, width // 64)
-  config = ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                     intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0], image_size=side * patch,
-                     patch_size=patch, num_labels=sd["head.weight"].shape[0], layer_norm_eps=layer_norm_eps,
-                     hidden_act="gelu", qkv_bias="blocks.0.attn.qkv.bias" in sd)
-  t = lambda w: np.ascontiguousarray(w.T)  # torch Linear (out, in) -> flax Dense (in, out)
-  layers = {}
-  for i in range(depth):
-    b = f"blocks.{i}."
-    qkv_w = np.split(sd[b + "attn.qkv.weight"], 3, axis=0)
-    qkv_b = np.split(sd[b + "attn.qkv.bias"], 3) if config.qkv_bias else [None] * 3
-    attn = {name: {"kernel": t(w), **({"bias": bb} if bb is not None else {})}
-            for name, w, bb in zip(("query", "key", "value"), qkv_w, qkv_b)}
-    layers[str(i)] = {
-        "layernorm_before": {"scale": sd[b + "norm1.weight"], "bias": sd[b + "norm1.bias"]},
-        "attention": {"attention": attn, "output": {"dense": {
-            "kernel": t(sd[b + "attn.proj.weight"]), "bias": sd[b + "attn.proj.bias"]}}},
-        "layernorm_after": {"scale": sd[b + "norm2.weight"], "bias": sd[b + "norm2.bias"]},
-        "intermediate": {"dense": {"kernel": t(sd[b + "mlp.fc1.weight"]), "bias": sd[b + "mlp.fc1.bias"]}},
-        "output": {"dense": {"kernel": t(sd[b + "mlp.fc2.weight"]), "bias": sd[b + "mlp.fc2.bias"]}},
-    }
-  params = {
-      "vit": {
-          "embeddings": {
-              "cls_token": sd["cls_token"], "position_embeddings": sd["pos_embed"],
-              "patch_embeddings": {"projection": {
-                  "kernel": np.ascontiguousarray(sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)),
-                  "bias": sd["patch_embed.proj.bias"]}}},
-          "encoder": {"layer": layers},
-          "layernorm": {"scale": sd["norm.weight"], "bias": sd["norm.bias"]},
-      },
-      "classifier": {"kernel": t(sd["head.weight"]), "bias": sd["head.bias"]},
-  }
-  model = FlaxViTForImageClassification(config, dtype=_parse_dtype(dtype), _do_init=False)
-  size = side * patch  # init_weights takes NHWC (the wrapper's __call__ transposes NCHW)
-  bad = _tree_mismatches(jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, size, size, 3))),
-                         params)
-  if bad:
-    raise ModelLoadError(f"{file}: the timm ViT weights do not map onto a ViT of width {width}, depth {depth}, "
-                         f"{heads} heads: {bad[:4]}")
-  return model, _cast(jax.tree_util.tree_map(jnp.asarray, params), _parse_dtype(dtype))
-
-
-def vit_features_and_logits(model: Any, params: dict, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(class-token features, logits) of a ``FlaxViTForImageClassification`` for
-  NCHW pixels: the features are what its classifier head reads (after the
-  final layer norm), for the evaluation's image-quality measure."""
-  from flax import linen as nn
-
-  def head(m, x):
-    feats = m.vit(x, deterministic=True)[0][:, 0]
-    return feats, m.classifier(feats)
-  x = jnp.transpose(pixel_values, (0, 2, 3, 1))  # the wrapper's own NCHW -> NHWC
-  return nn.apply(head, model.module)({"params": params}, x)
+  from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
+  return types.SimpleNamespace(AutoencoderKL=AutoencoderKL, UNet2DConditionModel=UNet2DConditionModel,
+                               CLIPTextModel=CLIPTextModel, CLIPTextConfig=CLIPTextConfig,
+                               load_flax_weights_in_pytorch_model=load_flax_weights_in_pytorch_model,
+                               load_flax_checkpoint_in_pytorch_model=load_flax_checkpoint_in_pytorch_model)

@@ -8,28 +8,25 @@ import os
 import ml_collections
 
 from saemnesia_jax.diffusion import models
+from saemnesia_jax.diffusion import tiny
+from saemnesia_jax.runtime import layout
 from saemnesia_jax.diffusion.sampler import EditFn, Sampler, SamplerSpec
 
 _WEIGHTS = {"auto": None, "flax": False, "pt": True}
 
 
-def model_path(config: ml_collections.ConfigDict, create: bool = True) -> str:
-  """The pipeline directory of ``config.model.path``: 'canvas_mini' is the
-  shipped CanvasMini model, '' a tiny random pipeline written (once) into the
-  workdir."""
-  path = config.model.path
-  if path == "canvas_mini":
-    from saemnesia_jax.canvas_mini import PIPELINE_DIR
-    path = PIPELINE_DIR
-    if not os.path.isdir(path):
-      raise models.ModelLoadError(
-          f"the CanvasMini pipeline is not built ({path} is missing): run "
-          "`python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py`")
-  elif not path:
-    path = os.path.join(config.workdir, "tiny_pipeline")
-    if create and not os.path.isdir(path):
-      print(f"writing a tiny random SD-like pipeline to {path} (first use only; about a minute)", flush=True)
-      models.write_tiny_pipeline(path, seed=config.model.seed)
+def ensure_model(config: ml_collections.ConfigDict) -> str:
+  """The pipeline directory of ``config.model`` (``layout.model_dir``), made
+  usable: model.path='' writes the tiny random pipeline into the workdir on
+  first use; the shipped CanvasMini model must have been built."""
+  path = layout.model_dir(config)
+  if config.model.path == "canvas_mini" and not os.path.isdir(path):
+    raise models.ModelLoadError(
+        f"the CanvasMini pipeline is not built ({path} is missing): run "
+        "`python -m saemnesia_jax.canvas_mini.build --config configs/canvas_mini.py`")
+  if not config.model.path and not os.path.isdir(path):
+    print(f"writing a tiny random SD-like pipeline to {path} (first use only; about a minute)", flush=True)
+    tiny.write_tiny_pipeline(path, seed=config.model.seed)
   return path
 
 
@@ -39,10 +36,15 @@ def from_pt(config: ml_collections.ConfigDict) -> bool | None:
   return _WEIGHTS[config.model.weights]
 
 
-def load_model(config: ml_collections.ConfigDict) -> models.Pipeline:
-  """The pipeline of ``config.model`` (see ``model_path``)."""
-  print(f"loading the model {model_path(config)} ({config.model.dtype})", flush=True)
-  return models.load_pipeline(model_path(config, create=False), dtype=config.model.dtype, from_pt=from_pt(config),
+def load_model(config: ml_collections.ConfigDict, abstract: bool = False) -> models.Pipeline:
+  """The pipeline of ``config.model`` (see ``ensure_model``); ``abstract``: its
+  parameters as shapes from the config files alone (dry runs: no weights read)."""
+  if abstract:
+    return models.load_pipeline(layout.model_dir(config), dtype=config.model.dtype, from_pt=from_pt(config),
+                                attention=config.model.get("attention", "auto"), abstract=True)
+  path = ensure_model(config)
+  print(f"loading the model {path} ({config.model.dtype})", flush=True)
+  return models.load_pipeline(path, dtype=config.model.dtype, from_pt=from_pt(config),
                               attention=config.model.get("attention", "auto"))
 
 

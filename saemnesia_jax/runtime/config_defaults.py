@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from saemnesia_jax.runtime import layout
+
 # Top-level fields of every config.
 TOP = dict(
     workdir="runs/default",  # folder of every stage's outputs
@@ -275,3 +277,20 @@ def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def quick_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The quick variant: {workdir}/quick, the full run's store, the pipeline.quick_* settings."""
+  p = config.pipeline
+  q = ml_collections.ConfigDict(config.to_dict())
+  q.collect.store_path = layout.store_path(config)
+  q.workdir = layout.quick_workdir(config.workdir)
+  q.train.steps = int(p.quick_train_steps)
+  n = int(p.quick_concepts)
+  ev = q.evaluate
+  ev.objects = tuple(ev.objects or config.concepts.objects)[:n]
+  ev.styles = tuple(ev.styles or config.concepts.styles)[:n]
+  ev.sequential_objects = tuple(ev.sequential_objects or config.concepts.objects)[:n]
+  ev.gammas, ev.percentiles = tuple(p.quick_gammas), tuple(p.quick_percentiles)
+  ev.eval_seeds = tuple(p.quick_eval_seeds)
+  return q

@@ -34,7 +34,11 @@ FINGERPRINT = "fingerprint.json"
 
 def store_path(config: Any) -> str:
   """The activation store: ``collect.store_path`` or ``{workdir}/activations``."""
-  return config.collect.store_path or os.path.join(config.workdir, "activations")
+  return config.collect.store_path or default_store(config.workdir)
+
+
+def default_store(workdir: str) -> str:
+  return os.path.join(workdir, "activations")
 
 
 def model_dir(config: Any) -> str:
@@ -94,20 +98,25 @@ def method_scores(config: Any, method: str) -> str:
   return config.evaluate[f"{method}_scores"] or sae_scores(config.workdir, RUN_OF_METHOD[method])
 
 
-def eval_dir(config: Any) -> str:
-  return config.evaluate.out_dir or os.path.join(config.workdir, "eval")
+def eval_dir(config: Any, workdir: str | None = None) -> str:
+  return config.evaluate.out_dir or os.path.join(workdir or config.workdir, "eval")
 
 
 def eval_summary(config: Any) -> str:
   return os.path.join(eval_dir(config), "summary.json")
 
 
-def probe_dir(config: Any) -> str:
-  return config.probe.out_dir or os.path.join(config.workdir, "probe")
+def eval_summary_in(workdir: str) -> str:
+  """The default evaluation's summary under ``workdir`` (what ``unlearn`` reads for chosen settings)."""
+  return os.path.join(workdir, "eval", "summary.json")
 
 
-def unlearn_dir(config: Any) -> str:
-  return config.unlearn.out_dir or os.path.join(config.workdir, "unlearn")
+def probe_dir(config: Any, workdir: str | None = None) -> str:
+  return config.probe.out_dir or os.path.join(workdir or config.workdir, "probe")
+
+
+def unlearn_dir(config: Any, workdir: str | None = None) -> str:
+  return config.unlearn.out_dir or os.path.join(workdir or config.workdir, "unlearn")
 
 
 def samples_dir(workdir: str) -> str:

@@ -31,6 +31,11 @@ from saemnesia_jax.runtime.io_utils import atomic_write_json, hash_files, read_j
 FILE = "fingerprint.json"
 
 
+def itstime(step: int, every: int, total: int) -> bool:
+  """A loop's cadence: every ``every`` steps, and at the last step ``total``."""
+  return (every > 0 and step % every == 0) or step == total
+
+
 def overwrite(config: Any) -> bool:
   """``config.overwrite`` (False where a hand-built config has no such field)."""
   return bool(config.get("overwrite", False))

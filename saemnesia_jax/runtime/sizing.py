@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 import os
-import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from saemnesia_jax import store
+from saemnesia_jax.runtime import layout
+from saemnesia_jax.sae import objectives
 
 # Dense bf16 matmul peak per chip (vendor figures), FLOP/s.
 PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
@@ -58,28 +62,25 @@ def block_shape(unet_config: dict, vae_levels: int, block: str, height: int) -> 
   return side * side, width
 
 
-def _shape_store(config: ml_collections.ConfigDict):
-  """The store when it exists, else a stand-in with the model's block shape."""
-  from saemnesia_jax.diffusion import setup as common
-  from saemnesia_jax.collect import store_path
-  from saemnesia_jax import store
-  if os.path.isfile(os.path.join(store_path(config), "manifest.json")):
-    return store.open_store(store_path(config))
-  path = common.model_path(config, create=False)
-  unet_cfg = os.path.join(path, "unet", "config.json")
+def shape_record(config: ml_collections.ConfigDict) -> store.ShapeRecord:
+  """The store's shape record when the store exists, else one with the model's
+  block shape from its config files (nothing is collected or loaded)."""
+  path = layout.store_path(config)
+  if os.path.isfile(os.path.join(path, "manifest.json")):
+    return store.open_store(path).shape
+  mpath = layout.model_dir(config)
+  unet_cfg = os.path.join(mpath, "unet", "config.json")
   if not os.path.isfile(unet_cfg):
     raise FileNotFoundError(
-        f"dry run: no activation store at {store_path(config)} and no {unet_cfg} to size the block from: "
+        f"dry run: no activation store at {path} and no {unet_cfg} to size the block from: "
         "set --config.model.path to the pipeline directory (only its config.json files are read)")
   unet = json.load(open(unet_cfg))
-  vae_cfg = os.path.join(path, "vae", "config.json")
+  vae_cfg = os.path.join(mpath, "vae", "config.json")
   vae_levels = len(json.load(open(vae_cfg))["block_out_channels"]) if os.path.isfile(vae_cfg) else 1
   height = config.sampler.height or unet["sample_size"] * 2 ** (vae_levels - 1)
   tokens, width = block_shape(unet, vae_levels, config.block, height)
-  grid = {"objects": list(config.concepts.objects), "styles": list(config.concepts.styles)}
-  return types.SimpleNamespace(d_in=config.sae.d_in or width, tokens_per_map=tokens, path="(none)",
-                               dtype=store.DTYPES[config.collect.dtype],
-                               manifest={"identity": {"prompt_grid": grid, "block": config.block}})
+  return store.ShapeRecord(config.sae.d_in or width, tokens, store.DTYPES[config.collect.dtype],
+                           tuple(config.concepts.objects), tuple(config.concepts.styles), config.block)
 
 
 def _device_bytes(tree) -> int:
@@ -92,17 +93,11 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
-  """Compiles the configured training step without data; returns (and prints) the sizing."""
-  from saemnesia_jax import train
-  st = _shape_store(config)
-  cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
-  cfg.sae.init_from = ""
-  if cfg.sae.mode == "supervised":
-    cfg.sae.assignment = "random"
-  tr = train.setup(cfg, st)
+def train_dry_run(config: ml_collections.ConfigDict, tr: Any, print_fn=print) -> dict:
+  """Compiles the trainer ``tr``'s step for its mesh without data; returns (and prints) the sizing."""
+  st = tr.shape
   t = config.train
-  d_in, L = st.d_in, train.n_latents(config, st.d_in)
+  d_in, L = st.d_in, objectives.n_latents(config, st.d_in)
   sup = tr.mode == "supervised"
   x_shape = (t.batch_size, st.tokens_per_map, d_in) if sup else (t.batch_size, d_in)
   tokens_per_step = int(np.prod(x_shape[:-1]))
@@ -110,12 +105,10 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract, tr.state_shardings)
   sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  batch = {"x": sds(x_shape, st.dtype, tr.batch_sharding)}  # the reader's batches: the store's dtype
-  if sup:
-    from saemnesia_jax.runtime.sharding import replicated
-    batch.update(object=sds((t.batch_size,), jnp.int32, tr.batch_sharding),
-                 style=sds((t.batch_size,), jnp.int32, tr.batch_sharding),
-                 assignment=sds((len(tr.assignment),), jnp.int32, replicated(tr.mesh)))
+  # The reader's batches: the store's dtype.
+  shapes = tr.objective.batch_shapes(t.batch_size, st.tokens_per_map, d_in, st.dtype,
+                                     0 if tr.assignment is None else len(tr.assignment))
+  batch = {k: sds(v.shape, v.dtype, tr.step_shardings[k]) for k, v in shapes.items()}
   compiled = tr.step_fn.lower(state, batch).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -168,31 +161,13 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   return out
 
 
-def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, print_fn=print) -> dict:
-  """Compiles the sampler of ``stage`` (sample; collect: capturing the block;
-  evaluate: with the clamp) from the model's config files alone (no weights)
-  at ``config.sampler``'s batch and size; returns (and prints) its per-device
-  memory and the images/s it would reach at the matmul peak."""
-  from saemnesia_jax.diffusion import clamp
-  from saemnesia_jax.diffusion import setup as common
-  from saemnesia_jax import evaluate
-  from saemnesia_jax.diffusion import models
-  from saemnesia_jax import train
-  path = common.model_path(config, create=False)
-  pipe = models.load_pipeline(path, dtype=config.model.dtype, from_pt=common.from_pt(config),
-                              attention=config.model.get("attention", "auto"), abstract=True)
-  cfg = evaluate.sampling_config(config) if stage == "evaluate" else config
-  edit_params = None
-  if stage == "evaluate":
-    sampler = common.make_sampler(cfg, pipe, edit_fn=clamp.make_edit_fn(config.sae.k))
-    d_in = sampler.block_output_shape(config.block)[-1]
-    L, m, n = train.n_latents(config, d_in), int(config.evaluate.max_latents), cfg.sampler.num_steps
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    sae = {"W_enc": f32(d_in, L), "b_enc": f32(L), "W_dec": f32(L, d_in), "b_dec": f32(d_in)}
-    edit_params = (sae, clamp.ClampSpec(jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((n, m), bool),
-                                        f32(n, m), f32(n, m)))
-  else:
-    sampler = common.make_sampler(cfg, pipe, capture=stage == "collect")
+def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sampler: Any,
+                    edit_params: Any = None, print_fn=print) -> dict:
+  """Compiles ``stage``'s sampler (sample; collect: capturing the block;
+  evaluate: with the clamp and its abstract ``edit_params``) over an abstract
+  pipeline (``setup.load_model(config, abstract=True)``: the model's config
+  files alone, no weights) at the sampler's batch and size; returns (and
+  prints) its per-device memory and the images/s it would reach at the matmul peak."""
   bs = sampler.spec.batch_size
   ids = jax.ShapeDtypeStruct((bs, pipe.max_length), jnp.int32)
   compiled = sampler.fn.lower(pipe.params, ids, ids, jax.ShapeDtypeStruct((bs,), jnp.uint32),
@@ -204,7 +179,7 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, print_fn=prin
   weights = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(pipe.params)))
   temp = int(mem.temp_size_in_bytes) if mem is not None else 0
   out = {"stage": stage, "batch_size": bs, "height": sampler.height, "width": sampler.width,
-         "num_steps": cfg.sampler.num_steps, "dtype": config.model.dtype,
+         "num_steps": sampler.spec.num_steps, "dtype": config.model.dtype,
          "device_kind": jax.devices()[0].device_kind,
          "per_device_bytes": {"weights": weights, "temporaries": temp,
                               "outputs": int(mem.output_size_in_bytes) if mem is not None else None,
@@ -212,7 +187,7 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, print_fn=prin
          "xla_flops_per_call": flops,
          "predicted_images_per_s": {k: peak / (flops / bs) for k, peak in PEAK_FLOPS.items()}}
   print_fn(f"dry run: {stage} sampler, {bs} images of {sampler.height}x{sampler.width} px with CFG "
-           f"({2 * bs} UNet rows), {cfg.sampler.num_steps} steps, {config.model.dtype}, on one "
+           f"({2 * bs} UNet rows), {sampler.spec.num_steps} steps, {config.model.dtype}, on one "
            f"{out['device_kind']} device")
   print_fn(f"  per device: weights {_gib(weights)}, sampler temporaries {_gib(temp)}; total {_gib(weights + temp)}")
   print_fn(f"  FLOPs per call: {flops / 1e12:.2f} T (XLA), {flops / bs / 1e12:.2f} T per image")

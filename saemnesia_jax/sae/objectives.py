@@ -138,3 +138,40 @@ def make_optimizer(learning_rate: float, steps: int, *, lr_decay: str = "linear"
     raise ValueError(f"config.train.lr_decay={lr_decay!r}; expected 'linear' or 'constant'")
   return optax.chain(sae_lib.project_decoder_grads(), optax.clip_by_global_norm(grad_clip),
                      optax.adam(lr, eps=adam_eps))
+
+
+# ------------------------------------------------------------ from a config
+
+
+def n_latents(config: Any, d_in: int) -> int:
+  return config.sae.n_latents or d_in * config.sae.expansion_factor
+
+
+def sae_config(config: Any) -> sae_lib.SaeConfig:
+  s = config.sae
+  return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
+                           k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
+                           sparse_decode=s.sparse_decode, backward=s.backward,
+                           matmul_dtype=s.get("matmul_dtype") or None)
+
+
+def from_config(config: Any, n_objects: int) -> Objective:
+  """The objective of ``config.sae.mode`` (``train.micro_batches`` for the supervised one)."""
+  s, micro = config.sae, config.train.micro_batches
+  if s.mode == "unsupervised":
+    if micro > 1:
+      raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
+    return unsupervised(sae_config(config))
+  if micro > 1 and config.train.batch_size % micro:
+    raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
+                     f"{config.train.batch_size} (maps per batch)")
+  cfg = supervised.SupervisedConfig(n_objects=n_objects, k=s.k, batch_topk=s.batch_topk,
+                                    sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
+                                    w_decorr=s.w_decorr, sup_loss=s.sup_loss)
+  return supervised_objective(cfg, micro)
+
+
+def optimizer_from_config(t: Any) -> optax.GradientTransformation:
+  """The optimizer of ``config.train``."""
+  return make_optimizer(t.learning_rate, t.steps, lr_decay=t.lr_decay, final_lr_fraction=t.final_lr_fraction,
+                        grad_clip=t.grad_clip, adam_eps=t.adam_eps)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 from saemnesia_jax.store.reader import MapBatches, TokenBatches, split_hash, to_global
