@@ -1,15 +1,13 @@
 """CanvasMini: the miniature UnlearnCanvas (docs/method.md section 7).
 
+Run the whole method on it (every stage, then the report):
+
+  python -m saemnesia_jax.pipeline --config configs/canvas_mini.py
+
 Train and ship the object / style classifiers (writes
 saemnesia_jax/assets/canvas_mini/classifiers/):
 
   python -m saemnesia_jax.canvas_mini.classifiers --config configs/canvas_mini.py
-
-Result (2,000 steps, about 3 minutes on the shared 2-core CPU): on 4,400
-fresh images from eval_seed, object / style accuracy 100.00% / 99.95% clean,
-100.00% / 99.95% with Gaussian noise 0.04 after a 0.5 blur mix, and
-99.75% / 98.64% with noise 0.08 after a full 3x3 blur.  Per-class numbers are
-in saemnesia_jax/assets/canvas_mini/classifiers/classifiers.json.
 
 Build the whole miniature (classifiers if needed, the base diffusion model,
 its evaluation, the export into saemnesia_jax/assets/canvas_mini/pipeline/):
@@ -21,40 +19,25 @@ Sections: ``data`` is the generator, ``classifier`` the judges, ``model`` /
 ``block``, ``sampler``, ``prompts`` and ``seeds`` are what every pipeline
 stage (sample, collect, ...) reads, as in configs/tiny.py and configs/sd15.py.
 
-Why this model (measured on 2 CPU cores, benchmarks/): pixel
-space at 16x16 (32x32 costs 4-10x per step); three levels (16, 8, 4 px) with
-channels (32, 64, 64) so that, as in SD, ``up_blocks.1`` is the
-second-coarsest up level; cross-attention at 8x8 (down_blocks.1, up_blocks.1)
-and in the 4x4 mid block only: cross-attention at 16x16 too measured 1.19 s
-per batch-64 training step against 0.57 s, and bold 16 px shapes need no
-finer text control than 8x8 cells.
+The model: pixel space at 16x16; three levels (16, 8, 4 px) with channels
+(32, 64, 64) so that, as in SD, ``up_blocks.1`` is the second-coarsest up
+level; cross-attention at 8x8 (down_blocks.1, up_blocks.1) and in the 4x4
+mid block only.
 
 The hooked block is the mid block's cross-attention transformer,
 ``mid_block.attentions.0``: (4, 4, 64), 16 tokens of d_in = 64. It is not
 the block that matches the papers' ``up_blocks.1.attentions.1`` (the same
 name here, 8x8 = 64 tokens), because there this model does not carry its
 objects in the map mean, which SAeUron's scores and SAEmnesia's supervision
-both read. The probe stage measured it (softmax regression from a map's mean
-activation, held-out prompts, 4 seeds; 2 seeds for the blocks marked *):
+both read.
 
-  block                        object acc  style acc   (chance 0.11-0.16)
-  down_blocks.1.attentions.0*     0.756      1.000
-  mid_block.attentions.0          0.998      1.000
-  up_blocks.0.resnets.1*          0.996      1.000   (a ResNet)
-  up_blocks.1.attentions.0*       0.424      1.000
-  up_blocks.1.attentions.1        0.130      0.988
+The clamp's gammas (evaluate.gammas) are scaled to this SAE: the clamp
+multiplies a latent by gamma * mu_target, and mu_target is a few activation
+units here, so the grid is (-0.1, -0.5, -2, -10) rather than the papers'
+(-1 ... -30).
 
-A 16 px shape is told apart by where its pixels are, not by a feature every
-token shares, and by the last up block that layout is all that is left of the
-object. At ``up_blocks.1.attentions.1`` no supervised fine-tune gave an object
-its own latent (assigned share 0.035 against the unsupervised best latent's
-0.081); at the mid block the supervised fine-tune does (README, association).
-
-The clamp's gammas are scaled to this SAE: the clamp multiplies a latent by
-gamma * mu_target, and mu_target of the latents it edits is 1-13 activation
-units here, so the papers' grid (-1 ... -30) would multiply by -1 to -400;
-(-0.1, -0.5, -2, -10) spans -0.1 to -130. A trial on Disk, Plus and Neon
-picked -0.5, -2 and -10.
+The measurements behind these choices (the classifiers' accuracy, the model
+sizes, the probe of each block, the gamma trial) are in docs/results.md.
 """
 import ml_collections
 
