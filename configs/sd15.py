@@ -69,6 +69,9 @@ from saemnesia_jax.evaluation import unlearncanvas
 def get_config():
   config = ml_collections.ConfigDict()
   config.workdir = "runs/sd15"
+  # released: every protocol field left at '' / -1 takes what SAeUron's and SAEmnesia's released
+  # code does; project: the project's choices (evaluation/protocol.py; docs/method.md's protocol table).
+  config.protocol = "released"
   config.model = ml_collections.ConfigDict(dict(
       path="/path/to/stable-diffusion-v1-5",
       dtype="bfloat16",

@@ -49,6 +49,7 @@ from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.diffusion import clamp
 from saemnesia_jax.evaluation import concepts
 from saemnesia_jax.evaluation import metrics
+from saemnesia_jax.evaluation import protocol
 from saemnesia_jax.runtime import runs
 from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.evaluation import variants as variants_lib
@@ -307,8 +308,10 @@ def fingerprint(config, ctx: Evaluation) -> dict:
   for block, methods in ctx.by_block.items():
     for m, sae in methods.items():
       inputs.update({f"{block}/{m}_{k}": v for k, v in sae["identity"].items()})
-  return runs.make(config, ("model", "block", "style_block", "sampler", "concepts", "evaluate"), NOT_RESULT,
-                   inputs, stage="evaluate")
+  sections = ("model", "block", "style_block", "sampler", "concepts", "evaluate")
+  fp = runs.make(config, sections, NOT_RESULT + protocol.raw_fields(config, sections), inputs, stage="evaluate")
+  fp["settings"].update(protocol.settings(config, sections))  # the resolved protocol, where not the project's
+  return fp
 
 
 def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:

@@ -89,9 +89,22 @@ def fingerprints(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, str
     sections, upstream = READS[stage]
     c = configs[stage]
     data = {k: c[k].to_dict() if isinstance(c[k], ml_collections.ConfigDict) else c[k] for k in sections}
+    _protocol_as_resolved(c, sections, data)
     data["upstream"] = {u: fps[u] for u in upstream}
     fps[stage] = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
   return fps
+
+
+def _protocol_as_resolved(c: ml_collections.ConfigDict, sections, data: dict) -> None:
+  """The protocol fields of ``data`` as resolved, and only where not the project's
+  (evaluation/protocol.py): a config on ``project`` hashes as before the fields existed."""
+  from saemnesia_jax.evaluation import protocol
+  for f in protocol.raw_fields(c, sections):
+    section, name = f.split(".", 1)
+    data[section].pop(name, None)
+  resolved = protocol.settings(c, sections)
+  if resolved:
+    data["protocol"] = resolved
 
 
 def make_judge(spec: str) -> Any:

@@ -36,7 +36,7 @@ class Stage:
   reads: tuple[str, ...]  # config sections / fields the stage uses (help, fingerprints)
 
 
-_COMMON = ("workdir", "overwrite")
+_COMMON = ("workdir", "overwrite", "protocol")
 _BLOCKS = _COMMON + ("block", "style_block")
 STAGES = {
     "sample": Stage("saemnesia_jax.sample", _COMMON + ("dry_run", "model", "sampler", "prompts", "seeds")),

@@ -25,7 +25,7 @@ import os
 import tokenize
 from typing import Any, Iterable, Mapping
 
-DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime/config_defaults.py")
+DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_defaults.py")
 
 
 def _comments(source: str) -> dict[int, str]:
