@@ -126,6 +126,12 @@ def check(config) -> list[tuple[str, Any, str]]:
                                         any(ph not in raw for ph in spec.placeholders)):
       bad.append((f, raw, f"a template with {' and '.join(spec.placeholders)}, {CONCEPTS_TEMPLATES!r} "
                           "(config.concepts' prompts) or '' (the protocol's)"))
+  ps = _raw(config, "evaluate.saemnesia_percentiles")
+  if ps is not None and (not ps or any(not isinstance(p_, (int, float)) or not 0 < p_ < 100 for p_ in ps)):
+    bad.append(("evaluate.saemnesia_percentiles", ps, "one or more percentiles, each in (0, 100)"))
+  fs = _raw(config, "evaluate.saeuron_style_setting")
+  if fs is not None and (len(fs) != 2 or not 0 < fs[0] < 100 or fs[1] > 0):
+    bad.append(("evaluate.saeuron_style_setting", fs, "(percentile in (0, 100), gamma <= 0)"))
   return bad
 
 
@@ -207,6 +213,21 @@ def noise_seeds(config, n_prompts: int, seeds: Sequence[int]) -> list[int]:
   seed starts from the same noise) or ``image_seed`` (``per_image``)."""
   per_image = value(config, "evaluate.noise") == "per_image"
   return [image_seed(s, i) if per_image else int(s) for i in range(n_prompts) for s in seeds]
+
+
+# --------------------------------------------------------------- precision
+
+
+def sampling_model(config):
+  """``config`` with the evaluation's sampling precision (``evaluate.dtype``) as
+  model.dtype; ``config`` itself where that is model.dtype."""
+  import copy
+  d = value(config, "evaluate.dtype")
+  if d == "model" or d == config.model.dtype:
+    return config
+  out = copy.deepcopy(config)
+  out.model.dtype = d
+  return out
 
 
 # ------------------------------------------------------------------ judging
