@@ -107,8 +107,13 @@ def test_released_prompts():
   """"An image of {object} in {style} style." (style underscores as spaces) and
   "An image of {object}." for the unstyled image; no Seed Images prompt."""
   from saemnesia_jax import collect
-  from saemnesia_jax.evaluation import protocol
   c = sd15.get_config()
+  # The collection's overlap check judges against the evaluation's prompts: the
+  # old concept-grid collection at seed 188 hits none of the released ones.
+  c.collect.update(dict(anchor_prompts_dir="", seeds=(188,), seed_stride=0))
+  grid_c, trajs = collect.plan(c)
+  assert collect.evaluation_overlap(c, grid_c, trajs) == []
+  from saemnesia_jax.evaluation import protocol
   grid = protocol.evaluation_grid(c)
   prompts = [p.prompt for p in grid]
   assert len(grid) == 20 * 50 + 20
@@ -116,11 +121,6 @@ def test_released_prompts():
   unstyled = [p for p in grid if p.style_id == -1]
   assert [p.prompt for p in unstyled][:2] == ["An image of Architectures.", "An image of Bears."]
   assert not any("Seed Images" in p or "_" in p for p in prompts)
-  # The collection's overlap check judges against these prompts: the old concept-grid
-  # collection at seed 188 no longer hits an evaluation prompt.
-  c.collect.update(dict(anchor_prompts_dir="", seeds=(188,), seed_stride=0))
-  grid_c, trajs = collect.plan(c)
-  assert collect.evaluation_overlap(c, grid_c, trajs) == []
   c.protocol = "project"
   assert len(collect.evaluation_overlap(c, grid_c, trajs)) == 1000
 
