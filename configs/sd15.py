@@ -7,7 +7,12 @@ PyTorch needs `pip install torch`). Nothing is downloaded:
       --config.model.path=/data/stable-diffusion-v1-5 \
       --config.prompts="('A Dogs image in Van Gogh style.',)"
 
-The protocol (docs/method.md; SAeUron's and UnlearnCanvas' public code):
+The protocol (docs/method.md; SAeUron's and UnlearnCanvas' public code).
+``protocol = "released"``: every protocol field left at '' / -1 takes what
+the released code does (docs/method.md section 10: prompts, noise, style
+CRA, JPEG, SAeUron's fixed style setting, SAEmnesia's percentile hook, the
+kept error x_hat - x, float16); ``--config.protocol=project`` takes the
+project's choices, and any single field can be set either way.
 
 * Blocks: objects at ``up_blocks.1.attentions.1``, styles at
   ``up_blocks.1.attentions.2`` (``style_block``), output (16, 16, 1280) at
@@ -24,8 +29,7 @@ The protocol (docs/method.md; SAeUron's and UnlearnCanvas' public code):
   prompt and no seed is an evaluation seed, so the SAE, its importance
   scores and the supervision never see a judged image (collect refuses an
   overlap). Size per block: 4.16 M maps = 1.06 G tokens, 2.7 TB in
-  bfloat16; ``collect.prompts_per_object=16`` takes a fifth (SAeUron
-  collects in five chunks of 16 lines). SAeUron computes its importance
+  bfloat16; ``collect.prompts_per_object=16`` takes a fifth. SAeUron computes its importance
   scores on a separate pass over anchor prompts at 100 steps and seed 188;
   here they come from this store (50 steps).
 * SAeUron's SAE: 20,480 latents (expansion 16), k 32, BatchTopK, Adam 4e-4
@@ -35,11 +39,15 @@ The protocol (docs/method.md; SAeUron's and UnlearnCanvas' public code):
   its end).
 * SAEmnesia (configs/sd15_sup.py): the fine-tune of that SAE, Adam 5e-6,
   128 maps per batch, up to 150 epochs, early stopping with patience 5 on a
-  20% validation split; the evaluation clamps the latent each concept was
-  trained to carry.
-* Evaluation (UnlearnCanvas): "A {object} image in {style} style." with the
-  style names written with spaces ("Van Gogh"), for the 50 styles and
-  Seed_Images (the unstyled images count for object accuracy), DDIM 100
+  20% validation split. The evaluation selects SAEmnesia's latents as its
+  released sampler does, by the percentile hook on the supervised SAE's
+  scores (``evaluate.saemnesia_selection``; ``assigned`` clamps the latent
+  each concept was trained to carry).
+* Evaluation (UnlearnCanvas): released, "An image of {object} in {style}
+  style." with the style names written with spaces ("Van Gogh") and "An
+  image of {object}." (project: the ``concepts`` templates below, "A {object}
+  image in {style} style." and Seed_Images; the unstyled images count for
+  object accuracy), DDIM 100
   steps (``evaluate.num_steps``), CFG 9.0, seeds 188, 288, 588, 688, 888;
   sequential unlearning up to the 9 objects of the paper.
 
@@ -69,6 +77,9 @@ from saemnesia_jax.evaluation import unlearncanvas
 def get_config():
   config = ml_collections.ConfigDict()
   config.workdir = "runs/sd15"
+  # released: every protocol field left at '' / -1 takes what SAeUron's and SAEmnesia's released
+  # code does; project: the project's choices (evaluation/protocol.py; docs/method.md's protocol table).
+  config.protocol = "released"
   config.model = ml_collections.ConfigDict(dict(
       path="/path/to/stable-diffusion-v1-5",
       dtype="bfloat16",

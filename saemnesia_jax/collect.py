@@ -90,7 +90,8 @@ def evaluation_overlap(config: ml_collections.ConfigDict, grid=None, trajs=None)
   if grid is None:
     grid, trajs = plan(config)
   ev = config.evaluate
-  judged = {(p.prompt, int(s)) for p in concepts.evaluation_grid(config.concepts, ev.seed_images)
+  from saemnesia_jax.evaluation import protocol
+  judged = {(p.prompt, int(s)) for p in protocol.evaluation_grid(config)
             for s in tuple(ev.sweep_seeds) + tuple(ev.eval_seeds)}
   return sorted({(grid[i].prompt, int(s)) for i, s in trajs} & judged)
 

@@ -51,7 +51,7 @@ from saemnesia_jax import judges
 from saemnesia_jax.diffusion import blocks, clamp, erase
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion.sampler import sample_prompts
-from saemnesia_jax.evaluation import concepts, metrics, quality
+from saemnesia_jax.evaluation import concepts, metrics, protocol, quality
 from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.evaluation import variants as variants_lib
 from saemnesia_jax.runtime import layout, runs, sizing
@@ -118,9 +118,9 @@ class Evaluation:
 
   def __init__(self, config: ml_collections.ConfigDict, judge: Any = None):
     self.config, ev = config, config.evaluate
-    self.pipe = common.load_model(config)
+    self.pipe = common.load_model(protocol.sampling_model(config))  # evaluate.dtype
     self.judge = judge or judges.make_judge(config)
-    grid = concepts.evaluation_grid(config.concepts, seed_images=ev.seed_images)
+    grid = protocol.evaluation_grid(config)  # evaluate.style_prompt / unstyled_prompt
     self.objects, self.styles = list(config.concepts.objects), list(config.concepts.styles)
     self.prompts = [p.prompt for p in grid]
     self.true_obj = np.array([p.object_id for p in grid], np.int32)
@@ -155,7 +155,7 @@ class Evaluation:
       out[m] = dict(params=jax.tree_util.tree_map(np.asarray, params), k=int(cfg["k"]), scores=tables,
                     identity={"sae": runs.sae_hash(sae_dir),  # for the run fingerprint
                               "scores": hash_files([os.path.join(scores_dir, "scores.npz")])})
-      if m == "saemnesia":
+      if m == "saemnesia" and protocol.value(config, "evaluate.saemnesia_selection") == "assigned":
         out[m]["assignment"] = saemnesia_assignment(meta, tables, ev.saemnesia_assignment, sae_dir)
     return out
 
@@ -163,16 +163,23 @@ class Evaluation:
     """The SAE (params, k, scores, assignment) that erases ``domain``'s concepts."""
     return self.by_block[self.domain_block[domain]][method]
 
-  def sampler(self, k: int, block: str = ""):
-    """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block)."""
+  def sampler(self, k: int, block: str = "", erasing: bool = True):
+    """The evaluation's sampler with a clamp of top-k at ``block`` ('' -> config.block).
+
+    ``erasing``: the clamp of the protocol (``evaluate.kept_error``,
+    ``evaluate.sae_dtype``); False (no erasure) an exact identity, as the
+    released code samples without a hook."""
     block = block or self.config.block
-    if (block, k) not in self._samplers:
+    kept, dtype = ((protocol.value(self.config, "evaluate.kept_error"),
+                    protocol.value(self.config, "evaluate.sae_dtype")) if erasing else ("x_minus_xhat", "float32"))
+    key = (block, k) if (kept, dtype) == ("x_minus_xhat", "float32") else (block, k, kept, dtype)
+    if key not in self._samplers:
       config = sampling_config(self.config)
       if block != config.block:
         config = copy.deepcopy(config)
         config.block = block
-      self._samplers[(block, k)] = common.make_sampler(config, self.pipe, edit_fn=clamp.make_edit_fn(k))
-    return self._samplers[(block, k)]
+      self._samplers[key] = common.make_sampler(config, self.pipe, edit_fn=clamp.make_edit_fn(k, kept, dtype))
+    return self._samplers[key]
 
   # ---------------------------------------------------------------- specs
 
@@ -214,14 +221,16 @@ class Evaluation:
     sae_m = self.sae(method, domain) if method != "none" else self._identity
     if sae_m is None:
       raise ValueError("evaluate needs at least one SAE method (saeuron or saemnesia) besides 'none'")
-    sampler = self.sampler(sae_m["k"], self.domain_block[domain] if method != "none" else "")
+    sampler = (self.sampler(sae_m["k"], self.domain_block[domain]) if method != "none"
+               else self.sampler(sae_m["k"], erasing=False))
     erase = [(d, n, s) for d, n, s in unit.get("erase", [])]
     spec = self.spec(method, erase, sampler)
     seeds = list(unit["seeds"])
     prompts = [p for p in self.prompts for _ in seeds]
-    seed_list = [s for _ in self.prompts for s in seeds]
+    seed_list = protocol.noise_seeds(self.config, len(self.prompts), seeds)  # evaluate.noise
     imgs = sample_prompts(sampler, prompts, seed_list, self.config.sampler.guidance_scale,
                           edit_params=(sae_m["params"], spec), progress=False)
+    imgs = protocol.judged_images(self.config, imgs)  # evaluate.jpeg_quality
     out = {}
     if hasattr(self.judge, "assess"):  # ids, confidences and features: the quality measures too
       a = self.judge.assess(imgs)
@@ -248,8 +257,10 @@ def fingerprint(config, ctx: Evaluation) -> dict:
   for block, methods in ctx.by_block.items():
     for m, sae in methods.items():
       inputs.update({f"{block}/{m}_{k}": v for k, v in sae["identity"].items()})
-  return runs.make(config, ("model", "block", "style_block", "sampler", "concepts", "evaluate"), NOT_RESULT,
-                   inputs, stage="evaluate")
+  sections = ("model", "block", "style_block", "sampler", "concepts", "evaluate")
+  fp = runs.make(config, sections, NOT_RESULT + protocol.raw_fields(config, sections), inputs, stage="evaluate")
+  fp["settings"].update(protocol.settings(config, sections))  # the resolved protocol, where not the project's
+  return fp
 
 
 def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
@@ -291,12 +302,12 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
       qual[m] = by_domain
   for u in sweep_units(config) + finals:
     wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
-  n_concepts = len(targets(config))
-  trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}
+  trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}  # per object
+  totals = {v.label(m): sum(len(settings(config, m, v, d)) for d, _ in targets(config)) for m, v in arms(config)}
   metrics.write_table(os.path.join(out_dir, "table"), rows)
   # What each row cost: sweep trials (per concept and in all); sampling + judging time per method.
   cost = ["| method | trials per concept | trials | wall of the method's units (min) |", "|---|---|---|---|"]
-  cost += [f"| {m} | {trials.get(m, 0)} | {trials.get(m, 0) * n_concepts} | "
+  cost += [f"| {m} | {trials.get(m, 0)} | {totals.get(m, 0)} | "
            f"{wall.get(variants_lib.method_of(m), 0.0) / 60:.1f} |" for m in labels]
   cost += ["", f"Each trial is one answer set per sweep seed {tuple(ev.sweep_seeds)}, pooled; "
            f"the table is on the held-out seeds {tuple(ev.eval_seeds)}."]
@@ -319,7 +330,7 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     atomic_write_bytes(os.path.join(out_dir, "quality.md"), quality.format_markdown(qual).encode())
   summary = {"table": rows, "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
              "trials_per_concept": trials,
-             "trials_total": {m: t * n_concepts for m, t in trials.items()},
+             "trials_total": totals,
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
   atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
@@ -344,7 +355,7 @@ def _plot_sequential(path, seq_rows):
 def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
   """Prompts for one erased concept: ``n_with`` that contain it, then ``n_without`` that do not."""
   objs, stys = list(config.concepts.objects), list(config.concepts.styles)
-  fmt = lambda o, s: concepts.styled_prompt(config.concepts, o, s)  # noqa: E731
+  fmt = lambda o, s: protocol.styled_prompt(config, o, s)  # noqa: E731
   if domain == "object":
     other = objs[(objs.index(name) + 1) % len(objs)]
     return [fmt(name, s) for s in stys[:n_with]] + [fmt(other, s) for s in stys[:n_without]]
@@ -367,7 +378,7 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   n_without = min(2, n_with)
   prompts = {t: _grid_prompts(config, *t, n_with, n_without) for t in shown}
   identity = ev_ctx._identity
-  sampler = ev_ctx.sampler(identity["k"])
+  sampler = ev_ctx.sampler(identity["k"], erasing=False)
   # No erasure: every concept's prompts in one batch.
   flat = [p for t in shown for p in prompts[t]]
   plain = sample_prompts(sampler, flat, [seed] * len(flat), config.sampler.guidance_scale,

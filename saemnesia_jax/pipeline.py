@@ -40,6 +40,7 @@ import jax
 import ml_collections
 
 from saemnesia_jax import judges
+from saemnesia_jax.evaluation import protocol
 from saemnesia_jax.runtime import config_defaults, layout, registry, units
 from saemnesia_jax.runtime.errors import UserError
 from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
@@ -66,11 +67,23 @@ def fingerprints(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, str
   fps: dict[str, str] = {}
   for step in registry.PIPELINE:
     c = configs[step.name]
-    data = {k: c[k].to_dict() if isinstance(c[k], ml_collections.ConfigDict) else c[k]
-            for k in registry.STAGES[step.stage].fingerprint}
+    sections = registry.STAGES[step.stage].fingerprint
+    data = {k: c[k].to_dict() if isinstance(c[k], ml_collections.ConfigDict) else c[k] for k in sections}
+    _protocol_as_resolved(c, sections, data)
     data["upstream"] = {u: fps[u] for u in step.upstream}
     fps[step.name] = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
   return fps
+
+
+def _protocol_as_resolved(c: ml_collections.ConfigDict, sections, data: dict) -> None:
+  """The protocol fields of ``data`` as resolved, and only where not the project's
+  (evaluation/protocol.py): a config on ``project`` hashes as before the fields existed."""
+  for f in protocol.raw_fields(c, sections):
+    section, name = f.split(".", 1)
+    data[section].pop(name, None)
+  resolved = protocol.settings(c, sections)
+  if resolved:
+    data["protocol"] = resolved
 
 
 def _run_step(step: registry.Step, c: ml_collections.ConfigDict, judge: Any, progress: bool) -> Any:

@@ -226,6 +226,7 @@ def test_sd15_collects_anchor_prompts_apart_from_the_evaluation(tmp_path):
 def test_collecting_the_images_the_evaluation_judges_is_refused(tmp_path):
   from saemnesia_jax import collect
   c = sd15.get_config()
+  c.protocol = "project"  # the project's prompts are the concept grid's (released ones: test_released_prompts)
   c.collect.update(dict(anchor_prompts_dir="", seeds=(188,), seed_stride=0))  # the old sd15 collection
   grid, trajs = collect.plan(c)
   assert len(collect.evaluation_overlap(c, grid, trajs)) == 1000  # every styled prompt at seed 188

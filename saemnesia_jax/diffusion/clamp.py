@@ -7,7 +7,10 @@ At every sampling step and for both CFG halves, at the hooked block:
    threshold of that step (the mean over all concepts of mu_c(i, t)):
    ``z_i <- gamma * mu_target(i, t) * z_i`` (gamma negative);
 3. the block outputs ``x + decode(z_edit) - decode(z)``, so the SAE's
-   reconstruction error is kept and an empty clamp changes nothing.
+   reconstruction error is kept and an empty clamp changes nothing
+   (``kept_error='x_minus_xhat'``, the project's). ``kept_error='xhat_minus_x'``
+   is the released hooks' ``decode(z_edit) + (x_hat - x)``: with an empty
+   clamp the block outputs ``2 x_hat - x`` (docs/method.md, the protocol table).
 
 Since only the selected latents change, ``decode(z_edit) - decode(z)`` is
 ``(z_edit - z)[:, sel] @ W_dec[sel]``: one small matmul after the encoder.
@@ -50,26 +53,46 @@ def empty_spec(n_steps: int, m: int) -> ClampSpec:
                    np.zeros((n_steps, m), np.float32))
 
 
-def clamp(sae_params: dict, spec: ClampSpec, x: jax.Array, step: jax.Array, k: int) -> jax.Array:
-  """The clamped block output for ``x`` (..., d_in) at sampler step ``step``."""
+KEPT_ERRORS = ("x_minus_xhat", "xhat_minus_x")  # project | released (evaluation/protocol.py)
+
+
+def clamp(sae_params: dict, spec: ClampSpec, x: jax.Array, step: jax.Array, k: int,
+          kept_error: str = "x_minus_xhat", sae_dtype: str = "float32") -> jax.Array:
+  """The clamped block output for ``x`` (..., d_in) at sampler step ``step``.
+
+  ``sae_dtype``: the precision of the SAE's encode and decode (the released
+  hooks run a float16 SAE and keep the error in float32).
+  """
+  if kept_error not in KEPT_ERRORS:
+    raise ValueError(f"kept_error={kept_error!r}; known: {KEPT_ERRORS}")
   shape, dtype = x.shape, x.dtype
   tokens = x.reshape(-1, shape[-1]).astype(jnp.float32)
-  values, indices = sae_lib.topk(sae_lib.encode_pre(sae_params, tokens), k)  # (N, k)
+  if sae_dtype != "float32":
+    sae_params = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(sae_dtype), sae_params)
+  values, indices = sae_lib.topk(sae_lib.encode_pre(sae_params, tokens.astype(sae_dtype)), k)  # (N, k)
+  if kept_error == "xhat_minus_x":
+    # decode(z_edit) + (x_hat - x) = x_hat + (z_edit - z) W_dec + (x_hat - x).
+    x_hat = sae_lib.decode_sparse(sae_params, values, indices)
+    values = values.astype(jnp.float32)
+    base = x_hat.astype(jnp.float32) + (x_hat - tokens.astype(sae_dtype)).astype(jnp.float32)
+  else:
+    values = values.astype(jnp.float32)
+    base = tokens
   # z at the selected latents (0 where a latent is not among a token's top k).
   hit = indices[:, :, None] == spec.latents[None, None, :]  # (N, k, M)
   z_sel = jnp.einsum("nk,nkm->nm", values, hit.astype(values.dtype))
   on = spec.active[step][None] & (z_sel > spec.threshold[step][None])
   delta = jnp.where(on, (spec.multiplier[step][None] - 1.0) * z_sel, 0.0)  # z_edit - z
-  w = jnp.take(sae_params["W_dec"], spec.latents, axis=0)  # (M, d_in)
-  return (tokens + delta @ w).reshape(shape).astype(dtype)
+  w = jnp.take(sae_params["W_dec"], spec.latents, axis=0).astype(jnp.float32)  # (M, d_in)
+  return (base + delta @ w).reshape(shape).astype(dtype)
 
 
-def make_edit_fn(k: int):
+def make_edit_fn(k: int, kept_error: str = "x_minus_xhat", sae_dtype: str = "float32"):
   """``edit_fn(edit_params, x, step)`` for the sampler; edit_params = (sae_params, spec)."""
 
   def edit_fn(edit_params, x, step):
     sae_params, spec = edit_params
-    return clamp(sae_params, spec, x, step, k)
+    return clamp(sae_params, spec, x, step, k, kept_error, sae_dtype)
   return edit_fn
 
 

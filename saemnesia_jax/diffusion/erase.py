@@ -33,7 +33,9 @@ def concept_entry(method: str, tables: Mapping[str, np.ndarray], domain: str, in
 
   ``setting``: {'gamma'} for SAEmnesia (the concept's assigned latent at every
   step), {'percentile', 'gamma'} for SAeUron (the latents above that
-  percentile of the step's importance scores); optionally the clamp rules
+  percentile of the step's importance scores) and for SAEmnesia as its
+  released code selects (the same percentile hook on the supervised SAE's
+  scores, ``evaluate.saemnesia_selection=percentile``); optionally the clamp rules
   ``scale`` / ``threshold`` / ``steps`` / ``start`` of ``clamp.with_rules``. ``assignment``: SAEmnesia's
   concept -> latent ids (objects, then styles) as the SAE was trained
   (saemnesia.json); None falls back to the scores' greedy assignment.
@@ -44,7 +46,7 @@ def concept_entry(method: str, tables: Mapping[str, np.ndarray], domain: str, in
     raise ValueError(f"unknown concept domain {domain!r}; known: {DOMAINS}")
   key = "objects" if domain == "object" else "styles"
   mu, thr = tables[f"mu_{key}"][index], tables[f"threshold_{key}"]
-  if method == "saemnesia":
+  if method == "saemnesia" and "percentile" not in setting:
     if assignment is None and "assignment" not in tables:
       raise ValueError("these scores hold no assignment: SAEmnesia needs the supervised SAE's scores")
     a = tables["assignment"] if assignment is None else assignment

@@ -158,10 +158,14 @@ def _resolve(concept: int | str, domain: str, present: Sequence[int],
 def erasure_metrics(true_obj: Any, true_sty: Any, pred_obj: Any, pred_sty: Any,
                     erased: Sequence[int | str], domain: str, *,
                     object_names: Sequence[str] | None = None, style_names: Sequence[str] | None = None,
-                    cra_exclude_erased: bool = False) -> dict[str, float]:
+                    cra_exclude_erased: bool = False, cra_unstyled_only: bool = False) -> dict[str, float]:
   """UA, IRA, CRA (fractions in [0, 1]) for the concepts ``erased`` of
   ``domain`` ('object' or 'style') all erased at once; the definitions and
   which images each metric uses are in the module docstring.
+
+  ``cra_unstyled_only`` (a style erasure): CRA is the object accuracy on the
+  unstyled (NO_STYLE) images only, as SAeUron's released accuracy script
+  counts it (``evaluate.style_cra=unstyled``); the styled images never enter it.
 
   ``erased`` holds ids or (with the matching ``*_names``) names. An erased
   concept out of range or without images in the answer set is a MetricsError
@@ -188,9 +192,14 @@ def erasure_metrics(true_obj: Any, true_sty: Any, pred_obj: Any, pred_sty: Any,
     raise MetricsError(f"every {domain} in the answer set is erased ({_describe(ids, names)}): IRA needs "
                        f"images of at least one retained {domain}")
   keep = ~np.isin(t_in, ids) if cra_exclude_erased else np.ones_like(t_in, dtype=bool)
+  if cra_unstyled_only and domain == "style":
+    keep &= t_sty == NO_STYLE
   acc_x = per_class_accuracy(t_x[keep], p_x[keep], ignore_x)
   if not acc_x:
     other = "style" if domain == "object" else "object"
+    if cra_unstyled_only and domain == "style":
+      raise MetricsError("no unstyled images for CRA (evaluate.style_cra=unstyled): the answer set must hold "
+                         "each object's unstyled prompt (evaluate.seed_images=True)")
     raise MetricsError(f"no images with a true {other} for CRA (all NO_STYLE?): the answer set must "
                        f"hold styled prompts")
   return {"UA": float(np.mean([1.0 - acc[c] for c in ids])),

@@ -28,17 +28,39 @@ from saemnesia_jax.runtime.errors import ConfigError
 from saemnesia_jax.runtime.io_utils import read_json
 
 
-def settings(config, method: str, variant: variants_lib.Variant = variants_lib.PAPER) -> list[dict]:
-  """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp rules)."""
+def settings(config, method: str, variant: variants_lib.Variant = variants_lib.PAPER,
+             domain: str = "object") -> list[dict]:
+  """The sweep's settings of ``method`` under ``variant`` (its gammas and clamp
+  rules) for the concepts of ``domain``. The protocol (evaluation/protocol.py)
+  adds SAEmnesia's percentiles (``evaluate.saemnesia_selection=percentile``)
+  and fixes SAeUron's styles (``evaluate.saeuron_styles=fixed``)."""
+  from saemnesia_jax.evaluation import protocol
   ev = config.evaluate
+  fixed = fixed_setting(config, method, variant, domain)
+  if fixed is not None:
+    return [fixed]
   gammas = variant.gammas_of(method, ev.gammas)
   grid = variants_lib.rule_grid(variant)
   if method == "saemnesia":
+    if protocol.value(config, "evaluate.saemnesia_selection") == "percentile":
+      return [{"percentile": float(p), "gamma": float(g), **rules}
+              for rules in grid for p in ev.saemnesia_percentiles for g in gammas]
     return [{"gamma": float(g), **rules} for rules in grid for g in gammas]
   if method == "saeuron":
     return [{"percentile": float(p), "gamma": float(g), **rules}
             for rules in grid for p in ev.percentiles for g in gammas]
   return [{}]
+
+
+def fixed_setting(config, method: str, variant: variants_lib.Variant, domain: str) -> dict | None:
+  """The one setting of a row that is not swept, or None: SAeUron's styles under
+  ``evaluate.saeuron_styles=fixed`` (the papers' rule only; a variant sweeps its grid)."""
+  from saemnesia_jax.evaluation import protocol
+  if (method == "saeuron" and domain == "style" and not variant.name
+          and protocol.value(config, "evaluate.saeuron_styles") == "fixed"):
+    p, g = config.evaluate.saeuron_style_setting
+    return {"percentile": float(p), "gamma": float(g)}
+  return None
 
 
 def arms(config) -> list[tuple[str, variants_lib.Variant]]:
@@ -93,7 +115,9 @@ def sweep_units(config) -> list[dict]:
     if v.label(m) in reused:
       continue
     for d, n in targets(config):
-      for s in settings(config, m, v):
+      if fixed_setting(config, m, v, d) is not None:
+        continue  # nothing to choose
+      for s in settings(config, m, v, d):
         out += sweep_trial(config, m, d, n, s)
   return _unique(out)
 
@@ -128,9 +152,11 @@ def _answer(result: dict):
 
 
 def unit_metrics(result: dict, domain: str, erased: list[str], config) -> dict:
+  from saemnesia_jax.evaluation import protocol
   return metrics.erasure_metrics(*_answer(result), erased, domain,
                                  object_names=list(config.concepts.objects),
-                                 style_names=list(config.concepts.styles))
+                                 style_names=list(config.concepts.styles),
+                                 cra_unstyled_only=protocol.value(config, "evaluate.style_cra") == "unstyled")
 
 
 def answer_quality(config, r: dict, domain: str, name: str, feats=None, base_feats=None) -> dict:
@@ -176,7 +202,11 @@ def choose(config, results: units_lib.UnitResults) -> dict[tuple[str, str, str],
     if v.label(m) in reused_labels:
       continue
     for d, n in targets(config):
-      for s in settings(config, m, v):
+      fixed = fixed_setting(config, m, v, d)
+      if fixed is not None:
+        best[(v.label(m), d, n)] = (0.0, fixed)
+        continue
+      for s in settings(config, m, v, d):
         r = pooled(results, sweep_trial(config, m, d, n, s))
         score = variants_lib.score(v.select, unit_metrics(r, d, [n], config),
                                    picture(config, r, d, n) if v.select in variants_lib.PICTURE_SELECTIONS else None)
@@ -200,8 +230,8 @@ def reused_choices(config) -> dict[tuple[str, str, str], dict]:
     picked = {(d, n): chosen.get(f"{label}/{d}/{n}") for d, n in targets(config)}
     if any(s is None for s in picked.values()):
       continue
-    grid = settings(config, m, v)
     for (d, n), s in picked.items():
+      grid = settings(config, m, v, d)
       if s not in grid:
         raise ValueError(f"config.evaluate.chosen_from={path}: {label}/{d}/{n} chose {s}, which is not in "
                          f"this evaluation's grid {grid}: give the grid it was chosen from, or drop chosen_from")

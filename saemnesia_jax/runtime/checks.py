@@ -384,4 +384,7 @@ def check(stage: str, config) -> None:
   """Raises ConfigError if ``config`` cannot run ``stage``; creates nothing."""
   if not isinstance(config.workdir, str) or not config.workdir:
     _fail("workdir", config.workdir, "must be a folder path")
+  from saemnesia_jax.evaluation import protocol  # no JAX there
+  for field, value, why in protocol.check(config)[:1]:
+    _fail(field, value, why)
   CHECKS[stage](config)

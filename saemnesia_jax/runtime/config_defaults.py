@@ -22,6 +22,7 @@ TOP = dict(
     workdir="runs/default",  # folder of every stage's outputs
     block="up_blocks.1.attentions.1",  # the hooked UNet block, named as diffusers names it (objects)
     style_block="",  # the block of the style erasures ('' -> block): SAeUron's styles use up_blocks.1.attentions.2
+    protocol="project",  # released (what SAeUron's and SAEmnesia's released code does) | project (the project's choices): the value of every protocol field left at '' / -1 (evaluation/protocol.py; docs/method.md, the protocol table)
     overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
     dry_run=False,  # compile only, print per-device memory and speed at peak: train (the step, for the mesh) | sample / collect / evaluate (the sampler, from config files alone)
     prompts=(),  # stage sample: the prompts to draw
@@ -172,6 +173,19 @@ EVALUATE = dict(
     variants=(),  # other erasure rules, each run for every method beside the papers': "<name>: scale=self threshold=target gammas=0/-1 gammas.saemnesia=... select=ua_ira_cra ..." (evaluation/variants.py)
     chosen_from="",  # an earlier evaluation's summary.json / chosen.json (same grid): the rows it covers skip their sweep
     recognised_confidence=0.8,  # quality: softmax probability at which the other domain's classifier still recognises an erased concept's image
+    # Protocol fields: '' (or -1) takes config.protocol's value (evaluation/protocol.py).
+    saemnesia_selection="",  # SAEmnesia's latents: percentile (released: the percentile hook on the supervised SAE's scores) | assigned (project: its trained latent at every step)
+    saemnesia_percentiles=(99.999,),  # saemnesia_selection=percentile: SAEmnesia's percentile grid (the value is not in the release; 99.999 from the authors' sweep job)
+    style_prompt="",  # evaluation prompt of (object, style): a template with {object} and {style} | concepts (project: config.concepts'); released: "An image of {object} in {style} style."
+    unstyled_prompt="",  # evaluation prompt of an object without style: a template with {object} | concepts (project: the Seed Images prompt); released: "An image of {object}."
+    noise="",  # starting noise: per_image (released: fresh noise for every image of a seed) | per_seed (project: one noise per seed, shared by its prompts)
+    style_cra="",  # CRA of a style erasure: unstyled (released: object accuracy on the unstyled images only) | all (project: on every image)
+    jpeg_quality=-1,  # judge images after a JPEG save at this quality (released: 75, PIL's default) | 0 (project: the raw images); -1: the protocol's
+    saeuron_styles="",  # SAeUron's style settings: fixed (released: saeuron_style_setting for every style, no sweep) | sweep (project: percentiles x gammas)
+    saeuron_style_setting=(99.999, -1.0),  # saeuron_styles=fixed: (percentile, gamma) of every style (SAeUron's README)
+    dtype="",  # sampling precision: float16 (released) | bfloat16 | float32 | model (project: model.dtype)
+    sae_dtype="",  # the clamp's SAE: float16 (released, with the kept error in float32) | bfloat16 | float32 (project)
+    kept_error="",  # block output: xhat_minus_x (released: decode(z_edit) + (x_hat - x)) | x_minus_xhat (project: x + decode(z_edit) - decode(z))
 )
 
 # Erase concepts now (stage unlearn): the same prompts and seeds with and without the erasure.
@@ -215,7 +229,7 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
   """Adds the collect / sae / train / evaluate sections, with ``overrides`` per
   section, the top-level ``overwrite`` field, and the defaults of any model /
   sampler / concepts field the config does not set."""
-  for field in ("overwrite", "dry_run", "style_block"):  # the top-level fields every config gets
+  for field in ("protocol", "overwrite", "dry_run", "style_block"):  # the top-level fields every config gets
     if field not in config:
       config[field] = TOP[field]
   for name, defaults in SHARED.items():

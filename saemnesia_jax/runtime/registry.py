@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-_COMMON = ("workdir", "overwrite")
+_COMMON = ("workdir", "overwrite", "protocol")
 _BLOCKS = _COMMON + ("block", "style_block")
 # What the activation store depends on: every stage downstream of collect hashes it.
 STORE_SECTIONS = ("model", "block", "sampler", "concepts", "collect")
