@@ -22,12 +22,12 @@ import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
-
 from PIL import Image
 
 from saemnesia_jax.canvas_mini import ASSET_DIR, PIPELINE_DIR
-from saemnesia_jax.diffusion import clamp, models
+from saemnesia_jax.diffusion import clamp
 from saemnesia_jax.diffusion import erase as erase_lib
+from saemnesia_jax.diffusion import models
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 from saemnesia_jax.evaluation import images as img_utils

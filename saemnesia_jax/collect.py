@@ -39,13 +39,12 @@ from tqdm.auto import tqdm
 from saemnesia_jax import store
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.diffusion import setup as common
-from saemnesia_jax.evaluation import concepts
+from saemnesia_jax.evaluation import concepts, protocol
 from saemnesia_jax.runtime import layout, runs, sizing
 from saemnesia_jax.runtime.config_docs import flat_fields
-from saemnesia_jax.runtime.units import initialize_distributed
 from saemnesia_jax.runtime.errors import RunMismatchError
 from saemnesia_jax.runtime.io_utils import read_json
-
+from saemnesia_jax.runtime.units import initialize_distributed
 
 store_path = layout.store_path
 
@@ -90,7 +89,6 @@ def evaluation_overlap(config: ml_collections.ConfigDict, grid=None, trajs=None)
   if grid is None:
     grid, trajs = plan(config)
   ev = config.evaluate
-  from saemnesia_jax.evaluation import protocol
   judged = {(p.prompt, int(s)) for p in protocol.evaluation_grid(config)
             for s in tuple(ev.sweep_seeds) + tuple(ev.eval_seeds)}
   return sorted({(grid[i].prompt, int(s)) for i, s in trajs} & judged)

@@ -51,16 +51,17 @@ from saemnesia_jax import judges
 from saemnesia_jax.diffusion import blocks, clamp, erase
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion.sampler import sample_prompts
-from saemnesia_jax.evaluation import concepts, metrics, protocol, quality
+from saemnesia_jax.evaluation import concepts
 from saemnesia_jax.evaluation import images as img_utils
+from saemnesia_jax.evaluation import metrics, protocol, quality
 from saemnesia_jax.evaluation import variants as variants_lib
+from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms,  # noqa: F401
+                                           reused_choices, sequential_units, settings, sweep_units, targets,
+                                           unit_metrics, unit_quality)
 from saemnesia_jax.runtime import layout, runs, sizing
 from saemnesia_jax.runtime import units as units_lib
-from saemnesia_jax.sae import artifacts, objectives
-from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms, reused_choices,  # noqa: F401
-                                         sequential_units, settings, sweep_units, targets, unit_metrics,
-                                         unit_quality)
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
+from saemnesia_jax.sae import artifacts, objectives
 
 METHODS = ("none", "saeuron", "saemnesia")
 # Fields that cannot change a unit's result: paths (their contents are

@@ -37,10 +37,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from saemnesia_jax.diffusion import blocks
-from saemnesia_jax.runtime import io_utils, layout
-from saemnesia_jax.runtime import runs
 from saemnesia_jax import store as store_lib
+from saemnesia_jax.diffusion import blocks
+from saemnesia_jax.runtime import io_utils, layout, runs
 from saemnesia_jax.runtime.errors import UserError
 
 

@@ -31,8 +31,8 @@ from matplotlib.figure import Figure
 
 from saemnesia_jax.evaluation import association, metrics, quality
 from saemnesia_jax.runtime import config_defaults, layout, registry
-from saemnesia_jax.sae import artifacts
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, read_json
+from saemnesia_jax.sae import artifacts
 
 # Table 1 of the SAEmnesia paper (arXiv 2509.21379): Stable Diffusion v1.5 on UnlearnCanvas, in %.
 PUBLISHED = {

@@ -20,10 +20,10 @@ import ml_collections
 from absl import logging
 
 from saemnesia_jax.diffusion import setup as common
+from saemnesia_jax.diffusion.sampler import sample_prompts
 from saemnesia_jax.evaluation import images
 from saemnesia_jax.runtime import layout, sizing
 from saemnesia_jax.runtime.io_utils import atomic_write_json
-from saemnesia_jax.diffusion.sampler import sample_prompts
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -93,19 +93,17 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from saemnesia_jax import store as store_lib
 from saemnesia_jax.diffusion import blocks
-from saemnesia_jax.runtime import config_defaults, layout
-from saemnesia_jax.sae.artifacts import (
-    ASSIGNMENT_FILE, FORMAT, MANIFEST_FILE, META_FILE, PLOT_FILE, REPORT_FILE, SCORES_FILE, VERSION, ScoresError,
-    check_sae_fits_store, load_assignment, load_sae, load_scores)  # noqa: F401 (the stage's readers, re-exported)
 from saemnesia_jax.evaluation.association import AGGREGATION, association_report, format_report, plot_report
+from saemnesia_jax.runtime import config_defaults, layout, runs
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files
 from saemnesia_jax.sae import importance as imp
 from saemnesia_jax.sae import model as sae_lib
-from saemnesia_jax.sae import sparsify_io
-from saemnesia_jax import store as store_lib
-from saemnesia_jax.runtime import runs
-from saemnesia_jax.sae import supervised
-from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files
+from saemnesia_jax.sae import sparsify_io, supervised
+from saemnesia_jax.sae.artifacts import (ASSIGNMENT_FILE, FORMAT,  # noqa: F401 (the stage's readers, re-exported)
+                                         MANIFEST_FILE, META_FILE, PLOT_FILE, REPORT_FILE, SCORES_FILE, VERSION,
+                                         ScoresError, check_sae_fits_store, load_assignment, load_sae, load_scores)
 
 DEFAULTS = config_defaults.SCORES
 DOMAINS = ("objects", "styles")

@@ -50,18 +50,21 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from saemnesia_jax import store
 from saemnesia_jax.diffusion import blocks, models
 from saemnesia_jax.diffusion import setup as common
-from saemnesia_jax.runtime import layout, runs, sizing, tensorboard
+from saemnesia_jax.runtime import layout, runs
 from saemnesia_jax.runtime import sharding as shard_lib
+from saemnesia_jax.runtime import sizing, tensorboard
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
 from saemnesia_jax.runtime.units import initialize_distributed
-from saemnesia_jax.sae import artifacts, objectives, sparsify_io, supervised
+from saemnesia_jax.sae import artifacts
 from saemnesia_jax.sae import model as sae_lib
+from saemnesia_jax.sae import objectives, sparsify_io, supervised
 
 MODES = ("unsupervised", "supervised")
 # Train fields that cannot change the trained SAE: where it goes, how often it

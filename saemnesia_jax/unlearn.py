@@ -37,9 +37,9 @@ import ml_collections
 import numpy as np
 
 from saemnesia_jax import api
+from saemnesia_jax.diffusion import erase as erase_lib
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.evaluation import images
-from saemnesia_jax.diffusion import erase as erase_lib
 from saemnesia_jax.runtime import layout
 from saemnesia_jax.runtime.io_utils import atomic_write_json
 

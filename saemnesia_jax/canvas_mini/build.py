@@ -35,18 +35,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from tqdm.auto import tqdm
 
-from saemnesia_jax.diffusion import models
-from saemnesia_jax.diffusion import tiny
-from saemnesia_jax.runtime import runs
-from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.canvas_mini import PIPELINE_DIR
 from saemnesia_jax.canvas_mini import classifiers as clf_lib
 from saemnesia_jax.canvas_mini import data
-from saemnesia_jax.runtime.io_utils import atomic_write_json
+from saemnesia_jax.diffusion import models, tiny
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
-
-
+from saemnesia_jax.evaluation import images as img_utils
+from saemnesia_jax.runtime import runs
+from saemnesia_jax.runtime.io_utils import atomic_write_json
 
 # ---------------------------------------------------------------- the model
 
@@ -231,7 +229,6 @@ def _state_target(components, tx, seed: int):
 
 def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) -> dict:
   """Trains (or resumes) the base model; returns the final train state."""
-  from tqdm.auto import tqdm
   t = config.base_train
   components = build_components(config)
   tokenizer = components[2]

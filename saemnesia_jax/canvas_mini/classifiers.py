@@ -473,7 +473,7 @@ def train_and_save(config: ml_collections.ConfigDict, out_dir: str, progress: bo
 
 def main(argv):
   del argv
-  from absl import flags  # noqa: PLC0415
+  from absl import flags  # deferred
   cfg = flags.FLAGS.config
   out_dir = flags.FLAGS.out_dir or default_path()
   report = train_and_save(cfg, out_dir)

@@ -24,11 +24,11 @@ import shutil
 import ml_collections
 import numpy as np
 
+from saemnesia_jax.canvas_mini import ASSET_DIR
 from saemnesia_jax.runtime import layout
+from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 from saemnesia_jax.sae import artifacts as scores_lib
 from saemnesia_jax.sae import sparsify_io
-from saemnesia_jax.canvas_mini import ASSET_DIR
-from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 
 # The arrays of scores.npz the clamp and the API read, per run.
 KEEP = {layout.UNSUP_RUN: ("mu_objects", "mu_styles", "threshold_objects", "threshold_styles", "scores_objects",

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saemnesia_jax.sae import model as sae_lib
 from saemnesia_jax.evaluation.variants import SCALES, THRESHOLDS
+from saemnesia_jax.sae import model as sae_lib
 
 
 class ClampSpec(NamedTuple):

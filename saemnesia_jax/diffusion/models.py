@@ -60,6 +60,9 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
     ViTConfig,
 )
+import msgpack
+from flax import serialization
+import types
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -139,7 +142,6 @@ class Pipeline:
 
   def weights_hash(self) -> str:
     """SHA-256 of the weight files this pipeline was loaded from."""
-    from saemnesia_jax.runtime.io_utils import hash_files
     return hash_files(list(self.weight_files))
 
 
@@ -217,13 +219,13 @@ def _check_folder(path: str, sub: str) -> str:
 
 def _load_pt_state_dict(file: str):
   try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (deferred: torch is optional)
   except ImportError as e:
     raise ModelLoadError(
         f"{file} holds PyTorch weights; reading them needs torch. Install the CPU build "
         "(`pip install torch==2.13.0` here, or `pip install saemnesia_jax[torch]`), or convert "
         "the checkpoint to Flax weights once.") from e
-  from diffusers.models.modeling_utils import load_state_dict
+  from diffusers.models.modeling_utils import load_state_dict  # deferred: PyTorch weights only
   return load_state_dict(file)
 
 
@@ -284,8 +286,6 @@ def read_flax_weights(file: str, dtype) -> dict:
   in flight) instead of the file's bytes, their float32 arrays and the cast
   copy side by side.
   """
-  import msgpack
-  from flax import serialization
 
   def hook(code, data):
     out = serialization._msgpack_ext_unpack(code, data)
@@ -353,7 +353,7 @@ def _load_diffusers_model(cls, folder: str, flax_name: str, pt_names, from_pt, d
   else:
     # diffusers' own from_pt only looks for the .bin file; converting here
     # also reads .safetensors.
-    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # deferred
     state = _load_pt_state_dict(file)
     if cls is FlaxAutoencoderKL:
       state = {_rename(k, _VAE_ATTN_PT_TO_FLAX): v for k, v in state.items()}
@@ -469,10 +469,9 @@ def weights_hash(path: str, from_pt: bool | None = None) -> str:
 def torch_side() -> Any:
   """diffusers' and transformers' PyTorch classes and Flax -> PyTorch
   converters (deferred: torch is an optional dependency)."""
-  import types
-  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # deferred: needs torch (optional)
   from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-  from transformers import CLIPTextModel
+  from transformers import CLIPTextModel  # deferred: needs torch
   from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
   return types.SimpleNamespace(AutoencoderKL=AutoencoderKL, UNet2DConditionModel=UNet2DConditionModel,
                                CLIPTextModel=CLIPTextModel, CLIPTextConfig=CLIPTextConfig,

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from saemnesia_jax.diffusion import hooks
 from saemnesia_jax.diffusion.models import DTYPES, Pipeline
@@ -162,7 +163,6 @@ def sample_prompts(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int
   the one compiled sampler. Returns (N, H, W, 3) float32 images; ``on_batch``
   sees each batch's output (trimmed to its real rows) and its start index.
   """
-  from tqdm.auto import tqdm
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
   pipe, bs = sampler.pipe, sampler.spec.batch_size

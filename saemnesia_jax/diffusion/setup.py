@@ -7,10 +7,9 @@ import os
 
 import ml_collections
 
-from saemnesia_jax.diffusion import models
-from saemnesia_jax.diffusion import tiny
-from saemnesia_jax.runtime import layout
+from saemnesia_jax.diffusion import models, tiny
 from saemnesia_jax.diffusion.sampler import EditFn, Sampler, SamplerSpec
+from saemnesia_jax.runtime import layout
 
 _WEIGHTS = {"auto": None, "flax": False, "pt": True}
 

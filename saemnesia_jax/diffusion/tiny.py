@@ -17,10 +17,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
 from saemnesia_jax.diffusion import models, torch_export
-from saemnesia_jax.diffusion.models import (
-    CLIPTextConfig, FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxDDIMScheduler, FlaxUNet2DConditionModel,
-    PreTrainedTokenizerFast)
-
+from saemnesia_jax.diffusion.models import (CLIPTextConfig, FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxDDIMScheduler,
+                                            FlaxUNet2DConditionModel, PreTrainedTokenizerFast)
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 DEFAULT_WORDS = (

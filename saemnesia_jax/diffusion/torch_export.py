@@ -46,7 +46,7 @@ def convert_to_pytorch(folder: str, safetensors: bool) -> None:
   random initial values in the export.
   """
   try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (deferred: torch is optional)
   except ImportError as e:
     raise models.ModelLoadError("writing PyTorch weights needs torch (`pip install torch==2.13.0`)") from e
   pt = models.torch_side()

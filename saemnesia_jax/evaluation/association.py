@@ -21,10 +21,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from saemnesia_jax.sae import importance as imp
+from saemnesia_jax.evaluation.metrics import _png
 from saemnesia_jax.runtime.errors import UserError
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, read_json
-from saemnesia_jax.evaluation.metrics import _png
+from saemnesia_jax.sae import importance as imp
 
 AGGREGATION = "mean over steps of max(score, 0)"
 
@@ -175,7 +175,7 @@ def _curve_panel(ax, report: Mapping[str, Any], label: str = "", linestyle: str 
 def plot_report(report: Mapping[str, Any], path: str, title: str = "") -> None:
   """Writes a PNG: per-concept top-1 (and assigned) share, and the mean
   cumulative score-mass curve per domain vs number of latents (log x)."""
-  from matplotlib.figure import Figure  # no pyplot: no global backend state
+  from matplotlib.figure import Figure  # deferred: matplotlib only to plot
   rows = _concept_rows(report)
   n = len(rows)
   fig = Figure(figsize=(max(8.0, 0.28 * n + 2), 8.5))
@@ -222,7 +222,7 @@ def compare_reports(report_a: Mapping[str, Any] | str, report_b: Mapping[str, An
   supervised one as a dot); concepts in report_a's order, matched by
   (domain, name). Bottom: both SAEs' mean cumulative score-mass curves.
   """
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure  # deferred: matplotlib only to plot
   reps = [read_json(r) if isinstance(r, str) else r for r in (report_a, report_b)]
   if len(labels) != 2:
     raise ValueError(f"compare_reports needs two labels, got {list(labels)}")

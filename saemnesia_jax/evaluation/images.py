@@ -50,7 +50,7 @@ def label_font(size: int = LABEL_FONT_PX) -> ImageFont.FreeTypeFont | ImageFont.
   two words was 2 px, as narrow as between two letters, so "Stripes style"
   read "Stripesstyle"."""
   try:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only to find its font
     return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
   except (ImportError, OSError):
     pass

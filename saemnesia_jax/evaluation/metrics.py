@@ -350,7 +350,7 @@ def plot_table(path: str, rows: Mapping[str, Any], columns: Sequence[str] | None
                title: str = "") -> str:
   """A grouped bar chart of a table (one group per column, one bar per
   method, percent); written atomically as PNG. Returns ``path``."""
-  from matplotlib.figure import Figure  # no pyplot: no global backend state
+  from matplotlib.figure import Figure  # deferred: matplotlib only to plot (the checks import this module)
   header, table = _table(rows, columns)
   labels = list(TABLE1_KEYS) if columns is None else header
   n_m = max(len(table), 1)
@@ -378,7 +378,7 @@ def plot_sweep(path: str, gammas: Sequence[float], curves: Mapping[str, Sequence
 
   ``curves``: {label -> one metrics dict per gamma, in the order of ``gammas``}.
   """
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure  # deferred: matplotlib only to plot (the checks import this module)
   if not curves:
     raise MetricsError("plot_sweep needs at least one curve")
   for label, ms in curves.items():

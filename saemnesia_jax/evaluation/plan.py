@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from saemnesia_jax.evaluation import concepts
-from saemnesia_jax.evaluation import metrics
-from saemnesia_jax.runtime import units as units_lib
+from saemnesia_jax.evaluation import concepts, metrics, protocol, quality
 from saemnesia_jax.evaluation import variants as variants_lib
+from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.runtime.errors import ConfigError
 from saemnesia_jax.runtime.io_utils import read_json
 
@@ -34,7 +33,6 @@ def settings(config, method: str, variant: variants_lib.Variant = variants_lib.P
   rules) for the concepts of ``domain``. The protocol (evaluation/protocol.py)
   adds SAEmnesia's percentiles (``evaluate.saemnesia_selection=percentile``)
   and fixes SAeUron's styles (``evaluate.saeuron_styles=fixed``)."""
-  from saemnesia_jax.evaluation import protocol
   ev = config.evaluate
   fixed = fixed_setting(config, method, variant, domain)
   if fixed is not None:
@@ -55,7 +53,6 @@ def settings(config, method: str, variant: variants_lib.Variant = variants_lib.P
 def fixed_setting(config, method: str, variant: variants_lib.Variant, domain: str) -> dict | None:
   """The one setting of a row that is not swept, or None: SAeUron's styles under
   ``evaluate.saeuron_styles=fixed`` (the papers' rule only; a variant sweeps its grid)."""
-  from saemnesia_jax.evaluation import protocol
   if (method == "saeuron" and domain == "style" and not variant.name
           and protocol.value(config, "evaluate.saeuron_styles") == "fixed"):
     p, g = config.evaluate.saeuron_style_setting
@@ -152,7 +149,6 @@ def _answer(result: dict):
 
 
 def unit_metrics(result: dict, domain: str, erased: list[str], config) -> dict:
-  from saemnesia_jax.evaluation import protocol
   return metrics.erasure_metrics(*_answer(result), erased, domain,
                                  object_names=list(config.concepts.objects),
                                  style_names=list(config.concepts.styles),
@@ -162,7 +158,6 @@ def unit_metrics(result: dict, domain: str, erased: list[str], config) -> dict:
 def answer_quality(config, r: dict, domain: str, name: str, feats=None, base_feats=None) -> dict:
   """quality.erasure_quality of answer set ``r`` for the erased concept
   ``name``; {} where the judge gave no confidences."""
-  from saemnesia_jax.evaluation import quality
   if "conf_object" not in r:
     return {}
   names = config.concepts.objects if domain == "object" else config.concepts.styles

@@ -18,8 +18,16 @@ JAX starts.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
+import json
 from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from saemnesia_jax.evaluation import concepts
 
 PROTOCOLS = ("released", "project")
 AUTO_TEXT = ""  # a text field at this value takes the protocol's
@@ -148,7 +156,6 @@ def settings(config, sections: Sequence[str]) -> dict[str, Any]:
   """The resolved values that differ from the project's, and the parameters
   they read: what a fingerprint records of the protocol. A run on ``project``
   records nothing, so runs made before these fields existed keep matching."""
-  import json
   out = {}
   for f, spec in FIELDS.items():
     if f.split(".", 1)[0] in sections and not is_project(config, f):
@@ -164,7 +171,6 @@ def settings(config, sections: Sequence[str]) -> dict[str, Any]:
 
 def styled_prompt(config, obj: str, style: str) -> str:
   """The evaluation's prompt of (object, style) under ``evaluate.style_prompt``."""
-  from saemnesia_jax.evaluation import concepts
   t = value(config, "evaluate.style_prompt")
   if t == CONCEPTS_TEMPLATES:
     return concepts.styled_prompt(config.concepts, obj, style)
@@ -173,7 +179,6 @@ def styled_prompt(config, obj: str, style: str) -> str:
 
 
 def unstyled_prompt(config, obj: str) -> str:
-  from saemnesia_jax.evaluation import concepts
   t = value(config, "evaluate.unstyled_prompt")
   if t == CONCEPTS_TEMPLATES:
     return concepts.unstyled_prompt(config.concepts, obj)
@@ -183,7 +188,6 @@ def unstyled_prompt(config, obj: str) -> str:
 def evaluation_grid(config) -> list:
   """The answer set's prompts (``concepts.evaluation_grid``'s order and labels)
   with the protocol's prompts."""
-  from saemnesia_jax.evaluation import concepts
   c = config.concepts
   seed_images = bool(config.evaluate.get("seed_images", True)) if "evaluate" in config else True
   if (value(config, "evaluate.style_prompt") == CONCEPTS_TEMPLATES
@@ -221,7 +225,6 @@ def noise_seeds(config, n_prompts: int, seeds: Sequence[int]) -> list[int]:
 def sampling_model(config):
   """``config`` with the evaluation's sampling precision (``evaluate.dtype``) as
   model.dtype; ``config`` itself where that is model.dtype."""
-  import copy
   d = value(config, "evaluate.dtype")
   if d == "model" or d == config.model.dtype:
     return config
@@ -237,10 +240,7 @@ def jpeg_roundtrip(images, quality: int):
   """``images`` (N, H, W, 3) in [0, 1] as the released samplers save and the
   accuracy scripts read them: uint8 (diffusers' numpy_to_pil rounding), a
   JPEG at ``quality`` (PIL's default 4:2:0 subsampling), read back; 0 -> unchanged."""
-  import io
 
-  import numpy as np
-  from PIL import Image
   if not quality:
     return images
   out = []

@@ -38,8 +38,8 @@ import itertools
 import math
 from typing import Any, Mapping, Sequence
 
-from saemnesia_jax.runtime.errors import ConfigError
 from saemnesia_jax.evaluation.metrics import sweep_score
+from saemnesia_jax.runtime.errors import ConfigError
 
 # Clamp rules (clamp.with_rules); the first value of each is the papers'.
 SCALES = ("mu", "self")  # multiplier gamma * mu_target(i, t) | gamma alone (relative to z_i itself)

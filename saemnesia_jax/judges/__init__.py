@@ -23,10 +23,10 @@ def make_judge(config: Any) -> Any:
   kind = config.evaluate.classifier
   # Deferred: each judge loads JAX and its own model code; importing this package stays light.
   if kind in ("canvas_mini", "canvas_mini_no_object"):
-    from saemnesia_jax.judges import canvas_mini
+    from saemnesia_jax.judges import canvas_mini  # deferred: each judge loads JAX and its model
     return canvas_mini.CanvasMiniJudge(no_object=kind == "canvas_mini_no_object")
   if kind == "unlearncanvas":
-    from saemnesia_jax.judges import unlearncanvas
+    from saemnesia_jax.judges import unlearncanvas  # deferred: each judge loads JAX and its model
     return unlearncanvas.unlearncanvas_judge(config)
   raise ValueError(f"config.evaluate.classifier={kind!r}: built in are {', '.join(map(repr, KINDS))}; or "
                    "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")

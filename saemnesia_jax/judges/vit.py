@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from safetensors.numpy import load_file
 
 from saemnesia_jax.diffusion import models
 
@@ -17,7 +18,6 @@ def _timm_state_dict(file: str) -> dict[str, np.ndarray]:
   """A timm checkpoint as numpy: a state dict, or a dict holding one under
   'model_state_dict' / 'state_dict' / 'model' (as training scripts save it)."""
   if file.endswith(".safetensors"):
-    from safetensors.numpy import load_file
     return load_file(file)
   try:
     import torch  # deferred: torch is optional

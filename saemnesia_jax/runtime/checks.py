@@ -15,7 +15,7 @@ import re
 from typing import Any, Callable
 
 from saemnesia_jax.diffusion import blocks
-from saemnesia_jax.evaluation import variants
+from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
 from saemnesia_jax.runtime import layout, registry
 from saemnesia_jax.runtime.errors import ConfigError
@@ -384,7 +384,6 @@ def check(stage: str, config) -> None:
   """Raises ConfigError if ``config`` cannot run ``stage``; creates nothing."""
   if not isinstance(config.workdir, str) or not config.workdir:
     _fail("workdir", config.workdir, "must be a folder path")
-  from saemnesia_jax.evaluation import protocol  # no JAX there
   for field, value, why in protocol.check(config)[:1]:
     _fail(field, value, why)
   CHECKS[stage](config)

@@ -22,9 +22,12 @@ import os
 import sys
 from typing import Any, Sequence
 
-from saemnesia_jax.runtime import config_docs
-from saemnesia_jax.runtime.registry import STAGES
+from absl import flags
+from ml_collections import config_flags
+
+from saemnesia_jax.runtime import checks, config_defaults, config_docs
 from saemnesia_jax.runtime.errors import ConfigError, UserError
+from saemnesia_jax.runtime.registry import STAGES
 
 ENV_DEBUG = "SAEMNESIA_DEBUG"
 EXIT_USER_ERROR = 2
@@ -71,10 +74,9 @@ def load_config_file(path: str) -> Any:
 
 def _default_config() -> dict:
   """The documented defaults: config_defaults' sections and top-level fields."""
-  from saemnesia_jax.runtime import config_defaults as d
-  out: dict[str, Any] = dict(d.TOP)
-  out.update({name: dict(v) for name, v in d.SHARED.items()})
-  out.update({name: dict(v) for name, v in d.SECTIONS.items()})
+  out: dict[str, Any] = dict(config_defaults.TOP)
+  out.update({name: dict(v) for name, v in config_defaults.SHARED.items()})
+  out.update({name: dict(v) for name, v in config_defaults.SECTIONS.items()})
   return out
 
 
@@ -127,8 +129,6 @@ def _override_error(config_path: str, argv: Sequence[str], exc: Exception) -> st
 
 def parse(stage: str, argv: Sequence[str]) -> Any:
   """The config of ``argv`` (overrides applied, locked); raises ConfigError."""
-  from absl import flags
-  from ml_collections import config_flags
   fv = flags.FLAGS  # the global flags, so that absl logging knows they are parsed
   if "config" not in fv:
     config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -206,11 +206,10 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
     sys.exit(0)
   try:
     config = parse(stage, argv)
-    from saemnesia_jax.runtime import checks
     checks.check(stage, config)
     set_xla_cpu_flags(config)
     if cpu_only():
-      from saemnesia_jax.runtime import host_arrays
+      from saemnesia_jax.runtime import host_arrays  # deferred: ml_dtypes takes ~1 s; --help stays instant
       host_arrays.keep_freed_memory()  # XLA:CPU's per-call temporaries: no page faults every step
     module = importlib.import_module(STAGES[stage].module)
     module.run(config)

@@ -13,6 +13,9 @@ An override of a field that does not exist is an error (a typo, not a new key).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from saemnesia_jax.runtime import layout
@@ -284,8 +287,6 @@ def supervised_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file ``name`` beside ``config_file`` (a
   config built on another, loaded by path: configs/ is not a package)."""
-  import importlib.util
-  import os
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
   spec = importlib.util.spec_from_file_location(f"_saemnesia_config_{os.path.splitext(name)[0]}", path)
   module = importlib.util.module_from_spec(spec)

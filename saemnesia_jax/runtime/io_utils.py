@@ -12,6 +12,8 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (temp file + fsync + rename)."""
@@ -44,7 +46,6 @@ def read_json(path: str) -> Any:
 
 
 def _json_default(o):
-  import numpy as np
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):

@@ -38,6 +38,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from saemnesia_jax.runtime.errors import UserError
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, read_json
@@ -78,7 +79,6 @@ def _canonical_json(fields: Mapping[str, Any]) -> str:
 
 
 def _json_default(o):
-  import numpy as np
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):
@@ -115,7 +115,7 @@ def unit_id(fields: Mapping[str, Any]) -> str:
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax
+    import jax  # deferred: reading and merging unit results needs no JAX
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if process_count < 1 or not 0 <= process_index < process_count:
@@ -272,7 +272,7 @@ def _cpu_platform() -> bool:
   # The backend is not up yet (it must not be, before jax.distributed), so go
   # by the requested platforms; unset counts as CPU, since the gloo setting
   # only concerns the CPU client and is harmless on GPU and TPU.
-  import jax
+  import jax  # deferred: reading and merging unit results needs no JAX
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   return not platforms or platforms.split(",")[0].strip().lower() == "cpu"
 
@@ -291,7 +291,7 @@ def initialize_distributed() -> bool:
   Idempotent: a second call (or one after the caller initialised
   jax.distributed itself) does nothing.
   """
-  import jax
+  import jax  # deferred: reading and merging unit results needs no JAX
   coord = os.environ.get(ENV_COORDINATOR, "").strip()
   auto = os.environ.get(ENV_AUTO, "").strip().lower() in ("1", "true", "yes")
   if not coord and not auto:
@@ -316,9 +316,9 @@ def initialize_distributed() -> bool:
 
 def barrier(name: str) -> None:
   """Waits until every process reaches ``barrier(name)``; no-op alone."""
-  import jax
+  import jax  # deferred: reading and merging unit results needs no JAX
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # deferred: JAX, as above
     multihost_utils.sync_global_devices(name)
 
 
@@ -327,7 +327,6 @@ def run_units(root: str, units: Sequence[Mapping[str, Any]], fn: Callable[[Mappi
               progress: bool = True) -> int:
   """Computes and stores ``fn(unit)`` for this process's pending units (see
   ``assign``); returns how many it computed. Resumes: done units are skipped."""
-  from tqdm.auto import tqdm
   pi, pc = _process(process_index, process_count)
   res = UnitResults(root)
   todo = res.pending(assign(units, pi, pc))
@@ -340,7 +339,7 @@ def gather(root: str, units: Sequence[Mapping[str, Any]] | None = None) -> list[
   """After every process has run its units: process 0 merges (``merge``),
   the others wait for it; every process returns the merged list. ``root``
   must be one shared folder (NFS, a bucket mount) seen by every process."""
-  import jax
+  import jax  # deferred: reading and merging unit results needs no JAX
   barrier("saemnesia-units-written")
   if units is not None:  # every write has finished: all processes see the same files
     missing = UnitResults(root).pending(units)

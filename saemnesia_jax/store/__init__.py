@@ -26,13 +26,12 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from saemnesia_jax.store.format import (COMPRESSIONS, DTYPES, FORMAT, LABEL_FIELDS, LABEL_FILL, REQUIRED_IDENTITY,
+                                        VERSION, ManifestMismatchError, ShapeRecord, Store, StoreError, check_identity,
+                                        default_maps_per_chunk, make_manifest, open_store)
 from saemnesia_jax.store.reader import MapBatches, TokenBatches, split_hash, to_global
-from saemnesia_jax.store.format import (
-    COMPRESSIONS, DTYPES, FORMAT, LABEL_FIELDS, LABEL_FILL, REQUIRED_IDENTITY, VERSION, ManifestMismatchError,
-    ShapeRecord, Store, StoreError, check_identity, default_maps_per_chunk, make_manifest, open_store)
-from saemnesia_jax.store.units import (
-    UnitWriter, done_units, format_summary, pending_units, read_labels, read_unit, summary, unit_rows, verify,
-    write_unit)
+from saemnesia_jax.store.units import (UnitWriter, done_units, format_summary, pending_units, read_labels, read_unit,
+                                       summary, unit_rows, verify, write_unit)
 
 __all__ = [
     "COMPRESSIONS", "DTYPES", "FORMAT", "LABEL_FIELDS", "LABEL_FILL", "REQUIRED_IDENTITY", "VERSION",

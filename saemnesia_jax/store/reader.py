@@ -24,8 +24,7 @@ them in its own thread pool, straight into the buffer's array (store dtype).
 Batches are gathered from the buffer by the shuffled order and cast
 (bfloat16 -> float32 as a 16-bit shift, exact) by ``prefetch`` worker threads
 (numpy's loops release the GIL), ``prefetch`` batches ahead of the consumer
-(``True``: ``_PREFETCH``; an int: that many),
-and the ``_READ_AHEAD`` buffers after the last one a queued batch needs are
+(``True``: ``_PREFETCH``; an int: that many), and the ``_READ_AHEAD`` buffers after the last one a queued batch needs are
 already being read, across epoch boundaries too. So reading, decompression and
 the cast overlap the trainer's step; ``next()`` only hands over a finished
 batch. ``prefetch=False`` does all of it in the caller (no threads).
@@ -44,8 +43,7 @@ defaults (32 chunks of 2 maps: 42 MB per buffer, 16,384 tokens; batches of
 and 4 batches, about 210 MB.
 Buffer and batch arrays are reused (``host_arrays.POOL``, process-wide, at
 most 256 MB kept once readers are gone): a fresh array costs a kernel
-zero-fill per page.
-``dtype=None`` yields the store dtype (half the bytes to move to an
+zero-fill per page. ``dtype=None`` yields the store dtype (half the bytes to move to an
 accelerator; cast there).
 
 Train/validation split: by trajectory. Each map's ``(prompt, seed)`` is hashed
@@ -64,6 +62,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -155,7 +154,7 @@ class _Batches:
       state: Mapping[str, Any] | None = None,
   ):
     if process_index is None or process_count is None:
-      import jax
+      import jax  # deferred: the store's CLI and writers need no JAX
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if split not in ("train", "val", "all"):
@@ -392,7 +391,6 @@ class _Batches:
 
   def _pool(self):
     if self._executor is None:
-      from concurrent.futures import ThreadPoolExecutor
       self._executor = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="store-prefetch")
     return self._executor
 
@@ -489,7 +487,7 @@ def to_global(batch: Any, sharding: Any) -> Any:
   processes' local batches in the order of the mesh's data axis (process
   order for a mesh built from ``jax.devices()``).
   """
-  import jax
+  import jax  # deferred: the store's CLI and writers need no JAX
   from jax.sharding import NamedSharding, PartitionSpec
 
   def put(x):

@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 from saemnesia_jax.store.format import LABEL_FILL, Store, StoreError
@@ -172,7 +174,6 @@ class UnitWriter:
   """
 
   def __init__(self, store: Store, max_in_flight: int = 2):
-    from concurrent.futures import ThreadPoolExecutor
     self.store = store
     self.max_in_flight = max_in_flight
     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
@@ -236,7 +237,6 @@ def verify(store: Store, *, repair: bool = False, progress: bool = True) -> dict
   ``repair`` the markers of bad units are removed (the store must be writable
   or the markers' folder writable), so the next collection run rewrites them.
   """
-  from tqdm import tqdm
   bad: dict[int, str] = {}
   units = done_units(store)
   for u in tqdm(units.tolist(), desc="verify", disable=not progress):
