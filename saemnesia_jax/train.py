@@ -409,8 +409,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
   tokens_per_step = tr.objective.tokens_per_step(t.batch_size, st.tokens_per_map)
   log_f = open(os.path.join(out_dir, layout.METRICS) if primary else os.devnull, "a")
-  curves = tensorboard.ScalarWriter(out_dir, enabled=primary)  # `tensorboard --logdir {workdir}`
   start = int(meta["step"])
+  # `tensorboard --logdir {workdir}`; a resumed run drops what was logged past its checkpoint.
+  curves = tensorboard.ScalarWriter(out_dir, enabled=primary, purge_from=None if restored is None else start + 1)
   pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
               disable=not progress)
   t_last, step_last, last = time.perf_counter(), start, {}

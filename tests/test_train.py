@@ -1,4 +1,5 @@
 """Stage `train`: the sharded SAE trainer, unsupervised and supervised."""
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,13 @@ def _config(workdir, store_path, **train_overrides):
                       val_fraction=0.2, val_batches=2, learning_rate=3e-3))
   c.train.update(train_overrides)
   return c
+
+
+def _tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _setup(c):
@@ -118,6 +126,14 @@ def test_interrupted_run_resumes_to_the_same_parameters(concept_store, tmp_path)
   assert params["W_enc"].shape == (16, 64) and cfg["k"] == 4
   lines = open(os.path.join(ref["run_dir"], "metrics.jsonl")).read().splitlines()
   assert len(lines) == 4 and "val_loss" in lines[-1]
+  # The same curves for TensorBoard, read back with TensorBoard's own reader;
+  # the resumed run's files show each step once (the steps past the checkpoint purged).
+  for run, result in (("ref", ref), ("cut", resumed)):
+    logged = [json.loads(l) for l in open(os.path.join(result["run_dir"], "metrics.jsonl"))]
+    curves = _tensorboard_scalars(result["run_dir"])
+    assert {"loss", "fvu", "dead_fraction", "val_loss"} <= set(curves), (run, sorted(curves))
+    assert [s for s, _ in curves["loss"]] == [2, 4, 6, 8], run
+    np.testing.assert_allclose([v for _, v in curves["loss"]], [m["loss"] for m in logged], rtol=1e-6)
 
 
 def test_supervised_finetune_makes_assigned_latents_selective(concept_store, tmp_path):
@@ -139,6 +155,9 @@ def test_supervised_finetune_makes_assigned_latents_selective(concept_store, tmp
   sup.train.name = "sae_sup"
   result = train.train(sup, progress=False)
   log = [json.loads(l) for l in open(os.path.join(result["run_dir"], "metrics.jsonl"))]
+  curves = _tensorboard_scalars(result["run_dir"])
+  assert [s for s, _ in curves["object_acc"]] == [m["step"] for m in log]
+  assert [s for s, _ in curves["style_acc"]] == [m["step"] for m in log]
   # BCE on post-ReLU map means (logits >= 0) cannot go below log 2 for a
   # negative target: the floor here is about (3 * 0.693) / 5 = 0.42.
   assert log[-1]["l_sup"] < log[0]["l_sup"] - 0.05

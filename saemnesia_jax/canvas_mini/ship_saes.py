@@ -42,17 +42,17 @@ def ship(workdir: str, chosen_path: str, dest: str = ASSET_DIR) -> dict:
   sizes = {}
   for run, keep in KEEP.items():
     src, out = os.path.join(workdir, run), os.path.join(dest, run)
-    for sub in ("export", "scores"):
+    for sub in (layout.EXPORT, layout.SCORES):
       os.makedirs(os.path.join(out, sub), exist_ok=True)
     for f in (sparsify_io.CFG_FILE, sparsify_io.WEIGHTS_FILE, "saemnesia.json"):
-      shutil.copyfile(os.path.join(src, "export", f), os.path.join(out, "export", f))
-    tables = scores_lib.load_scores(os.path.join(src, "scores"))
-    np.savez_compressed(os.path.join(out, "scores", scores_lib.SCORES_FILE), **{k: tables[k] for k in keep})
+      shutil.copyfile(os.path.join(src, layout.EXPORT, f), os.path.join(out, layout.EXPORT, f))
+    tables = scores_lib.load_scores(os.path.join(src, layout.SCORES))
+    np.savez_compressed(os.path.join(out, layout.SCORES, scores_lib.SCORES_FILE), **{k: tables[k] for k in keep})
     for f in (scores_lib.ASSIGNMENT_FILE, scores_lib.REPORT_FILE):
-      shutil.copyfile(os.path.join(src, "scores", f), os.path.join(out, "scores", f))
-    manifest = read_json(os.path.join(src, "scores", scores_lib.MANIFEST_FILE))
-    manifest["shipped"] = {"arrays": list(keep), "from": os.path.join(src, "scores")}
-    atomic_write_json(os.path.join(out, "scores", scores_lib.MANIFEST_FILE), manifest)  # last: complete
+      shutil.copyfile(os.path.join(src, layout.SCORES, f), os.path.join(out, layout.SCORES, f))
+    manifest = read_json(os.path.join(src, layout.SCORES, scores_lib.MANIFEST_FILE))
+    manifest["shipped"] = {"arrays": list(keep), "from": os.path.join(src, layout.SCORES)}
+    atomic_write_json(os.path.join(out, layout.SCORES, scores_lib.MANIFEST_FILE), manifest)  # last: complete
     sizes[run] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
   summary = read_json(chosen_path)
   atomic_write_json(os.path.join(dest, "chosen.json"), {

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from saemnesia_jax.runtime import layout
+from saemnesia_jax.runtime import layout, registry
 
 # Top-level fields of every config.
 TOP = dict(
@@ -97,7 +97,7 @@ SAE = dict(
 
 # The SAE trainer. batch_size counts tokens (unsupervised) or whole maps (supervised).
 TRAIN = dict(
-    name="sae_unsup",  # run folder under workdir
+    name=layout.UNSUP_RUN,  # run folder under workdir
     steps=10_000,  # optimizer steps (a finished run continues to a larger value)
     epochs=0.0,  # >0: steps = ceil(epochs x batches per epoch of the store's train split), printed; 0 -> steps
     style_block_epochs=0.0,  # >0: train.epochs of the style block's SAE (config.style_block); 0 -> epochs
@@ -209,7 +209,7 @@ UNLEARN = dict(
 
 # The whole method in one command (module pipeline): every stage in order, skipping finished ones.
 PIPELINE = dict(
-    stages=("collect", "probe", "train", "scores", "train_sup", "scores_sup", "evaluate", "report"),  # to run
+    stages=registry.PIPELINE_STEPS,  # which pipeline steps to run, in this order
     sup_loss="",  # the supervised fine-tune's sae.sup_loss; '' -> config.sae.sup_loss
     sup_train=dict(),  # train fields of the supervised fine-tune (config_defaults.make_supervised)
     judge="",  # 'module:factory' of the evaluation's classifiers; '' -> config.evaluate.classifier
@@ -263,7 +263,7 @@ def make_supervised(config: ml_collections.ConfigDict, **train: object) -> ml_co
   config.sae.mode = "supervised"
   config.sae.init_from = workdir + "/sae_unsup/export"
   config.scores.sae_dir = workdir + "/sae_sup/export"
-  config.train.name = "sae_sup"
+  config.train.name = layout.SUP_RUN
   config.train.early_stop = True  # the published recipe: patience on a validation split
   config.train.style_block_epochs = 0.0  # one budget for both blocks unless ``train`` says otherwise
   extra = set(train) - set(TRAIN)
