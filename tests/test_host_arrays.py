@@ -88,7 +88,7 @@ def test_all_finite_agrees_with_isfinite_on_every_16_bit_pattern(dtype):
 _RESIDENT = """
 import os
 import numpy as np
-from saemnesia_jax import host_arrays
+from saemnesia_jax.runtime import host_arrays
 applied = host_arrays.keep_freed_memory()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
 a = np.ones(16 << 20, np.float32)  # a 64 MB block, touched and freed, as XLA:CPU's temporaries are each call

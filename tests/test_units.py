@@ -141,7 +141,7 @@ WRITER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
     from test_units import make_units, fake_result
-    from saemnesia_jax import units
+    from saemnesia_jax.runtime import units
     root, i, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     done = units.run_units(root, make_units(), fake_result, i, n, progress=False)
     print(json.dumps({{"process": i, "written": done}}))
@@ -167,7 +167,7 @@ def test_two_subprocesses_write_their_shares(tmp_path):
 DISTRIBUTED = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
-    from saemnesia_jax import units
+    from saemnesia_jax.runtime import units
     assert units.initialize_distributed()
     assert units.initialize_distributed()  # idempotent
     import jax

@@ -6,7 +6,7 @@ Each field's documentation is the comment at the end of its line: every
 stage's ``--help`` prints it (``runtime/config_docs.py`` reads this file), so a new
 field needs one.
 
-  from saemnesia_jax import config_defaults
+  from saemnesia_jax.runtime import config_defaults
   config_defaults.add_stage_sections(config, sae=dict(k=8), train=dict(steps=3000))
 
 An override of a field that does not exist is an error (a typo, not a new key).
