@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from saemnesia_jax import judges
 from saemnesia_jax.diffusion import blocks, clamp, erase
 from saemnesia_jax.diffusion import setup as common
-from saemnesia_jax.diffusion.sampler import sample_prompts
+from saemnesia_jax.diffusion import sampler as sampler_lib
 from saemnesia_jax.evaluation import concepts
 from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.evaluation import metrics, protocol, quality
@@ -229,7 +229,7 @@ class Evaluation:
     seeds = list(unit["seeds"])
     prompts = [p for p in self.prompts for _ in seeds]
     seed_list = protocol.noise_seeds(self.config, len(self.prompts), seeds)  # evaluate.noise
-    imgs = sample_prompts(sampler, prompts, seed_list, self.config.sampler.guidance_scale,
+    imgs = sampler_lib.sample_prompts(sampler, prompts, seed_list, self.config.sampler.guidance_scale,
                           edit_params=(sae_m["params"], spec), progress=False)
     imgs = protocol.judged_images(self.config, imgs)  # evaluate.jpeg_quality
     out = {}
@@ -382,7 +382,7 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
   sampler = ev_ctx.sampler(identity["k"], erasing=False)
   # No erasure: every concept's prompts in one batch.
   flat = [p for t in shown for p in prompts[t]]
-  plain = sample_prompts(sampler, flat, [seed] * len(flat), config.sampler.guidance_scale,
+  plain = sampler_lib.sample_prompts(sampler, flat, [seed] * len(flat), config.sampler.guidance_scale,
                          edit_params=(identity["params"], ev_ctx.spec("none", [], sampler)), progress=False)
   plain = plain.reshape(len(shown), -1, *plain.shape[1:])
   rows, labels = [], []
@@ -394,7 +394,7 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
       sae_m = ev_ctx.sae(m, domain)
       s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
       spec = ev_ctx.spec(m, [(domain, name, chosen[(label, domain, name)])], s)
-      rows.append(sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
+      rows.append(sampler_lib.sample_prompts(s, prompts[(domain, name)], [seed] * len(prompts[(domain, name)]),
                                  config.sampler.guidance_scale, edit_params=(sae_m["params"], spec),
                                  progress=False))
       labels.append(f"{name}: {label}")

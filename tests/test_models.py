@@ -89,7 +89,7 @@ def test_bfloat16_load_casts_params(flax_dir, flax_pipe):
   leaves = jax.tree_util.tree_leaves(pipe.params)
   assert all(x.dtype == jnp.bfloat16 for x in leaves)
   # Read straight into bfloat16: the same values as a float32 load cast afterwards.
-  _assert_params_equal(pipe.params, models._cast(flax_pipe.params, jnp.bfloat16))
+  _assert_params_equal(pipe.params, models.cast_params(flax_pipe.params, jnp.bfloat16))
   # The text-encoder wrapper keeps no (float32) weights of its own beside pipe.params.
   assert not pipe.text_encoder._is_initialized
 

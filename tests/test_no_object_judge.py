@@ -12,6 +12,7 @@ from saemnesia_jax.evaluation import metrics
 from saemnesia_jax.runtime.cli import load_config_file
 from saemnesia_jax.canvas_mini import classifiers as C
 from saemnesia_jax.canvas_mini import data as d
+from saemnesia_jax.canvas_mini import styles
 from saemnesia_jax.judges.canvas_mini import CanvasMiniJudge
 from saemnesia_jax.runtime.io_utils import read_json
 
@@ -41,8 +42,8 @@ def test_backgrounds_are_the_styles_without_their_shape():
   # paper white: its background alone holds neither, so it is near-white paper.
   far = np.full((4, 16, 16), 1e3)
   gx, gy = d._pixel_grid(16)
-  ctx = d._Ctx(gx + 8.0, gy + 8.0, 1.0)
-  comic = d._STYLE_FNS[d.STYLES.index("Comic")](np.random.default_rng(0), far, ctx)
+  ctx = styles.Ctx(gx + 8.0, gy + 8.0, 1.0)
+  comic = styles.STYLE_FNS[d.STYLES.index("Comic")](np.random.default_rng(0), far, ctx)
   assert comic.min() > 0.85, "a shapeless Comic image still holds ink or fill"
 
 

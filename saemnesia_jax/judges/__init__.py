@@ -28,7 +28,8 @@ def make_judge(config: Any) -> Any:
   if kind == "unlearncanvas":
     from saemnesia_jax.judges import unlearncanvas  # deferred: each judge loads JAX and its model
     return unlearncanvas.unlearncanvas_judge(config)
-  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are {', '.join(map(repr, KINDS))}; or "
+  raise ValueError(f"config.evaluate.classifier={kind!r}: built in are 'canvas_mini', 'canvas_mini_no_object' and "
+                   "'unlearncanvas'; or "
                    "pass an object with predict(images) -> (object_ids, style_ids) to Evaluation(judge=...)")
 
 
