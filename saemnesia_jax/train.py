@@ -64,7 +64,7 @@ from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
 from saemnesia_jax.runtime.units import initialize_distributed
 from saemnesia_jax.sae import artifacts
 from saemnesia_jax.sae import model as sae_lib
-from saemnesia_jax.sae import objectives, sparsify_io, supervised
+from saemnesia_jax.sae import checkpoints, objectives, sparsify_io, supervised
 
 MODES = ("unsupervised", "supervised")
 # Train fields that cannot change the trained SAE: where it goes, how often it
@@ -259,28 +259,7 @@ def validate(tr: Trainer, st: store.Store, params) -> dict | None:
 
 
 def checkpoint_manager(config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(run_dir(config), layout.CHECKPOINTS),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
-
-
-def _save(mngr, step, state, reader_state, meta):
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader_state),
-      meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(mngr, tr: Trainer, x_sample):
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  abstract = jax.eval_shape(tr.init_fn, x_sample)
-  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, tr.state_shardings)
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), reader=ocp.args.JsonRestore(),
-      meta=ocp.args.JsonRestore()))
-  return out["state"], out["reader"], out["meta"]
+  return checkpoints.manager(os.path.join(run_dir(config), layout.CHECKPOINTS), config.train.keep_checkpoints)
 
 
 def export(tr: Trainer, st: store.Store, params, meta: dict) -> str:
@@ -313,18 +292,6 @@ def fingerprint(tr: Trainer, st: store.Store) -> dict:
   # field existed can have had: left out then, so that those runs still match.
   default_matmul = () if c.sae.get("matmul_dtype") else ("sae.matmul_dtype",)
   return runs.make(c, ("block", "sae", "train"), NOT_RESULT + default_matmul, inputs, stage="train")
-
-
-def _keep_metrics_until(path: str, step: int) -> None:
-  """Drops the metrics lines past ``step`` (logged after the checkpoint a
-  resumed run restarts from), so that every step appears once."""
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
-  if len(keep) != len(lines):
-    atomic_write_bytes(path, "".join(keep).encode())
 
 
 # ------------------------------------------------------------------ loop
@@ -382,11 +349,12 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   t = config.train
   out_dir = run_dir(config)
   runs.begin(out_dir, fingerprint(tr, st), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
-             fresh="--config.train.name=<new name>", write=jax.process_index() == 0)
+             fresh="--config.train.name=<new name>", write=jax.process_index() == 0,
+             keep=(config.workdir, st.path, layout.model_dir(config)))
   mngr = checkpoint_manager(config)
   reader = None
   x0 = jax.ShapeDtypeStruct((t.batch_size, st.d_in), jnp.float32)
-  restored = _restore(mngr, tr, x0)
+  restored = checkpoints.restore(mngr, tr.init_fn, tr.state_shardings, x0)
   if restored is not None:
     state, reader_state, meta = restored
     reader = make_reader(tr, st, "train", state=reader_state)
@@ -396,7 +364,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     else:
       print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
     if jax.process_index() == 0:
-      _keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
+      checkpoints.keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
   else:
     reader = make_reader(tr, st, "train")
     first = next(make_reader(tr, st, "train"))  # geometric-median init of b_dec from a first batch
@@ -454,7 +422,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
       meta["wall_s"] = time.perf_counter() - wall0
       # orbax serialises in the background: give it a snapshot of meta,
       # which this loop goes on mutating (else a checkpoint can claim a later step).
-      _save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
+      checkpoints.save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
     if t.stop_after and step - start >= t.stop_after:
       break  # simulates an interruption (tests): no final checkpoint
   pbar.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from typing import Any, Callable
 
 from saemnesia_jax.diffusion import blocks
@@ -242,8 +241,7 @@ def _train(config) -> None:
                 "train.final_lr_fraction", "train.stop_after")
   _one_of(config, "train.lr_decay", ("linear", "constant"))
   _fraction(config, "train.val_fraction")
-  if not re.fullmatch(r"[A-Za-z0-9._-]+", t.name):
-    _fail("train.name", t.name, "must be a plain folder name (letters, digits, . _ -)")
+  layout.check_name("train.name", t.name)
   if s.sparse_decode and s.batch_topk:
     _fail("sae.sparse_decode", True, "needs per-token TopK", "set --config.sae.batch_topk=False")
   n = _process_count()

@@ -18,9 +18,11 @@ A workdir holds one run of the method::
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from saemnesia_jax.canvas_mini import PIPELINE_DIR as CANVAS_MINI_PIPELINE
+from saemnesia_jax.runtime.errors import ConfigError
 
 UNSUP_RUN = "sae_unsup"  # SAeUron's SAE
 SUP_RUN = "sae_sup"  # SAEmnesia's supervised fine-tune
@@ -56,9 +58,26 @@ def tiny_pipeline(workdir: str) -> str:
   return os.path.join(workdir, "tiny_pipeline")
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def is_plain_name(name: Any) -> bool:
+  """Whether ``name`` is one plain path component: letters, digits, . _ -,
+  not starting with '.' or '-' (so never '.', '..', a hidden name or a path)."""
+  return isinstance(name, str) and len(name) <= 128 and _PLAIN_NAME.fullmatch(name) is not None
+
+
+def check_name(field: str, name: Any) -> str:
+  """``name`` if it is a plain folder name (``is_plain_name``), else ConfigError naming ``field``."""
+  if not is_plain_name(name):
+    raise ConfigError(f"config.{field}={name!r}: must be a plain folder name (letters, digits, . _ -; not "
+                      "'.', '..', a path or starting with '.' or '-'), e.g. sae_unsup")
+  return name
+
+
 def sae_run(workdir: str, run: str) -> str:
   """A training run's folder, e.g. ``{workdir}/sae_unsup``."""
-  return os.path.join(workdir, run)
+  return os.path.join(workdir, check_name("train.name", run))
 
 
 def run_dir(config: Any) -> str:
