@@ -348,6 +348,11 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   tr = setup(config, st.shape)
   t = config.train
   out_dir = run_dir(config)
+  # The data must give a batch of each split before the run folder records
+  # anything: a refused run leaves no fingerprint.json to refuse its fix.
+  first = next(make_reader(tr, st, "train"))  # also the geometric-median init of b_dec
+  if t.val_fraction > 0:
+    next(make_reader(tr, st, "val", shuffle=False, num_epochs=1), None)
   runs.begin(out_dir, fingerprint(tr, st), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
              fresh="--config.train.name=<new name>", write=jax.process_index() == 0,
              keep=(config.workdir, st.path, layout.model_dir(config)))
@@ -367,7 +372,6 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
       checkpoints.keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
   else:
     reader = make_reader(tr, st, "train")
-    first = next(make_reader(tr, st, "train"))  # geometric-median init of b_dec from a first batch
     sample = first[0].reshape(-1, st.d_in) if tr.objective.per_map else first
     state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,

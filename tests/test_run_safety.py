@@ -152,3 +152,18 @@ def test_overwrite_still_replaces_its_own_run(tmp_path, store_path):
   assert (tmp_path / "mine.txt").read_text() == "kept\n"
 
 
+def test_a_refused_run_leaves_no_record_and_its_fix_proceeds(tmp_path, store_path):
+  """A batch larger than the store fails before the run folder records
+  anything; the corrected rerun is then a new run, not 'other settings'."""
+  config = _config(tmp_path, store_path, batch_size=100_000)
+  with pytest.raises(UserError, match="larger than the selected data"):
+    train.train(config, progress=False)
+  assert not os.path.exists(os.path.join(layout.run_dir(config), runs.FILE))
+  assert train.train(_config(tmp_path, store_path), progress=False)["step"] == 2
+
+
+def test_a_validation_batch_larger_than_its_split_is_refused_before_any_record(tmp_path, store_path):
+  config = _config(tmp_path, store_path, batch_size=200, val_fraction=0.1)  # 240 train tokens, few val ones
+  with pytest.raises(UserError, match="larger than the selected data"):
+    train.train(config, progress=False)
+  assert not os.path.exists(os.path.join(layout.run_dir(config), runs.FILE))
