@@ -16,7 +16,7 @@ from typing import Any, Callable
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
-from saemnesia_jax.runtime import layout, registry
+from saemnesia_jax.runtime import layout, registry, schema
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -382,6 +382,7 @@ def check(stage: str, config) -> None:
   """Raises ConfigError if ``config`` cannot run ``stage``; creates nothing."""
   if not isinstance(config.workdir, str) or not config.workdir:
     _fail("workdir", config.workdir, "must be a folder path")
+  schema.validate(config)  # every field's type, range and finiteness
   for field, value, why in protocol.check(config)[:1]:
     _fail(field, value, why)
   CHECKS[stage](config)

@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from saemnesia_jax.runtime.errors import UserError
-from saemnesia_jax.runtime.io_utils import read_json
+from saemnesia_jax.runtime.io_utils import dumps, read_json, usual_mode
 
 FORMAT = "saemnesia_jax.activation_store"
 VERSION = 1
@@ -362,9 +362,10 @@ def _create_json_exclusive(path: str, obj: Any) -> bool:
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+      f.write((dumps(obj, indent=2, where=path) + "\n").encode())
       f.flush()
       os.fsync(f.fileno())
+    usual_mode(tmp)  # the manifest reads like the store's other files (0644 under umask 022)
     try:
       os.link(tmp, path)
       return True
