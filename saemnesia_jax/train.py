@@ -60,7 +60,8 @@ from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.runtime import layout, runs
 from saemnesia_jax.runtime import sharding as shard_lib
 from saemnesia_jax.runtime import sizing, tensorboard
-from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
+from saemnesia_jax.runtime.errors import UserError
+from saemnesia_jax.runtime.io_utils import atomic_write_json, dumps
 from saemnesia_jax.runtime.units import initialize_distributed
 from saemnesia_jax.sae import artifacts
 from saemnesia_jax.sae import model as sae_lib
@@ -76,6 +77,10 @@ NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_c
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
 run_dir = layout.run_dir
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN or inf: training stops, exporting nothing."""
 
 
 # ------------------------------------------------------------------ the step
@@ -388,14 +393,31 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
               disable=not progress)
   t_last, step_last, last = time.perf_counter(), start, {}
   wall0 = time.perf_counter() - meta["wall_s"]
-  step = start
+  step, pending = start, None  # pending: (step, loss) not yet checked (one step behind: no stall)
+
+  def stop_if_not_finite():  # before a log line, a checkpoint, the export: never of a diverged state
+    nonlocal pending
+    if pending is not None and not np.isfinite(float(pending[1])):
+      pbar.close()
+      mngr.wait_until_finished()
+      log_f.close()
+      curves.close()
+      raise NonFiniteLossError(
+          f"train: the loss is {float(pending[1])} at step {pending[0]}: the run diverged and stopped; nothing "
+          f"was exported. The last checkpoint is step {mngr.latest_step()} in {mngr.directory} (a rerun "
+          "resumes there). Lower train.learning_rate, or check the store for non-finite activations.")
+    pending = None
+
   while step < t.steps and not meta["stopped_early"]:
     batch = place(tr, next(reader))
     state, m = tr.step_fn(state, batch)
+    stop_if_not_finite()  # the previous step's, while this one runs
     step += 1
+    pending = (step, m["loss"])
     meta["step"], meta["tokens_seen"] = step, meta["tokens_seen"] + tokens_per_step
     pbar.update(1)
     if runs.itstime(step, t.log_every, t.steps):
+      stop_if_not_finite()
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       now = time.perf_counter()
       m.update(step=step, tokens=meta["tokens_seen"],
@@ -418,17 +440,19 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
               tqdm.write(f"early stop at step {step}: no validation gain in {t.patience} evaluations")
       pbar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m.get('fvu', float('nan')):.3f}",
                        tok_s=f"{m['tokens_per_s']:.0f}")
-      log_f.write(json.dumps(m) + "\n")
+      log_f.write(dumps(m, nonfinite_as_null=True) + "\n")
       log_f.flush()
       curves.scalars(step, m)
       last = m
     if runs.itstime(step, t.ckpt_every, t.steps) or meta["stopped_early"]:
+      stop_if_not_finite()
       meta["wall_s"] = time.perf_counter() - wall0
       # orbax serialises in the background: give it a snapshot of meta,
       # which this loop goes on mutating (else a checkpoint can claim a later step).
       checkpoints.save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
     if t.stop_after and step - start >= t.stop_after:
       break  # simulates an interruption (tests): no final checkpoint
+  stop_if_not_finite()
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()

@@ -167,3 +167,27 @@ def test_a_validation_batch_larger_than_its_split_is_refused_before_any_record(t
   with pytest.raises(UserError, match="larger than the selected data"):
     train.train(config, progress=False)
   assert not os.path.exists(os.path.join(layout.run_dir(config), runs.FILE))
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_exports_nothing(tmp_path, store_path, monkeypatch):
+  """A NaN in the 4th batch: the run stops at step 4, names it and the last
+  checkpoint (step 2), exports nothing, and metrics.jsonl stays strict JSON."""
+  calls = {"n": 0}
+  real_place = train.place
+
+  def place(tr, raw):
+    batch = real_place(tr, raw)
+    calls["n"] += 1
+    if calls["n"] == 4:
+      batch = {**batch, "x": batch["x"] * float("nan")}
+    return batch
+
+  monkeypatch.setattr(train, "place", place)
+  config = _config(tmp_path, store_path, steps=6, val_fraction=0.0)
+  with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 4.*last checkpoint is step 2"):
+    train.train(config, progress=False)
+  run = layout.run_dir(config)
+  assert not os.path.exists(os.path.join(run, "export"))
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    lines = [json.loads(l, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) for l in f]
+  assert [l["step"] for l in lines] == [1, 2, 3]
