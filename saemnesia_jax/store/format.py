@@ -404,7 +404,13 @@ def open_store(path: str, manifest: Mapping[str, Any] | None = None, *, create: 
     raise StoreError(
         f"no activation store at {path} (manifest.json missing); collect one first, or create it with "
         "open_store(path, manifest, create=True)")
-  found = read_json(mpath)
+  try:
+    found = read_json(mpath)
+  except ValueError as e:
+    raise StoreError(f"{mpath} is truncated or not JSON ({e}): the store's record is damaged; collect the "
+                     "store again into a new path") from e
+  if not isinstance(found, dict):
+    raise StoreError(f"{mpath}: not an activation store manifest (a JSON {type(found).__name__})")
   _validate_manifest(found, mpath)
   if manifest is not None:
     _compare_manifests(manifest, found, path)
