@@ -129,3 +129,13 @@ def test_json_writers_refuse_nan(tmp_path):
   io_utils.atomic_write_json(path, {"v": np.float32(1.5), "t": (1, 2)})
   assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) == {
       "t": [1, 2], "v": 1.5}
+
+
+def test_the_store_manifest_has_the_usual_file_mode(tmp_path):
+  """manifest.json is written through a temp file (mkstemp: 0600): it must
+  read like the store's other files (0666 less the umask)."""
+  from synthetic import make_concept_store
+  make_concept_store(tmp_path / "acts", seeds=1)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / "acts" / "manifest.json").st_mode & 0o777 == 0o666 & ~umask
