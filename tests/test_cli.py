@@ -95,7 +95,7 @@ def test_half_precision_on_cpu_gets_the_low_memory_xla_flags():
 
 _BF16_SCAN = """
 import jax, jax.numpy as jnp, ml_collections, sys
-from saemnesia_jax import cli
+from saemnesia_jax.runtime import cli
 if sys.argv[1] == "1":
   cli.set_xla_cpu_flags(ml_collections.ConfigDict({"model": {"dtype": "bfloat16"}}))
 ws = [jnp.ones((256, 256), jnp.bfloat16) for _ in range(8)]
