@@ -204,7 +204,9 @@ def check_field(field: str, value: Any) -> None:
           spec.type is tuple and isinstance(x, str)) else ""
       _fail(field, value, f"{each}must be {name[kind]}{hint}")
     if _number(x) and not spec.admits(x):
-      _fail(field, value, f"{'each element ' if spec.type is tuple else ''}must be in {spec.range_text()}")
+      words = {POS: "a positive number", NONNEG: ">= 0"}.get(spec.range_text().replace("inf]", "inf)"))
+      _fail(field, value, f"{'each element ' if spec.type is tuple else ''}must be "
+            + (words or f"in {spec.range_text()}"))
 
 
 def validate(config: Any) -> None:
