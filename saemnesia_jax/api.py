@@ -72,9 +72,10 @@ def load_pipeline(path_or_config: Any, dtype: str = "float32"):
   return common.load_model(path_or_config)
 
 
-def load_sae(path: str) -> SAE:
-  """An SAE folder in sparsify's layout (cfg.json + sae.safetensors [+ saemnesia.json])."""
-  params, cfg, meta = artifacts.load_sae(path)
+def load_sae(path: str, field: str = "") -> SAE:
+  """An SAE folder in sparsify's layout (cfg.json + sae.safetensors [+ saemnesia.json]);
+  ``field``: the config field an error tells the user to set."""
+  params, cfg, meta = artifacts.load_sae(path, field=field or "the SAE folder")
   trained = (meta or {}).get("assignment")
   return SAE({k: np.asarray(v, np.float32) for k, v in params.items()}, int(cfg["k"]),
              (meta or {}).get("block"), path, None if trained is None else np.asarray(trained, np.int32))

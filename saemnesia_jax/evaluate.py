@@ -146,7 +146,7 @@ class Evaluation:
       if m == "none":
         continue
       sae_dir = layout.method_sae(config, m)
-      params, cfg, meta = artifacts.load_sae(sae_dir)
+      params, cfg, meta = artifacts.load_sae(sae_dir, field=f"evaluate.{m}_sae")
       if (meta or {}).get("block") not in (None, block):
         raise ValueError(f"the {m} SAE at {sae_dir} was trained at block {meta['block']!r}, but this evaluation "
                          f"clamps at {block!r} (config.block / config.style_block): point "

@@ -60,11 +60,12 @@ from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.runtime import layout, runs
 from saemnesia_jax.runtime import sharding as shard_lib
 from saemnesia_jax.runtime import sizing, tensorboard
-from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json
+from saemnesia_jax.runtime.errors import UserError
+from saemnesia_jax.runtime.io_utils import atomic_write_json, dumps
 from saemnesia_jax.runtime.units import initialize_distributed
 from saemnesia_jax.sae import artifacts
 from saemnesia_jax.sae import model as sae_lib
-from saemnesia_jax.sae import objectives, sparsify_io, supervised
+from saemnesia_jax.sae import checkpoints, objectives, sparsify_io, supervised
 
 MODES = ("unsupervised", "supervised")
 # Train fields that cannot change the trained SAE: where it goes, how often it
@@ -76,6 +77,10 @@ NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_c
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
 run_dir = layout.run_dir
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN or inf: training stops, exporting nothing."""
 
 
 # ------------------------------------------------------------------ the step
@@ -259,28 +264,7 @@ def validate(tr: Trainer, st: store.Store, params) -> dict | None:
 
 
 def checkpoint_manager(config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(run_dir(config), layout.CHECKPOINTS),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
-
-
-def _save(mngr, step, state, reader_state, meta):
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader_state),
-      meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(mngr, tr: Trainer, x_sample):
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  abstract = jax.eval_shape(tr.init_fn, x_sample)
-  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, tr.state_shardings)
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), reader=ocp.args.JsonRestore(),
-      meta=ocp.args.JsonRestore()))
-  return out["state"], out["reader"], out["meta"]
+  return checkpoints.manager(os.path.join(run_dir(config), layout.CHECKPOINTS), config.train.keep_checkpoints)
 
 
 def export(tr: Trainer, st: store.Store, params, meta: dict) -> str:
@@ -313,18 +297,6 @@ def fingerprint(tr: Trainer, st: store.Store) -> dict:
   # field existed can have had: left out then, so that those runs still match.
   default_matmul = () if c.sae.get("matmul_dtype") else ("sae.matmul_dtype",)
   return runs.make(c, ("block", "sae", "train"), NOT_RESULT + default_matmul, inputs, stage="train")
-
-
-def _keep_metrics_until(path: str, step: int) -> None:
-  """Drops the metrics lines past ``step`` (logged after the checkpoint a
-  resumed run restarts from), so that every step appears once."""
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
-  if len(keep) != len(lines):
-    atomic_write_bytes(path, "".join(keep).encode())
 
 
 # ------------------------------------------------------------------ loop
@@ -381,12 +353,18 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   tr = setup(config, st.shape)
   t = config.train
   out_dir = run_dir(config)
+  # The data must give a batch of each split before the run folder records
+  # anything: a refused run leaves no fingerprint.json to refuse its fix.
+  first = next(make_reader(tr, st, "train"))  # also the geometric-median init of b_dec
+  if t.val_fraction > 0:
+    next(make_reader(tr, st, "val", shuffle=False, num_epochs=1), None)
   runs.begin(out_dir, fingerprint(tr, st), overwrite=runs.overwrite(config), continuable=CONTINUABLE,
-             fresh="--config.train.name=<new name>", write=jax.process_index() == 0)
+             fresh="--config.train.name=<new name>", write=jax.process_index() == 0,
+             keep=(config.workdir, st.path, layout.model_dir(config)))
   mngr = checkpoint_manager(config)
   reader = None
   x0 = jax.ShapeDtypeStruct((t.batch_size, st.d_in), jnp.float32)
-  restored = _restore(mngr, tr, x0)
+  restored = checkpoints.restore(mngr, tr.init_fn, tr.state_shardings, x0)
   if restored is not None:
     state, reader_state, meta = restored
     reader = make_reader(tr, st, "train", state=reader_state)
@@ -396,10 +374,9 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
     else:
       print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
     if jax.process_index() == 0:
-      _keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
+      checkpoints.keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
   else:
     reader = make_reader(tr, st, "train")
-    first = next(make_reader(tr, st, "train"))  # geometric-median init of b_dec from a first batch
     sample = first[0].reshape(-1, st.d_in) if tr.objective.per_map else first
     state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
@@ -416,14 +393,31 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
               disable=not progress)
   t_last, step_last, last = time.perf_counter(), start, {}
   wall0 = time.perf_counter() - meta["wall_s"]
-  step = start
+  step, pending = start, None  # pending: (step, loss) not yet checked (one step behind: no stall)
+
+  def stop_if_not_finite():  # before a log line, a checkpoint, the export: never of a diverged state
+    nonlocal pending
+    if pending is not None and not np.isfinite(float(pending[1])):
+      pbar.close()
+      mngr.wait_until_finished()
+      log_f.close()
+      curves.close()
+      raise NonFiniteLossError(
+          f"train: the loss is {float(pending[1])} at step {pending[0]}: the run diverged and stopped; nothing "
+          f"was exported. The last checkpoint is step {mngr.latest_step()} in {mngr.directory} (a rerun "
+          "resumes there). Lower train.learning_rate, or check the store for non-finite activations.")
+    pending = None
+
   while step < t.steps and not meta["stopped_early"]:
     batch = place(tr, next(reader))
     state, m = tr.step_fn(state, batch)
+    stop_if_not_finite()  # the previous step's, while this one runs
     step += 1
+    pending = (step, m["loss"])
     meta["step"], meta["tokens_seen"] = step, meta["tokens_seen"] + tokens_per_step
     pbar.update(1)
     if runs.itstime(step, t.log_every, t.steps):
+      stop_if_not_finite()
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       now = time.perf_counter()
       m.update(step=step, tokens=meta["tokens_seen"],
@@ -446,17 +440,19 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
               tqdm.write(f"early stop at step {step}: no validation gain in {t.patience} evaluations")
       pbar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m.get('fvu', float('nan')):.3f}",
                        tok_s=f"{m['tokens_per_s']:.0f}")
-      log_f.write(json.dumps(m) + "\n")
+      log_f.write(dumps(m, nonfinite_as_null=True) + "\n")
       log_f.flush()
       curves.scalars(step, m)
       last = m
     if runs.itstime(step, t.ckpt_every, t.steps) or meta["stopped_early"]:
+      stop_if_not_finite()
       meta["wall_s"] = time.perf_counter() - wall0
       # orbax serialises in the background: give it a snapshot of meta,
       # which this loop goes on mutating (else a checkpoint can claim a later step).
-      _save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
+      checkpoints.save(mngr, step, state, reader.state(), json.loads(json.dumps(meta)))
     if t.stop_after and step - start >= t.stop_after:
       break  # simulates an interruption (tests): no final checkpoint
+  stop_if_not_finite()
   pbar.close()
   mngr.wait_until_finished()
   log_f.close()

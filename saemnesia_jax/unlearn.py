@@ -44,38 +44,12 @@ from saemnesia_jax.runtime import layout
 from saemnesia_jax.runtime.io_utils import atomic_write_json
 
 RUNS = layout.RUN_OF_METHOD
+FIELD_OF_SAE = "unlearn.sae_dir (one method) or --config.unlearn.sae_root"
 
 
-def sae_root(config: ml_collections.ConfigDict) -> str:
-  u = config.unlearn
-  if u.sae_root:
-    return u.sae_root
-  return os.path.dirname(os.path.dirname(api.SHIPPED["saemnesia"])) if config.model.path == "canvas_mini" \
-      else config.workdir
-
-
-def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
-  """Per method: (SAE folder, scores folder)."""
-  u, root = config.unlearn, sae_root(config)
-  if (u.sae_dir or u.scores_dir) and len(u.methods) != 1:
-    raise ValueError("config.unlearn.sae_dir / scores_dir name one SAE: give one method, e.g. "
-                     "--config.unlearn.methods=\"('saeuron',)\"")
-  out = {}
-  for m in u.methods:
-    if m not in RUNS:
-      raise ValueError(f"config.unlearn.methods has {m!r}; known: {tuple(RUNS)}")
-    out[m] = (u.sae_dir or layout.sae_export(root, RUNS[m]), u.scores_dir or layout.sae_scores(root, RUNS[m]))
-  return out
-
-
-def chosen_path(config: ml_collections.ConfigDict) -> str | None:
-  u, root = config.unlearn, sae_root(config)
-  if u.chosen:
-    return u.chosen
-  for p in (os.path.join(root, "chosen.json"), layout.eval_summary_in(root)):
-    if os.path.isfile(p):
-      return p
-  return None
+sae_root = layout.unlearn_sae_root
+sources = layout.unlearn_sources
+chosen_path = layout.unlearn_chosen
 
 
 def default_prompts(template: str, objects: list[str], styles: list[str], erased: list[tuple[str, str]],
@@ -120,7 +94,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   percentile = float(u.percentile) if u.percentile else None
   erasures, used, names = {}, {}, None
   for m, (sae_dir, scores_dir) in sources(config).items():
-    sae, tables = api.load_sae(sae_dir), api.load_scores(scores_dir)
+    sae, tables = api.load_sae(sae_dir, field=FIELD_OF_SAE), api.load_scores(scores_dir)
     names = names or api.concept_names(tables)
     erasures[m] = api.erasure(sae, tables, list(u.concepts), m, gamma=gamma, percentile=percentile, chosen=chosen)
     used[m] = {"sae_dir": sae_dir, "scores_dir": scores_dir, "k": sae.k, "block": sae.block,

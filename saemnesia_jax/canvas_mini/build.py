@@ -24,7 +24,6 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
   from saemnesia_jax.runtime import cli
   cli.main("canvas_mini.build")
 
-import json
 import os
 import time
 
@@ -44,7 +43,7 @@ from saemnesia_jax.diffusion import models, tiny
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.runtime import runs
-from saemnesia_jax.runtime.io_utils import atomic_write_json
+from saemnesia_jax.runtime.io_utils import atomic_write_json, dumps
 
 # ---------------------------------------------------------------- the model
 
@@ -287,7 +286,7 @@ def train_model(config: ml_collections.ConfigDict, clfs, progress: bool = True) 
         tqdm.write(f"step {done}: loss {mean_loss:.4f}  object acc {r['object_accuracy']:.3f}  "
                    f"style acc {r['style_accuracy']:.3f}")
       with open(log_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(dumps(rec, nonfinite_as_null=True) + "\n")
     if runs.itstime(done, t.ckpt_every, t.steps):
       mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     pbar.update(1)

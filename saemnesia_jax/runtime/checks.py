@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from typing import Any, Callable
+
+import ml_collections
 
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
-from saemnesia_jax.runtime import layout, registry
+from saemnesia_jax.runtime import layout, registry, schema
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -162,11 +163,25 @@ def store_dir(config) -> str:
 def store_manifest(config) -> dict:
   path = store_dir(config)
   mpath = os.path.join(path, "manifest.json")
+  field = "collect.store_path" if config.collect.store_path else "workdir"
+  for p in (path, config.workdir):
+    if os.path.exists(p) and not os.path.isdir(p):
+      _fail(field, _get(config, field), f"{p} is a file, not a folder",
+            "give a folder (the store is a folder with manifest.json)")
   if not os.path.isfile(mpath):
     raise ConfigError(f"no activation store at {path}: run `python -m saemnesia_jax.collect` with the same "
                       "--config (and --config.workdir / --config.collect.store_path) first")
-  with open(mpath) as f:
-    return json.load(f)
+  try:
+    with open(mpath) as f:
+      m = json.load(f)
+  except ValueError as e:
+    _fail(field, _get(config, field), f"{mpath} is truncated or not JSON ({e})",
+          "collect the store again into a new path (python -m saemnesia_jax.collect)")
+  if (not isinstance(m, dict) or not isinstance(m.get("layout"), dict) or "d_in" not in m["layout"]
+      or not isinstance(m.get("identity"), dict)):
+    _fail(field, _get(config, field), f"{mpath} is not an activation store manifest (no identity / layout)",
+          "collect the store again (python -m saemnesia_jax.collect), or point to another store")
+  return m
 
 
 def sae_cfg(field: str, path: str) -> dict:
@@ -181,11 +196,28 @@ def sae_cfg(field: str, path: str) -> dict:
 # ----------------------------------------------------------------- stages
 
 
+def non_empty_prompts(config, field: str) -> None:
+  for p in _get(config, field):
+    if not str(p).strip():
+      _fail(field, tuple(_get(config, field)), "holds an empty prompt", "give each prompt some words")
+
+
+def json_file(field: str, path: str) -> Any:
+  """The object of a JSON file a field names; ConfigError if it is truncated or not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    _fail(field, path, f"not a readable JSON file ({type(e).__name__}: {str(e).splitlines()[0]})",
+          "it is truncated or not JSON: write it again, or give another file")
+
+
 def _sample(config) -> None:
   check_model(config, block_fields=())
   check_sampler(config)
   if not config.prompts:
     _fail("prompts", tuple(config.prompts), "is empty", "e.g. --config.prompts=\"('A cat image in neon style.',)\"")
+  non_empty_prompts(config, "prompts")
   if not config.seeds:
     _fail("seeds", tuple(config.seeds), "is empty", "e.g. --config.seeds=\"(188,)\"")
 
@@ -242,8 +274,7 @@ def _train(config) -> None:
                 "train.final_lr_fraction", "train.stop_after")
   _one_of(config, "train.lr_decay", ("linear", "constant"))
   _fraction(config, "train.val_fraction")
-  if not re.fullmatch(r"[A-Za-z0-9._-]+", t.name):
-    _fail("train.name", t.name, "must be a plain folder name (letters, digits, . _ -)")
+  layout.check_name("train.name", t.name)
   if s.sparse_decode and s.batch_topk:
     _fail("sae.sparse_decode", True, "needs per-token TopK", "set --config.sae.batch_topk=False")
   n = _process_count()
@@ -345,6 +376,22 @@ def _unlearn(config) -> None:
     _fail("unlearn.gamma", u.gamma, "must be negative (0 = each concept's chosen gamma)")
   if not u.seeds:
     _fail("unlearn.seeds", tuple(u.seeds), "is empty")
+  non_empty_prompts(config, "unlearn.prompts")
+  if u.chosen:
+    if not os.path.isfile(u.chosen):
+      _fail("unlearn.chosen", u.chosen, "no such file",
+            "give a chosen.json or an evaluation's summary.json, or '' to use the one beside the SAEs")
+    json_file("unlearn.chosen", u.chosen)
+  for m, (sae_dir, scores_dir) in layout.unlearn_sources(config).items():
+    field = "unlearn.sae_dir" if u.sae_dir else "unlearn.sae_root"
+    if not os.path.isfile(os.path.join(sae_dir, "cfg.json")):
+      _fail(field, u[field.split(".")[1]], f"no {m} SAE at {sae_dir} (no cfg.json)",
+            "train one (python -m saemnesia_jax.train) or point unlearn.sae_root at a folder with "
+            "sae_unsup/ and sae_sup/")
+    field = "unlearn.scores_dir" if u.scores_dir else "unlearn.sae_root"
+    if not os.path.isfile(os.path.join(scores_dir, "scores.npz")):
+      _fail(field, u[field.split(".")[1]], f"no {m} scores at {scores_dir} (no scores.npz)",
+            "run python -m saemnesia_jax.scores on that SAE first")
 
 
 def _pipeline_check(config) -> None:
@@ -382,8 +429,13 @@ assert set(CHECKS) == set(registry.STAGES), "every registered stage has its chec
 
 def check(stage: str, config) -> None:
   """Raises ConfigError if ``config`` cannot run ``stage``; creates nothing."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"a config must be an ml_collections.ConfigDict, got a {type(config).__name__}")
   if not isinstance(config.workdir, str) or not config.workdir:
     _fail("workdir", config.workdir, "must be a folder path")
+  if os.path.exists(config.workdir) and not os.path.isdir(config.workdir):
+    _fail("workdir", config.workdir, "is a file, not a folder", "give a folder (it is made if missing)")
+  schema.validate(config)  # every field's type, range and finiteness
   for field, value, why in protocol.check(config)[:1]:
     _fail(field, value, why)
   CHECKS[stage](config)

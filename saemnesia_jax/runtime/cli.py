@@ -22,9 +22,11 @@ import os
 import sys
 from typing import Any, Sequence
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+import saemnesia_jax
 from saemnesia_jax.runtime import checks, config_defaults, config_docs
 from saemnesia_jax.runtime.errors import ConfigError, UserError
 from saemnesia_jax.runtime.registry import STAGES
@@ -66,10 +68,26 @@ def load_config_file(path: str) -> Any:
   """``get_config()`` of a config file (as config_flags loads it)."""
   if not os.path.isfile(path):
     raise ConfigError(f"no config file {path}: give --config configs/<name>.py")
-  spec = importlib.util.spec_from_file_location("_saemnesia_cli_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec = importlib.util.spec_from_file_location("_saemnesia_cli_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise ConfigError(f"config file {path} has no get_config(): define one that returns an "
+                        "ml_collections.ConfigDict (see configs/tiny.py)")
+    config = module.get_config()
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}; fix the file") from e
+  except UserError:
+    raise
+  except Exception as e:  # the file's own code failed: its message, in one line (--debug for the traceback)
+    msg = (str(e).strip().splitlines() or [""])[0]
+    raise ConfigError(f"config file {path}: get_config() failed with {type(e).__name__}: {msg}; "
+                      "fix the file (--debug shows where)") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path}: get_config() returned a {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; wrap it: return ml_collections.ConfigDict(...)")
+  return config
 
 
 def _default_config() -> dict:
@@ -117,7 +135,7 @@ def _override_error(config_path: str, argv: Sequence[str], exc: Exception) -> st
     for part in path:
       fields = list(node.keys()) if hasattr(node, "keys") else []
       if part not in fields:
-        close = difflib.get_close_matches(part, fields, n=3, cutoff=0.0)
+        close = difflib.get_close_matches(part, fields, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else f"its fields: {', '.join(sorted(fields))}"
         if not fields:
           return f"{section} is a value, not a section: {a.split('=', 1)[0]} does not exist"
@@ -137,8 +155,7 @@ def parse(stage: str, argv: Sequence[str]) -> Any:
   config_path = _config_arg(argv)
   if not config_path:
     raise ConfigError(f"no config given: python -m {STAGES[stage].module} --config configs/<name>.py")
-  if not os.path.isfile(config_path):
-    raise ConfigError(f"no config file {config_path}: give --config configs/<name>.py")
+  load_config_file(config_path)  # a broken file: one line naming it, not absl's message
   try:
     rest = fv(list(argv))
   except Exception as e:  # absl / ml_collections: an override of a missing field or a bad value
@@ -195,6 +212,9 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   debug = _debug(argv)
   argv = [a for a in argv if a not in ("--debug", "--nodebug")]
+  if "--version" in argv[1:]:
+    print(f"saemnesia_jax {saemnesia_jax.__version__}")
+    sys.exit(0)
   if any(a in _HELP_FLAGS for a in argv[1:]):
     try:
       print(help_text(stage, _config_arg(argv)))

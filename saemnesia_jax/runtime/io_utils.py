@@ -15,6 +15,13 @@ from typing import Any
 import numpy as np
 
 
+def usual_mode(path: str) -> None:
+  """mkstemp makes a file private (0600); give it what open() would (0666 less the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (temp file + fsync + rename)."""
   folder = os.path.dirname(os.path.abspath(path))
@@ -25,10 +32,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    # mkstemp makes the file private (0600); give it the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    usual_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -36,8 +40,34 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     raise
 
 
+def dumps(obj: Any, *, indent: int | None = None, nonfinite_as_null: bool = False, where: str = "") -> str:
+  """Strict JSON (no NaN or Infinity, which JSON does not have): a non-finite
+  number is a ValueError naming ``where``, or with ``nonfinite_as_null`` null."""
+  if nonfinite_as_null:
+    obj = _finite_or_none(obj)
+  try:
+    return json.dumps(obj, indent=indent, sort_keys=True, default=_json_default, allow_nan=False)
+  except ValueError as e:
+    if "Out of range float" not in str(e):
+      raise
+    raise ValueError(f"{where or 'JSON'}: a value is not a finite number (NaN or inf); JSON has none") from e
+
+
+def _finite_or_none(obj: Any) -> Any:
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if np.isfinite(obj) else None
+  if isinstance(obj, np.ndarray):
+    return _finite_or_none(obj.tolist())
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  return obj
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+  """``obj`` as strict JSON (``dumps``), written atomically."""
+  atomic_write_bytes(path, (dumps(obj, indent=2, where=path) + "\n").encode())
 
 
 def read_json(path: str) -> Any:

@@ -18,9 +18,12 @@ A workdir holds one run of the method::
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
+from saemnesia_jax.canvas_mini import ASSET_DIR as CANVAS_MINI_ASSETS
 from saemnesia_jax.canvas_mini import PIPELINE_DIR as CANVAS_MINI_PIPELINE
+from saemnesia_jax.runtime.errors import ConfigError
 
 UNSUP_RUN = "sae_unsup"  # SAeUron's SAE
 SUP_RUN = "sae_sup"  # SAEmnesia's supervised fine-tune
@@ -56,9 +59,26 @@ def tiny_pipeline(workdir: str) -> str:
   return os.path.join(workdir, "tiny_pipeline")
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def is_plain_name(name: Any) -> bool:
+  """Whether ``name`` is one plain path component: letters, digits, . _ -,
+  not starting with '.' or '-' (so never '.', '..', a hidden name or a path)."""
+  return isinstance(name, str) and len(name) <= 128 and _PLAIN_NAME.fullmatch(name) is not None
+
+
+def check_name(field: str, name: Any) -> str:
+  """``name`` if it is a plain folder name (``is_plain_name``), else ConfigError naming ``field``."""
+  if not is_plain_name(name):
+    raise ConfigError(f"config.{field}={name!r}: must be a plain folder name (letters, digits, . _ -; not "
+                      "'.', '..', a path or starting with '.' or '-'), e.g. sae_unsup")
+  return name
+
+
 def sae_run(workdir: str, run: str) -> str:
   """A training run's folder, e.g. ``{workdir}/sae_unsup``."""
-  return os.path.join(workdir, run)
+  return os.path.join(workdir, check_name("train.name", run))
 
 
 def run_dir(config: Any) -> str:
@@ -117,6 +137,44 @@ def probe_dir(config: Any, workdir: str | None = None) -> str:
 
 def unlearn_dir(config: Any, workdir: str | None = None) -> str:
   return config.unlearn.out_dir or os.path.join(workdir or config.workdir, "unlearn")
+
+
+def unlearn_sae_root(config: Any) -> str:
+  """Where ``unlearn`` finds sae_unsup/ and sae_sup/: ``unlearn.sae_root``, the
+  shipped SAEs for model.path 'canvas_mini', else the workdir."""
+  u = config.unlearn
+  if u.sae_root:
+    return u.sae_root
+  return CANVAS_MINI_ASSETS if config.model.path == "canvas_mini" else config.workdir
+
+
+def unlearn_sources(config: Any) -> dict[str, tuple[str, str]]:
+  """Per method of ``unlearn.methods``: (SAE folder, scores folder)."""
+  u, root = config.unlearn, unlearn_sae_root(config)
+  if (u.sae_dir or u.scores_dir) and len(u.methods) != 1:
+    field = "sae_dir" if u.sae_dir else "scores_dir"
+    raise ConfigError(f"config.unlearn.{field}={u[field]!r}: names one SAE, but unlearn.methods="
+                      f"{tuple(u.methods)}; give one method, e.g. --config.unlearn.methods=\"('saeuron',)\", or "
+                      "leave it '' and set --config.unlearn.sae_root")
+  out = {}
+  for m in u.methods:
+    if m not in RUN_OF_METHOD:
+      raise ConfigError(f"config.unlearn.methods={tuple(u.methods)}: unknown method {m!r}; known: "
+                        f"{', '.join(RUN_OF_METHOD)}")
+    out[m] = (u.sae_dir or sae_export(root, RUN_OF_METHOD[m]), u.scores_dir or sae_scores(root, RUN_OF_METHOD[m]))
+  return out
+
+
+def unlearn_chosen(config: Any) -> str | None:
+  """The chosen settings ``unlearn`` reads: ``unlearn.chosen``, else chosen.json or
+  eval/summary.json under the SAE root, else None."""
+  u, root = config.unlearn, unlearn_sae_root(config)
+  if u.chosen:
+    return u.chosen
+  for p in (os.path.join(root, "chosen.json"), eval_summary_in(root)):
+    if os.path.isfile(p):
+      return p
+  return None
 
 
 def samples_dir(workdir: str) -> str:

@@ -13,6 +13,12 @@ manifest). Before it does any work a stage calls ``begin``:
   and says how to start fresh; with ``overwrite=True`` the old outputs are
   deleted and the run starts again.
 
+``overwrite`` deletes only a folder whose ``fingerprint.json`` says this
+project made it for this stage; never a folder without one (it holds files
+someone else put there), the workdir, a folder above it, the store, the
+current directory or the home folder (``keep``): those are refused with a
+``RunMismatchError`` and nothing is touched.
+
 Fields that cannot change a result (progress, logging, number of processes,
 checkpoint cadence, output paths) are left out by each stage's ``exclude``.
 """
@@ -43,6 +49,14 @@ def overwrite(config: Any) -> bool:
 
 def _plain(v: Any) -> Any:
   return json.loads(json.dumps(v, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def read_json_or_none(path: str) -> Any:
+  """A JSON file's object, or None where it is truncated or not JSON."""
+  try:
+    return read_json(path)
+  except (OSError, ValueError):
+    return None
 
 
 def settings(config: Any, reads: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -109,21 +123,53 @@ def describe(diffs: Mapping[str, tuple[Any, Any]]) -> str:
   return ", ".join(f"{k} {_change(o, n)}" for k, (o, n) in diffs.items())
 
 
+def _inside(path: str, folder: str) -> bool:
+  """Whether ``path`` is ``folder`` or under it (as written, or with links resolved)."""
+  for a, b in ((os.path.abspath(path), os.path.abspath(folder)), (os.path.realpath(path), os.path.realpath(folder))):
+    if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+      return True
+  return False
+
+
+def deletable(out_dir: str, old: Mapping[str, Any] | None, stage: str, keep: Iterable[str] = ()) -> str:
+  """'' if ``overwrite`` may delete ``out_dir`` (its record ``old`` says this
+  project made it for ``stage``), else why not."""
+  if old is None:
+    return f"it holds files without a {FILE}, so not a run this project made"
+  if not isinstance(old, Mapping) or not stage or old.get("stage") != stage:
+    found = old.get("stage") if isinstance(old, Mapping) else None
+    return f"its {FILE} is not a {stage or 'this stage'}'s run (stage {found!r})"
+  guarded = [p for p in (*keep, os.getcwd(), os.path.expanduser("~")) if p]
+  for p in guarded:
+    if _inside(p, out_dir):
+      return f"it is or holds {p}"
+  if os.path.realpath(out_dir) == os.sep:
+    return "it is the root folder"
+  return ""
+
+
 def begin(out_dir: str, fp: Mapping[str, Any], *, overwrite: bool = False, continuable: Iterable[str] = (),
           fresh: str = "a new --config.workdir", outputs_exist: bool | None = None,
-          write: bool = True) -> str:
+          write: bool = True, keep: Iterable[str] = ()) -> str:
   """Checks ``out_dir`` against ``fp`` (see the module docstring).
 
   Returns 'new', 'same' or 'continued'. ``fresh`` names the setting that
   starts a run elsewhere (e.g. '--config.train.name=<new name>').
   ``outputs_exist``: whether the folder holds outputs without a fingerprint
   (default: it exists and is not empty). ``write=False`` (processes other
-  than 0) checks without writing.
+  than 0) checks without writing. ``keep``: folders ``overwrite`` must never
+  delete (nor a folder holding them): the workdir, the store, the model.
   """
   path = os.path.join(out_dir, FILE)
   fp = _plain(dict(fp))
+  old = None
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise RunMismatchError(f"{out_dir} is a file, not a run folder: start a fresh run with {fresh}")
   if os.path.isfile(path):
-    old = read_json(path)
+    old = read_json_or_none(path)
+    if old is None:
+      raise RunMismatchError(f"{path} is not a readable run record: delete it (and the run's outputs) "
+                             f"or start a fresh run with {fresh}")
     diffs = differences(old, fp)
     if not diffs:
       return "same"
@@ -146,6 +192,10 @@ def begin(out_dir: str, fp: Mapping[str, Any], *, overwrite: bool = False, conti
     raise RunMismatchError(
         f"{reason}.\nStart a fresh run with {fresh}, or add --config.overwrite=True to delete it and "
         "start again.")
+  why_not = deletable(out_dir, old, str(fp.get("stage", "")), keep)
+  if why_not:
+    raise RunMismatchError(f"{reason}.\noverwrite refuses to delete {out_dir}: {why_not}; start a fresh run "
+                           f"with {fresh} (or move the folder away yourself)")
   print(f"overwrite: deleting {out_dir} ({reason})")
   if write:
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -61,7 +61,7 @@ class ScalarWriter:
   checkpoint's step + 1): the file then opens with a SessionLog START event
   at that step, by which TensorBoard drops what earlier files in ``logdir``
   logged at that step or later (the steps trained again after the
-  checkpoint), as ``_keep_metrics_until`` does for metrics.jsonl."""
+  checkpoint), as ``sae.checkpoints.keep_metrics_until`` does for metrics.jsonl."""
 
   def __init__(self, logdir: str, enabled: bool = True, purge_from: int | None = None):
     self.logdir = os.path.abspath(logdir)

@@ -28,13 +28,16 @@ class ScoresError(UserError):
   """The SAE, the store or the settings of the scores stage do not fit together."""
 
 
-def load_sae(sae_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any] | None]:
-  """(params float32, sparsify cfg, saemnesia.json or None) of an exported SAE folder."""
+def load_sae(sae_dir: str, field: str = "scores.sae_dir"
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any] | None]:
+  """(params float32, sparsify cfg, saemnesia.json or None) of an exported SAE
+  folder; ``field``: the config field that names it (said in an error)."""
   try:
     params, cfg = sparsify_io.load_sparsify(sae_dir, dtype=np.float32, allow_training_only_options=True)
   except sparsify_io.SparsifyFormatError as e:
-    raise ScoresError(f"cannot load the SAE for the scores stage: {e} Train one first "
-                      "(python -m saemnesia_jax.train) or set --config.scores.sae_dir.") from e
+    where = field if field.startswith("the ") else f"--config.{field}"
+    raise ScoresError(f"cannot load the SAE at {sae_dir}: {e} Train one first "
+                      f"(python -m saemnesia_jax.train) or set {where}.") from e
   meta_path = os.path.join(sae_dir, META_FILE)
   meta = read_json(meta_path) if os.path.isfile(meta_path) else None
   if meta is not None and meta.get("mode") not in ("unsupervised", "supervised"):

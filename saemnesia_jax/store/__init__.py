@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Sequence
+
+from saemnesia_jax.runtime.errors import UserError
 
 from saemnesia_jax.store.format import (COMPRESSIONS, DTYPES, FORMAT, LABEL_FIELDS, LABEL_FILL, REQUIRED_IDENTITY,
                                         VERSION, ManifestMismatchError, ShapeRecord, Store, StoreError, check_identity,
@@ -55,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   p_ver.add_argument("path")
   p_ver.add_argument("--repair", action="store_true", help="drop the markers of bad units")
   args = parser.parse_args(argv)
+  try:
+    return _main(args)
+  except UserError as e:  # a damaged or missing store: one line, as every stage's command line does
+    if os.environ.get("SAEMNESIA_DEBUG", "") not in ("", "0"):
+      raise
+    lines = str(e).strip().splitlines()
+    print("error: " + " ".join(l.strip() for l in lines), file=sys.stderr)
+    return 2
+
+
+def _main(args) -> int:
   if args.cmd == "summary":
     s = summary(open_store(args.path))
     print(json.dumps(s, indent=2) if args.json else format_summary(s))

@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from saemnesia_jax.runtime.errors import UserError
-from saemnesia_jax.runtime.io_utils import read_json
+from saemnesia_jax.runtime.io_utils import dumps, read_json, usual_mode
 
 FORMAT = "saemnesia_jax.activation_store"
 VERSION = 1
@@ -362,9 +362,10 @@ def _create_json_exclusive(path: str, obj: Any) -> bool:
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+      f.write((dumps(obj, indent=2, where=path) + "\n").encode())
       f.flush()
       os.fsync(f.fileno())
+    usual_mode(tmp)  # the manifest reads like the store's other files (0644 under umask 022)
     try:
       os.link(tmp, path)
       return True
@@ -403,7 +404,13 @@ def open_store(path: str, manifest: Mapping[str, Any] | None = None, *, create: 
     raise StoreError(
         f"no activation store at {path} (manifest.json missing); collect one first, or create it with "
         "open_store(path, manifest, create=True)")
-  found = read_json(mpath)
+  try:
+    found = read_json(mpath)
+  except ValueError as e:
+    raise StoreError(f"{mpath} is truncated or not JSON ({e}): the store's record is damaged; collect the "
+                     "store again into a new path") from e
+  if not isinstance(found, dict):
+    raise StoreError(f"{mpath}: not an activation store manifest (a JSON {type(found).__name__})")
   _validate_manifest(found, mpath)
   if manifest is not None:
     _compare_manifests(manifest, found, path)
