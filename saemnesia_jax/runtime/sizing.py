@@ -222,8 +222,8 @@ def _train_fix(config) -> str:
 def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any, list], Any],
                   print_fn=print) -> dict:
   """Compiles the train step ``make_trainer(config, devices)`` builds (``train.setup``)
-  for the target's mesh without data; unsupervised, with both backwards
-  (``sae.backward``), the config's (``auto``: the target platform's) first.
+  for the target's mesh without data; unsupervised with ``sae.backward=auto``,
+  with both backwards, the target platform's pick first (``sae/model.resolve_backward``).
   Returns (and prints, and writes) the sizing."""
   tgt = Target(config)
   cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
@@ -231,7 +231,8 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
   if cfg.sae.mode == "supervised":
     cfg.sae.assignment = "random"
   chosen = sae_lib.resolve_backward(cfg.sae.backward, tgt.platform)
-  backwards = [chosen] + ([b for b in ("sparse", "dense") if b != chosen] if cfg.sae.mode == "unsupervised" else [])
+  compare = cfg.sae.mode == "unsupervised" and cfg.sae.backward == "auto"  # auto: is the platform's pick cheaper?
+  backwards = [chosen] + ([b for b in ("sparse", "dense") if b != chosen] if compare else [])
   program = f"train_{config.train.name}"
   fix = _train_fix(config)
   out, compared = None, {}
