@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 
 from saemnesia_jax.runtime.errors import ConfigError, UserError
 
@@ -98,6 +99,11 @@ def devices(name: str) -> list:
   if not libtpu_installed():
     raise UserError(f"config.topology={name!r} compiles with the TPU compiler, libtpu, which is not "
                     "installed: pip install -e '.[tpu]' (jax[tpu] at the installed jax's version)")
+  # libtpu takes a lockfile (/tmp/libtpu_lockfile) against a second process
+  # driving the same TPU; compile-only devices drive none, and without this a
+  # dry run beside another process that loaded libtpu (a test, a second dry
+  # run) fails with "Internal error when accessing libtpu multi-process lockfile".
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # deferred: JAX is not loaded by the checks that import this module
   kw = {"chip_config_name": sl.chip.chip_config} if sl.chip.chip_config else {}
   desc = topologies.get_topology_desc(platform="tpu", topology_name=sl.libtpu_name, **kw)
