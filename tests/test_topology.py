@@ -31,6 +31,16 @@ def libtpu():
                 "pip install -e '.[tpu]' (jax[tpu] at the installed jax's version)", pytrace=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_cache():
+  # An executable compiled for compile-only devices cannot be read back from
+  # the persistent cache (conftest's): "PjRtCompiler must be constructed with a Client".
+  old = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", old)
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
   c = tiny.get_config()
