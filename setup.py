@@ -37,5 +37,11 @@ setup(
         # CPU torch, only to read or write PyTorch weights.  On these machines
         # install it first with `pip install torch==2.13.0` (a local wheel).
         "torch": ["torch>=2.1"],
+        # libtpu, the TPU compiler: dry runs for a Cloud TPU slice from any host
+        # (--config.topology; saemnesia_jax/runtime/topology.py). jax[tpu] pins
+        # the libtpu built for its own version, so the bound is jax's above
+        # (pip keeps the installed jax when it satisfies it: 0.10.2 -> libtpu
+        # 0.0.42.1, about 680 MB). JAX stays on the CPU on a host without a TPU.
+        "tpu": ["jax[tpu]>=0.7"],
     },
 )

@@ -172,13 +172,13 @@ class Trainer:
     return self.objective.name
 
 
-def setup(config: ml_collections.ConfigDict, shape: store.ShapeRecord) -> Trainer:
-  """The jitted step, evaluation and initialisation of ``config`` for a store of ``shape``."""
+def setup(config: ml_collections.ConfigDict, shape: store.ShapeRecord, devices=None) -> Trainer:
+  """The jitted step, evaluation and initialisation of ``config`` for a store of ``shape`` (on ``devices``: all)."""
   mode = config.sae.mode
   if mode not in MODES:
     raise ValueError(f"config.sae.mode={mode!r}; expected one of {MODES}")
   d_in, L = shape.d_in, objectives.n_latents(config, shape.d_in)
-  mesh = shard_lib.make_mesh(config.train.mesh_shape)
+  mesh = shard_lib.make_mesh(config.train.mesh_shape, devices=devices)
   rules = [tuple(r) for r in config.train.sharding_rules]
   tx = objectives.optimizer_from_config(config.train)
   rng = jax.random.PRNGKey(config.train.seed)
@@ -464,13 +464,10 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
 
 def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
-  """Compiles this config's train step for the mesh without data (``sizing``)."""
+  """Compiles this config's train step for its mesh on ``config.topology``'s devices (or the local ones)
+  from abstract inputs (``sizing``); unsupervised, with both backwards."""
   shape = sizing.shape_record(config)
-  cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
-  cfg.sae.init_from = ""
-  if cfg.sae.mode == "supervised":
-    cfg.sae.assignment = "random"
-  return sizing.train_dry_run(config, setup(cfg, shape), print_fn=print_fn)
+  return sizing.train_dry_run(config, lambda cfg, devices: setup(cfg, shape, devices), print_fn=print_fn)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -32,7 +32,8 @@ def test_dry_run_bytes_match_the_real_state(tmp_path, mode):
   if mode == "supervised":
     c.sae.assignment = "random"
   lines = []
-  out = sizing.train_dry_run(c, train.setup(c, sizing.shape_record(c)), print_fn=lines.append)
+  shape = sizing.shape_record(c)
+  out = sizing.train_dry_run(c, lambda cfg, devices: train.setup(cfg, shape, devices), print_fn=lines.append)
   tr = train.setup(c, train.open_training_store(c).shape)
   state = tr.init_fn(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
   dev = tr.mesh.devices.flat[0]
@@ -44,6 +45,7 @@ def test_dry_run_bytes_match_the_real_state(tmp_path, mode):
   assert full / 2 <= pb["params"] < full
   assert pb["temporaries"] > 0 and out["tokens_per_step"] == (8 * 4 if mode == "supervised" else 8)
   assert any("per device" in l for l in lines)
+  assert os.path.isfile(os.path.join(str(tmp_path), "dry_run", "train_sae_unsup.json"))
 
 
 def test_block_shape_of_sd15():

@@ -404,8 +404,8 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ModelLoadError(f"pipeline directory {path} does not exist")
-  missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler")
-             if not os.path.isdir(os.path.join(path, s))]
+  missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler")  # abstract: no tokenizer needed
+             if not os.path.isdir(os.path.join(path, s)) and not (abstract and s == "tokenizer")]
   if missing:
     raise ModelLoadError(
         f"{path} is not a diffusers pipeline directory: missing folder '{missing[0]}/' "
@@ -430,8 +430,9 @@ def load_pipeline(path: str, dtype: str = "float32", from_pt: bool | None = None
         FlaxAutoencoderKL, os.path.join(path, "vae"), VAE_FLAX_WEIGHTS, VAE_PT_WEIGHTS, from_pt, jdtype, abstract)
     files.append(vae_file)
 
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+  try:  # an abstract pipeline without one: only max_length (the text encoder's) is used
+    tokenizer = (None if abstract and not os.path.isdir(os.path.join(path, "tokenizer"))
+                 else AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
   except Exception as e:  # transformers raises many types here
     raise ModelLoadError(
         f"cannot read the tokenizer in {os.path.join(path, 'tokenizer')}: {e}. Expected a CLIP "

@@ -4,6 +4,7 @@ line itself is ``runtime/cli.py``.)"""
 from __future__ import annotations
 
 import os
+import shutil
 
 import ml_collections
 
@@ -39,12 +40,26 @@ def load_model(config: ml_collections.ConfigDict, abstract: bool = False) -> mod
   """The pipeline of ``config.model`` (see ``ensure_model``); ``abstract``: its
   parameters as shapes from the config files alone (dry runs: no weights read)."""
   if abstract:
-    return models.load_pipeline(layout.model_dir(config), dtype=config.model.dtype, from_pt=from_pt(config),
+    return models.load_pipeline(config_dir(config), dtype=config.model.dtype, from_pt=from_pt(config),
                                 attention=config.model.get("attention", "auto"), abstract=True)
   path = ensure_model(config)
   print(f"loading the model {path} ({config.model.dtype})", flush=True)
   return models.load_pipeline(path, dtype=config.model.dtype, from_pt=from_pt(config),
                               attention=config.model.get("attention", "auto"))
+
+
+def config_dir(config: ml_collections.ConfigDict, print_fn=print) -> str:
+  """The folder a dry run reads the model's config files from (``layout.model_config_dir``):
+  the tiny pipeline's are written there first; SD v1.5's shipped ones are announced."""
+  path = layout.model_config_dir(config)
+  if not config.model.path and not os.path.isdir(path):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(tiny.write_tiny_configs(tmp), path)
+  if path == layout.SD15_CONFIGS and layout.model_dir(config) != path:
+    print_fn(f"dry run: {layout.model_dir(config)} holds no unet/config.json: sizing SD v1.5's architecture "
+             f"({path}); set --config.model.path to size another model")
+  return path
 
 
 def make_sampler(config: ml_collections.ConfigDict, pipe: models.Pipeline, capture: bool = False,

@@ -152,4 +152,34 @@ def write_tiny_pipeline(path: str, spec: TinySpec = TinySpec(), seed: int = 0, f
   return save_pipeline(path, unet, unet_params, te, te.params, tok, sched, vae, vae_params, fmt=fmt)
 
 
+def write_tiny_configs(path: str, spec: TinySpec = TinySpec()) -> str:
+  """The config files (and tokenizer) of ``write_tiny_pipeline``'s pipeline, no
+  weights: what a dry run (abstract loading) reads. Seconds, not a minute."""
+  tokenizer = build_word_tokenizer(spec.words, spec.max_length)
+  n = len(spec.vae_channels)
+  unet = FlaxUNet2DConditionModel(
+      sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.in_channels,
+      down_block_types=spec.down_block_types, up_block_types=spec.up_block_types,
+      block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
+      attention_head_dim=spec.num_heads, cross_attention_dim=spec.text_width)
+  unet.save_config(os.path.join(path, "unet"))
+  CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
+      num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+      max_position_embeddings=spec.max_length, pad_token_id=tokenizer.pad_token_id,
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+  ).save_pretrained(os.path.join(path, "text_encoder"))
+  if spec.vae:
+    FlaxAutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=spec.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=spec.vae_channels, layers_per_block=1,
+        sample_size=spec.sample_size * 2 ** (n - 1)).save_config(os.path.join(path, "vae"))
+  tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+  FlaxDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1,
+                    num_train_timesteps=1000).save_pretrained(os.path.join(path, "scheduler"))
+  return path
+
+
 # ------------------------------------------------- timm ViT image classifiers

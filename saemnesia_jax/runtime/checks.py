@@ -18,7 +18,7 @@ import ml_collections
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
-from saemnesia_jax.runtime import layout, registry, schema
+from saemnesia_jax.runtime import layout, registry, schema, topology
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -107,6 +107,10 @@ def check_model(config, block_fields=("block", "style_block")) -> None:
   path = model_dir(config)
   if path is None:
     return
+  if config.get("dry_run") and not os.path.isfile(os.path.join(path, "unet", "config.json")):
+    path = layout.model_config_dir(config)  # SD v1.5's shipped config files (the tiny pipeline's: written later)
+    if not os.path.isdir(path):
+      return
   if not os.path.isdir(path):
     _fail("model.path", config.model.path, "no such folder",
           "give a local diffusers-format directory (unet/, text_encoder/, tokenizer/, scheduler/)")
@@ -438,4 +442,9 @@ def check(stage: str, config) -> None:
   schema.validate(config)  # every field's type, range and finiteness
   for field, value, why in protocol.check(config)[:1]:
     _fail(field, value, why)
+  if config.get("topology"):
+    topology.resolve(config.topology)  # a known slice name, or the list of them
+    if not config.get("dry_run"):
+      _fail("topology", config.topology, "compiles for a TPU slice from this host: a dry run only",
+            "add --config.dry_run=True (or leave topology '' to run on the local devices)")
   CHECKS[stage](config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import glob
 import importlib.util
 import os
 import sys
@@ -180,11 +181,31 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
 
 
 def cpu_only(environ: dict | None = None) -> bool:
-  """Whether JAX will run on the CPU (read before JAX starts: no backend init)."""
+  """Whether JAX will run on the CPU (read before JAX starts: no backend init).
+
+  libtpu counts only where a TPU is attached (/dev/accel* or /dev/vfio/<n>):
+  installed on a CPU host (``.[tpu]``, for ``--config.topology``) JAX still runs on the CPU."""
   platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "").strip().lower()
   if platforms:
     return set(platforms.split(",")) == {"cpu"}
-  return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS)
+  return not any(importlib.util.find_spec(p) is not None and (p != "libtpu" or _tpu_attached())
+                 for p in _ACCELERATOR_PLUGINS)
+
+
+def _tpu_attached() -> bool:
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def compile_only_platform(config: Any, environ: dict | None = None) -> bool:
+  """A dry run for a TPU slice (``config.topology``) compiles with libtpu on
+  this host and runs nothing: JAX_PLATFORMS=cpu (unless set) keeps it off
+  any local accelerator and quiet about the TPU it cannot find. Returns
+  whether it set it. Before JAX initialises its backend."""
+  environ = os.environ if environ is None else environ
+  if not (config.get("dry_run") and config.get("topology")) or environ.get("JAX_PLATFORMS"):
+    return False
+  environ["JAX_PLATFORMS"] = "cpu"
+  return True
 
 
 def set_xla_cpu_flags(config: Any, environ: dict | None = None) -> bool:
@@ -227,7 +248,8 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
   try:
     config = parse(stage, argv)
     checks.check(stage, config)
-    set_xla_cpu_flags(config)
+    if not compile_only_platform(config) and not config.get("topology"):
+      set_xla_cpu_flags(config)  # XLA_FLAGS reach every compiler: none of CPU's for a TPU slice's
     if cpu_only():
       from saemnesia_jax.runtime import host_arrays  # deferred: ml_dtypes takes ~1 s; --help stays instant
       host_arrays.keep_freed_memory()  # XLA:CPU's per-call temporaries: no page faults every step

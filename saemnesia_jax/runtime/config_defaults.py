@@ -28,6 +28,7 @@ TOP = dict(
     protocol="project",  # released (what SAeUron's and SAEmnesia's released code does) | project (the project's choices): the value of every protocol field left at '' / -1 (evaluation/protocol.py; docs/method.md, the protocol table)
     overwrite=False,  # True: delete a run's outputs made under other settings and start it afresh
     dry_run=False,  # compile only, print per-device memory and speed at peak: train (the step, for the mesh) | sample / collect / evaluate (the sampler, from config files alone)
+    topology="",  # with dry_run: compile for this Cloud TPU slice from this host (v5e-4, v5e-8, v5p-8, v5p-64, v6e-8, v4-32, ...; v4/v5p names count TensorCores, 2 per chip; needs pip install '.[tpu]'); '' -> the local devices
     prompts=(),  # stage sample: the prompts to draw
     seeds=(),  # stage sample: seeds per prompt
 )
@@ -232,7 +233,7 @@ def add_stage_sections(config: ml_collections.ConfigDict, **overrides: dict) -> 
   """Adds the collect / sae / train / evaluate sections, with ``overrides`` per
   section, the top-level ``overwrite`` field, and the defaults of any model /
   sampler / concepts field the config does not set."""
-  for field in ("protocol", "overwrite", "dry_run", "style_block"):  # the top-level fields every config gets
+  for field in ("protocol", "overwrite", "dry_run", "topology", "style_block"):  # the top-level fields every config gets
     if field not in config:
       config[field] = TOP[field]
   for name, defaults in SHARED.items():

@@ -14,6 +14,8 @@ A workdir holds one run of the method::
   {workdir}/report/               report.md and its figures
   {workdir}/pipeline/<step>.json  the pipeline's record of each finished step
   {workdir}/quick/                the quick pipeline's own workdir (same layout, the full run's store)
+  {workdir}/dry_run/<program>.json  a dry run's figures per compiled program (--config.dry_run=True)
+  {workdir}/dry_run/tiny_configs/   the tiny pipeline's config files, for a dry run before it is written
 """
 from __future__ import annotations
 
@@ -74,6 +76,33 @@ def check_name(field: str, name: Any) -> str:
     raise ConfigError(f"config.{field}={name!r}: must be a plain folder name (letters, digits, . _ -; not "
                       "'.', '..', a path or starting with '.' or '-'), e.g. sae_unsup")
   return name
+
+
+# SD v1.5's config.json files (unet, text_encoder, vae, scheduler; no weights,
+# no tokenizer): what a dry run sizes when model.path holds no config.json.
+SD15_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "sd15_configs")
+
+
+def model_config_dir(config: Any) -> str:
+  """Where a dry run reads the model's config files: ``model_dir`` when it has
+  unet/config.json; else, for model.path='', the tiny pipeline's configs
+  under ``{workdir}/dry_run`` (written by the dry run), for any other path
+  SD v1.5's shipped configs (``SD15_CONFIGS``)."""
+  path = model_dir(config)
+  if os.path.isfile(os.path.join(path, "unet", "config.json")):
+    return path
+  if not config.model.path:
+    return os.path.join(dry_run_dir(config.workdir), "tiny_configs")
+  return SD15_CONFIGS
+
+
+def dry_run_dir(workdir: str) -> str:
+  return os.path.join(workdir, "dry_run")
+
+
+def dry_run_file(workdir: str, program: str) -> str:
+  """A dry run's figures of one compiled program (e.g. train_sae_unsup, collect)."""
+  return os.path.join(dry_run_dir(workdir), f"{program}.json")
 
 
 def sae_run(workdir: str, run: str) -> str:

@@ -33,18 +33,18 @@ def _stage(name, reads, upstream=(), outputs=(), fingerprint=(), module=""):
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    _stage("sample", _COMMON + ("dry_run", "model", "sampler", "prompts", "seeds"),
+    _stage("sample", _COMMON + ("dry_run", "topology", "model", "sampler", "prompts", "seeds"),
            outputs=("{workdir}/samples",)),
-    _stage("collect", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "collect"),
+    _stage("collect", _BLOCKS + ("dry_run", "topology", "model", "sampler", "concepts", "collect"),
            outputs=("{workdir}/activations",), fingerprint=STORE_SECTIONS),
     _stage("probe", _BLOCKS + ("collect.store_path", "probe"), upstream=("collect",),
            outputs=("{workdir}/probe",), fingerprint=STORE_SECTIONS + ("probe",)),
-    _stage("train", _BLOCKS + ("dry_run", "model", "collect.store_path", "sae", "train"), upstream=("collect",),
+    _stage("train", _BLOCKS + ("dry_run", "topology", "model", "collect.store_path", "sae", "train"), upstream=("collect",),
            outputs=("{workdir}/{train.name}/checkpoints", "{workdir}/{train.name}/export",
                     "{workdir}/{train.name}/metrics.jsonl"), fingerprint=STORE_SECTIONS + ("sae", "train")),
     _stage("scores", _BLOCKS + ("collect.store_path", "sae.scores_dir", "scores"), upstream=("train",),
            outputs=("{scores.sae_dir}/../scores",), fingerprint=STORE_SECTIONS + ("sae", "train", "scores")),
-    _stage("evaluate", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "evaluate"),
+    _stage("evaluate", _BLOCKS + ("dry_run", "topology", "model", "sampler", "concepts", "evaluate"),
            upstream=("scores", "scores_sup"), outputs=("{workdir}/eval",),
            fingerprint=STORE_SECTIONS + ("evaluate",)),
     _stage("unlearn", _BLOCKS + ("model", "sampler", "concepts", "unlearn"), outputs=("{workdir}/unlearn",)),

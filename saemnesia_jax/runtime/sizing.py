@@ -1,16 +1,27 @@
-"""Sizing a training run before renting devices: ``--config.dry_run=True``.
+"""Sizing a run before renting devices: ``--config.dry_run=True``.
 
-  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python -m saemnesia_jax.train --config configs/sd15.py --config.dry_run=True
+  python -m saemnesia_jax.train --config configs/sd15.py --config.dry_run=True --config.topology=v5p-8
+  python -m saemnesia_jax.collect --config configs/sd15.py --config.dry_run=True --config.topology=v5e-8
 
-builds the train state abstractly (``jax.eval_shape``: nothing is allocated),
-compiles the training step for the configured mesh without running it and
-prints per device: parameter, optimizer-state and dead-counter bytes (from
-the state's shardings), XLA's temporaries and argument/output sizes of the
-compiled step, its FLOPs, and the tokens/s the step would reach at the
-matmul peak of common accelerators. Fake CPU devices (the XLA flag above)
-stand for the devices to rent; the temporaries are those of the CPU compile
-(GPU and TPU compilers fuse differently, so take them as an estimate).
+compiles a stage's real jitted programs from abstract inputs only
+(``jax.ShapeDtypeStruct`` with a ``NamedSharding``; no weights or data read,
+nothing allocated): train, its step (unsupervised: with both backwards,
+compared); collect, its capturing sampler; evaluate, the clamp sampler;
+sample, the sampler. With ``config.topology`` (a Cloud TPU slice name,
+``runtime/topology.py``; needs ``pip install -e '.[tpu]'``) they are compiled
+by the TPU compiler for that slice's devices, on this host, over the mesh a
+real run builds (``train.mesh_shape``); without it, for the local devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` fakes CPU ones).
+
+Per program it prints, and writes to ``{workdir}/dry_run/<program>.json``
+(``layout.dry_run_file``): per-device argument, output and temporary bytes
+against the chip's HBM (fits, headroom), the compiler's FLOPs and bytes
+accessed, the roofline time of one call on the chip (max(FLOPs / bf16 peak,
+bytes / HBM bandwidth)) and the tokens/s or images/s it implies, and the
+collectives in the compiled program by kind with their bytes
+(``runtime/hlo_stats.py``). A program that does not fit the chip's HBM is a
+UserError (exit 2) naming the field to change. The samplers run on one device
+per process in a real run (an unsharded jit), so they are compiled for one chip.
 
 The activation width and the tokens per map come from the store when it
 exists, else from the model's unet/config.json (and vae/config.json) for
@@ -21,15 +32,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saemnesia_jax import store
-from saemnesia_jax.runtime import layout
+from saemnesia_jax.diffusion import setup as model_setup
+from saemnesia_jax.runtime import hlo_stats, layout, topology
+from saemnesia_jax.runtime.errors import UserError
+from saemnesia_jax.runtime.io_utils import atomic_write_json
+from saemnesia_jax.sae import model as sae_lib
 from saemnesia_jax.sae import objectives
 
 # Dense bf16 matmul peak per chip (vendor figures), FLOP/s.
@@ -64,17 +81,13 @@ def block_shape(unet_config: dict, vae_levels: int, block: str, height: int) -> 
 
 def shape_record(config: ml_collections.ConfigDict) -> store.ShapeRecord:
   """The store's shape record when the store exists, else one with the model's
-  block shape from its config files (nothing is collected or loaded)."""
+  block shape from its config files (nothing is collected or loaded;
+  ``layout.model_config_dir``: SD v1.5's shipped ones when model.path has none)."""
   path = layout.store_path(config)
   if os.path.isfile(os.path.join(path, "manifest.json")):
     return store.open_store(path).shape
-  mpath = layout.model_dir(config)
-  unet_cfg = os.path.join(mpath, "unet", "config.json")
-  if not os.path.isfile(unet_cfg):
-    raise FileNotFoundError(
-        f"dry run: no activation store at {path} and no {unet_cfg} to size the block from: "
-        "set --config.model.path to the pipeline directory (only its config.json files are read)")
-  unet = json.load(open(unet_cfg))
+  mpath = model_setup.config_dir(config)  # the model's, or SD v1.5's shipped config files
+  unet = json.load(open(os.path.join(mpath, "unet", "config.json")))
   vae_cfg = os.path.join(mpath, "vae", "config.json")
   vae_levels = len(json.load(open(vae_cfg))["block_out_channels"]) if os.path.isfile(vae_cfg) else 1
   height = config.sampler.height or unet["sample_size"] * 2 ** (vae_levels - 1)
@@ -90,75 +103,193 @@ def _device_bytes(tree) -> int:
 
 
 def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f} GiB"
+  return hlo_stats.size(n)
 
 
-def train_dry_run(config: ml_collections.ConfigDict, tr: Any, print_fn=print) -> dict:
-  """Compiles the trainer ``tr``'s step for its mesh without data; returns (and prints) the sizing."""
-  st = tr.shape
-  t = config.train
-  d_in, L = st.d_in, objectives.n_latents(config, st.d_in)
-  sup = tr.mode == "supervised"
-  x_shape = (t.batch_size, st.tokens_per_map, d_in) if sup else (t.batch_size, d_in)
-  tokens_per_step = int(np.prod(x_shape[:-1]))
-  abstract = jax.eval_shape(tr.init_fn, jax.ShapeDtypeStruct((8, d_in), jnp.float32))
-  state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 abstract, tr.state_shardings)
-  sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  # The reader's batches: the store's dtype.
-  shapes = tr.objective.batch_shapes(t.batch_size, st.tokens_per_map, d_in, st.dtype,
-                                     0 if tr.assignment is None else len(tr.assignment))
-  batch = {k: sds(v.shape, v.dtype, tr.step_shardings[k]) for k, v in shapes.items()}
-  compiled = tr.step_fn.lower(state, batch).compile()
+def _flop(n: float) -> str:
+  for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n:.3g} FLOP"
+
+
+# ------------------------------------------------------------ the target
+
+
+class Target:
+  """The devices programs are compiled for: ``config.topology``'s slice or the local ones."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.name = config.get("topology", "") or ""
+    if self.name:
+      self.devices, self.chip = topology.devices(self.name), topology.resolve(self.name).chip
+    else:
+      self.devices = jax.devices()
+      self.chip = topology.chip_of(self.devices[0].device_kind)
+    self.device_kind = self.devices[0].device_kind
+    self.platform = self.devices[0].platform
+    self.peak_flops = self.chip.peak_bf16_flops if self.chip else peak_flops(self.device_kind)
+
+  def describe(self) -> str:
+    where = f"TPU slice {self.name} ({len(self.devices)} chips)" if self.name else f"{len(self.devices)} local devices"
+    return f"{where}, {self.device_kind}"
+
+  def one_device(self) -> NamedSharding:
+    """Where an unsharded jit runs: the first device (a process's default)."""
+    return NamedSharding(Mesh(np.array(self.devices[:1]), ("data",)), P())
+
+
+def _compile(lowerable: Callable[[], Any], program: str, fix: str):
+  """``lowerable().compile()``; the TPU compiler's out-of-memory as a UserError naming ``fix``."""
+  try:
+    return lowerable().compile()
+  except Exception as e:  # the compiler raises XlaRuntimeError / JaxRuntimeError
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
+      first = " ".join(msg.strip().splitlines()[:3])[:600]
+      raise UserError(f"dry run: {program} does not fit in device memory (the compiler: {first})\n"
+                      f"lower {fix}") from e
+    raise
+
+
+def analyze(compiled: Any, tgt: Target, work_per_call: float) -> dict:
+  """Memory, cost, roofline and collectives of one compiled program (per device)."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float((cost or {}).get("flops", float("nan")))
-  # Matmul FLOPs per token by hand (as benchmarks/train_step.py): encoder
-  # forward + weight gradient 4dL; dense decoder forward + both gradients 6dL,
-  # or 6kd gathering the k active rows.
-  s = config.sae
-  hand = 4 * d_in * L + (6 * s.k * d_in if s.sparse_decode else 6 * d_in * L)
-  # The unsupervised step with the sparse backward (sae.backward; auto: sparse
-  # except on TPU): the encoder forward 2dL plus O(k) gathers and scatters
-  # (about 8kd), AuxK left out (0 while nothing is dead).
-  hand_sparse = 2 * d_in * L + 8 * s.k * d_in if not sup and s.backward != "dense" else hand
-  n_dev = tr.mesh.size
-  out = {
-      "mode": tr.mode, "d_in": d_in, "n_latents": L, "batch_size": t.batch_size,
-      "tokens_per_step": tokens_per_step, "mesh": dict(tr.mesh.shape), "devices": n_dev,
-      "device_kind": jax.devices()[0].device_kind,
-      "per_device_bytes": {
-          "params": _device_bytes(state["params"]), "optimizer": _device_bytes(state["opt_state"]),
-          "dead_counter": _device_bytes(state["dead"]), "batch": _device_bytes(batch),
-          "temporaries": int(mem.temp_size_in_bytes) if mem is not None else None,
-          "arguments": int(mem.argument_size_in_bytes) if mem is not None else None,
-          "outputs": int(mem.output_size_in_bytes) if mem is not None else None},
-      "xla_flops_per_device_step": xla_flops, "hand_flops_per_token": hand,
-  }
-  pb = out["per_device_bytes"]
-  # The state is donated: outputs reuse the argument buffers.
-  pb["total"] = pb["params"] + pb["optimizer"] + pb["dead_counter"] + pb["batch"] + (pb["temporaries"] or 0)
-  def flops_on(name: str) -> float:  # 'auto' runs the dense backward on TPUs
-    return hand if s.backward == "auto" and name.startswith("TPU") else hand_sparse
-  out["hand_flops_per_token_sparse"] = hand_sparse
-  out["predicted_tokens_per_s"] = {name: peak / flops_on(name) * n_dev for name, peak in PEAK_FLOPS.items()}
-  here = peak_flops(out["device_kind"])
-  out["predicted_tokens_per_s_here"] = None if here is None else here / flops_on(out["device_kind"]) * n_dev
-  print_fn(f"dry run: train ({tr.mode}), SAE d_in {d_in} x {L} latents, k {s.k}, "
-           f"{'BatchTopK' if s.batch_topk else 'TopK'}; batch {t.batch_size} "
-           f"{'maps x ' + str(st.tokens_per_map) + ' tokens' if sup else 'tokens'}; mesh "
-           f"{' x '.join(f'{k}={v}' for k, v in tr.mesh.shape.items())} ({n_dev} {out['device_kind']} devices)")
-  print_fn(f"  per device: params {_gib(pb['params'])}, optimizer {_gib(pb['optimizer'])}, batch "
-           f"{_gib(pb['batch'])}, step temporaries {_gib(pb['temporaries'] or 0)}; total {_gib(pb['total'])}")
-  print_fn(f"  FLOPs per step: {xla_flops / 1e12:.3f} T per device (XLA); by hand {hand / 1e6:.1f} M per token "
-           f"x {tokens_per_step} tokens = {hand * tokens_per_step / 1e12:.3f} T"
-           + (f" dense, {hand_sparse / 1e6:.1f} M per token with the sparse backward" if hand_sparse != hand else ""))
-  print_fn("  predicted tokens/s at the bf16 matmul peak, all devices: " + ", ".join(
-      f"{n} {v:,.0f}" for n, v in out["predicted_tokens_per_s"].items()))
-  if here is not None:
-    print_fn(f"  on this device kind ({out['device_kind']}): {out['predicted_tokens_per_s_here']:,.0f} tokens/s")
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  get = lambda name: int(getattr(mem, name, 0) or 0) if mem is not None else 0
+  pb = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
+        "aliased": get("alias_size_in_bytes"), "temporaries": get("temp_size_in_bytes"),
+        "generated_code": get("generated_code_size_in_bytes"), "peak": get("peak_memory_in_bytes")}
+  # Donated arguments alias outputs: live at once are the arguments, the new outputs, the temporaries.
+  pb["total"] = max(pb["peak"], pb["arguments"] + pb["outputs"] - pb["aliased"] + pb["temporaries"])
+  hbm = tgt.chip.hbm_bytes if tgt.chip else None
+  flops = float(cost.get("flops", float("nan")))
+  accessed = float(cost.get("bytes accessed", float("nan")))
+  out = {"per_device_bytes": pb, "hbm_bytes": hbm, "fits": None if hbm is None else pb["total"] <= hbm,
+         "headroom_bytes": None if hbm is None else hbm - pb["total"],
+         "flops_per_device": flops, "bytes_accessed_per_device": accessed,
+         "collectives": hlo_stats.collectives(compiled.as_text())}
+  if tgt.peak_flops:
+    t_flops = flops / tgt.peak_flops
+    t_mem = accessed / tgt.chip.hbm_bytes_per_s if tgt.chip else 0.0
+    out.update(roofline_s=max(t_flops, t_mem), bound="memory" if t_mem > t_flops else "compute",
+               throughput=work_per_call / max(t_flops, t_mem))
   return out
+
+
+def _print_program(label: str, a: dict, unit: str, print_fn) -> None:
+  pb = a["per_device_bytes"]
+  fit = "" if a["hbm_bytes"] is None else (
+      f" of {_gib(a['hbm_bytes'])} HBM: {'fits' if a['fits'] else 'DOES NOT FIT'}, "
+      f"headroom {_gib(a['headroom_bytes'])}")
+  print_fn(f"  {label}: per device arguments {_gib(pb['arguments'])}, outputs {_gib(pb['outputs'])} "
+           f"({_gib(pb['aliased'])} aliased), temporaries {_gib(pb['temporaries'])}; total {_gib(pb['total'])}{fit}")
+  line = (f"    {_flop(a['flops_per_device'])} and {_gib(a['bytes_accessed_per_device'])} accessed per device "
+          "per call")
+  if "roofline_s" in a:
+    line += (f"; roofline {a['roofline_s'] * 1e3:.4g} ms ({a['bound']}-bound) -> "
+             f"{a['throughput']:,.1f} {unit}/s")
+  print_fn(line)
+  print_fn(f"    collectives per call: {hlo_stats.summary(a['collectives'])}")
+
+
+def _finish(config, program: str, out: dict, fix: str, print_fn) -> dict:
+  """Writes ``out`` to the workdir; refuses (UserError, exit 2) a program that does not fit."""
+  path = layout.dry_run_file(config.workdir, program)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  atomic_write_json(path, out)
+  print_fn(f"  wrote {path}")
+  a = out["program"]
+  if a["fits"] is False:
+    raise UserError(
+        f"dry run: {program} does not fit: {_gib(a['per_device_bytes']['total'])} per device (temporaries "
+        f"{_gib(a['per_device_bytes']['temporaries'])}) of the {out['device_kind']}'s {_gib(a['hbm_bytes'])} HBM\n"
+        f"lower {fix} (figures in {path})")
+  return out
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train_fix(config) -> str:
+  if config.sae.mode == "supervised":
+    return (f"train.batch_size={config.train.batch_size} or raise train.micro_batches="
+            f"{config.train.micro_batches}, or shard the latents over more devices (train.mesh_shape)")
+  return f"train.batch_size={config.train.batch_size}, or shard the latents over more devices (train.mesh_shape)"
+
+
+def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any, list], Any],
+                  print_fn=print) -> dict:
+  """Compiles the train step ``make_trainer(config, devices)`` builds (``train.setup``)
+  for the target's mesh without data; unsupervised with ``sae.backward=auto``,
+  with both backwards, the target platform's pick first (``sae/model.resolve_backward``).
+  Returns (and prints, and writes) the sizing."""
+  tgt = Target(config)
+  cfg = ml_collections.ConfigDict(config.to_dict())  # a copy: the shapes do not depend on these
+  cfg.sae.init_from = ""
+  if cfg.sae.mode == "supervised":
+    cfg.sae.assignment = "random"
+  chosen = sae_lib.resolve_backward(cfg.sae.backward, tgt.platform)
+  compare = cfg.sae.mode == "unsupervised" and cfg.sae.backward == "auto"  # auto: is the platform's pick cheaper?
+  backwards = [chosen] + ([b for b in ("sparse", "dense") if b != chosen] if compare else [])
+  program = f"train_{config.train.name}"
+  fix = _train_fix(config)
+  out, compared = None, {}
+  for backward in backwards:
+    cfg.sae.backward = backward
+    tr = make_trainer(cfg, tgt.devices)
+    st, t, s = tr.shape, config.train, config.sae
+    d_in, L = st.d_in, objectives.n_latents(config, st.d_in)
+    tokens_per_step = tr.objective.tokens_per_step(t.batch_size, st.tokens_per_map)
+    abstract = jax.eval_shape(tr.init_fn, jax.ShapeDtypeStruct((8, d_in), jnp.float32))
+    state = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                   abstract, tr.state_shardings)
+    # The reader's batches: the store's dtype.
+    shapes = tr.objective.batch_shapes(t.batch_size, st.tokens_per_map, d_in, st.dtype,
+                                       0 if tr.assignment is None else len(tr.assignment))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
+    a = analyze(_compile(lambda: tr.step_fn.lower(state, batch), program, fix), tgt, tokens_per_step)
+    compared[backward] = a
+    if out is not None:
+      continue
+    out = {"program": a, "stage": "train", "mode": tr.mode, "topology": tgt.name, "device_kind": tgt.device_kind,
+           "devices": len(tgt.devices), "mesh": dict(tr.mesh.shape), "backward": backward if tr.mode ==
+           "unsupervised" else None, "d_in": d_in, "n_latents": L, "k": s.k, "batch_size": t.batch_size,
+           "micro_batches": t.micro_batches, "tokens_per_step": tokens_per_step,
+           "matmul_dtype": s.get("matmul_dtype") or "", "hbm_bytes_per_s": tgt.chip.hbm_bytes_per_s if tgt.chip
+           else None, "peak_flops": tgt.peak_flops}
+    out["per_device_bytes"] = {"params": _device_bytes(state["params"]),
+                               "optimizer": _device_bytes(state["opt_state"]),
+                               "dead_counter": _device_bytes(state["dead"]), "batch": _device_bytes(batch),
+                               **a["per_device_bytes"]}
+    out["xla_flops_per_device_step"] = a["flops_per_device"]
+    # At the matmul peak of each accelerator, on as many devices (the compiler's FLOPs per device).
+    out["predicted_tokens_per_s"] = {name: peak * tokens_per_step / a["flops_per_device"]
+                                     for name, peak in PEAK_FLOPS.items()}
+    pb = out["per_device_bytes"]
+    print_fn(f"dry run: train ({tr.mode}), SAE d_in {d_in} x {L} latents, k {s.k}, "
+             f"{'BatchTopK' if s.batch_topk else 'TopK'}; batch {t.batch_size} "
+             f"{'maps x ' + str(st.tokens_per_map) + ' tokens' if tr.objective.per_map else 'tokens'}"
+             f"{f' in {t.micro_batches} micro-batches' if t.micro_batches > 1 else ''}; mesh "
+             f"{' x '.join(f'{k}={v}' for k, v in tr.mesh.shape.items())} on {tgt.describe()}")
+    print_fn(f"  state per device: params {_gib(pb['params'])}, optimizer {_gib(pb['optimizer'])}, batch "
+             f"{_gib(pb['batch'])}")
+  if len(compared) > 1:
+    out["backwards"] = compared
+    cheaper = min(compared, key=lambda b: compared[b].get("roofline_s", compared[b]["flops_per_device"]))
+    out["cheaper_backward"] = cheaper
+  for backward, a in compared.items():
+    label = f"step, {backward} backward" if out["backward"] else "step"
+    _print_program(label + (" (the config's)" if len(compared) > 1 and backward == out["backward"] else ""),
+                   a, "tokens", print_fn)
+  if len(compared) > 1:
+    print_fn(f"  cheaper by the compiler's roofline: the {out['cheaper_backward']} backward "
+             f"(sae.backward=auto takes {out['backward']} on {tgt.platform})")
+  return _finish(config, program, out, fix, print_fn)
+
+
+# --------------------------------------------------------------- samplers
 
 
 def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sampler: Any,
@@ -166,31 +297,28 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sa
   """Compiles ``stage``'s sampler (sample; collect: capturing the block;
   evaluate: with the clamp and its abstract ``edit_params``) over an abstract
   pipeline (``setup.load_model(config, abstract=True)``: the model's config
-  files alone, no weights) at the sampler's batch and size; returns (and
-  prints) its per-device memory and the images/s it would reach at the matmul peak."""
+  files alone, no weights) at the sampler's batch and size, for one device of
+  the target; returns (and prints, and writes) its sizing."""
+  tgt = Target(config)
+  sh = tgt.one_device()
+  put = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree)
   bs = sampler.spec.batch_size
   ids = jax.ShapeDtypeStruct((bs, pipe.max_length), jnp.int32)
-  compiled = sampler.fn.lower(pipe.params, ids, ids, jax.ShapeDtypeStruct((bs,), jnp.uint32),
-                              jax.ShapeDtypeStruct((), jnp.float32), edit_params).compile()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  args = put((pipe.params, ids, ids, jax.ShapeDtypeStruct((bs,), jnp.uint32),
+              jax.ShapeDtypeStruct((), jnp.float32), edit_params))
+  fix = f"sampler.batch_size={bs}" + (", or use model.dtype=bfloat16" if config.model.dtype == "float32" else "")
+  a = analyze(_compile(lambda: sampler.fn.lower(*args), stage, fix), tgt, bs)
   weights = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(pipe.params)))
-  temp = int(mem.temp_size_in_bytes) if mem is not None else 0
-  out = {"stage": stage, "batch_size": bs, "height": sampler.height, "width": sampler.width,
+  flops = a["flops_per_device"]
+  out = {"program": a, "stage": stage, "topology": tgt.name, "device_kind": tgt.device_kind, "devices": 1,
+         "slice_devices": len(tgt.devices), "batch_size": bs, "height": sampler.height, "width": sampler.width,
          "num_steps": sampler.spec.num_steps, "dtype": config.model.dtype,
-         "device_kind": jax.devices()[0].device_kind,
-         "per_device_bytes": {"weights": weights, "temporaries": temp,
-                              "outputs": int(mem.output_size_in_bytes) if mem is not None else None,
-                              "total": weights + temp},
+         "per_device_bytes": {"weights": weights, **a["per_device_bytes"]},
          "xla_flops_per_call": flops,
          "predicted_images_per_s": {k: peak / (flops / bs) for k, peak in PEAK_FLOPS.items()}}
   print_fn(f"dry run: {stage} sampler, {bs} images of {sampler.height}x{sampler.width} px with CFG "
-           f"({2 * bs} UNet rows), {sampler.spec.num_steps} steps, {config.model.dtype}, on one "
-           f"{out['device_kind']} device")
-  print_fn(f"  per device: weights {_gib(weights)}, sampler temporaries {_gib(temp)}; total {_gib(weights + temp)}")
-  print_fn(f"  FLOPs per call: {flops / 1e12:.2f} T (XLA), {flops / bs / 1e12:.2f} T per image")
-  print_fn("  predicted images/s at the bf16 matmul peak: " + ", ".join(
-      f"{k} {v:,.1f}" for k, v in out["predicted_images_per_s"].items()))
-  return out
+           f"({2 * bs} UNet rows), {sampler.spec.num_steps} steps, {config.model.dtype}, on one device of "
+           f"{tgt.describe()}")
+  print_fn(f"  weights {_gib(weights)}, {_flop(flops / bs)} per image")
+  _print_program("sampler", a, "images", print_fn)
+  return _finish(config, stage, out, fix, print_fn)

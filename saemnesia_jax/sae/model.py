@@ -49,7 +49,13 @@ MATMUL_DTYPES = (None, "bfloat16")
 
 
 def resolve_backward(backward: str, platform: str | None = None) -> str:
-  """"sparse" or "dense" for a ``SaeConfig.backward`` value; "auto" picks by platform."""
+  """"sparse" or "dense" for a ``SaeConfig.backward`` value; "auto" picks by platform.
+
+  Dense on TPU, by the TPU compiler's own figures (the dry run for v5p-8,
+  SD's step: 1280 x 20480, k 32, BatchTopK, 4,096 tokens over data=4):
+  dense 488 GFLOP and 28.4 GiB accessed per chip, a roofline of 11.0 ms;
+  sparse 276 GFLOP but 48.8 GiB accessed (its gathers and scatters), 18.9 ms
+  (benchmarks/README.md, "TPU slices from a CPU host")."""
   if backward == "auto":
     return "dense" if (platform or jax.default_backend()) == "tpu" else "sparse"
   return backward
