@@ -166,6 +166,25 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
   return name
 
 
+def attack_section(config, workdir: str, out_dir: str, missing: list[str]) -> list[str]:
+  """The attack stage's table and grid, where it ran ([] otherwise: it is off by default)."""
+  adir = layout.attack_dir(config, workdir)
+  summary = _read(os.path.join(adir, "summary.json"))
+  if not summary or not os.path.isfile(os.path.join(adir, "table.md")):
+    return []
+  b = summary.get("budget", {})
+  md = ["## Does the erasure hold? An adversarial prompt attack", "",
+        f"UnlearnDiffAtk-style (docs/method.md): {b.get('prefix_tokens')} prefix tokens optimised for "
+        f"{b.get('steps')} steps per prompt ({b.get('prompts')} prompts per concept) on the erased model's own "
+        "diffusion loss, then sampled with the same erasure and judged. ASR: the share of attacked images in which "
+        "the judge recognises the erased concept (UA after = 1 - ASR); 95% bootstrap intervals over the images.", "",
+        open(os.path.join(adir, "table.md")).read()]
+  name = _figure(os.path.join(adir, "grid.png"), out_dir, "attack_grid.png", missing)
+  if name:
+    md += [f"![attack grid]({name})", ""]
+  return md
+
+
 def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes {workdir}/report/report.md (and figures); returns its path."""
   out_dir = layout.report_dir(workdir)
@@ -204,6 +223,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     name = _figure(os.path.join(eval_dir, "sequential.png"), out_dir, "sequential.png", missing)
     if name:
       md += [f"![sequential]({name})", ""]
+  md += attack_section(config, workdir, out_dir, missing)
   md += ["## Concept-latent association (scores stage)", ""]
   for run, label in ((layout.UNSUP_RUN, "unsupervised SAE (SAeUron)"), (layout.SUP_RUN, "supervised SAE (SAEmnesia)")):
     sdir = layout.sae_scores(workdir, run)

@@ -219,6 +219,19 @@ def proportion_interval(outcomes, n_boot: int = N_BOOT, seed: int = SEED,
   return (float(x.mean()), *percentile_interval(means, level))
 
 
+def grouped_interval(groups: Sequence, n_boot: int = N_BOOT, seed: int = SEED,
+                     level: float = LEVEL) -> tuple[float, float, float]:
+  """(mean, lo, hi): the mean over groups (e.g. erased concepts) of each group's
+  share of true outcomes, and its percentile bootstrap interval, resampling
+  outcomes within each group (the table's stratified draw)."""
+  groups = [np.asarray(g, np.float64).ravel() for g in groups if len(g)]
+  if not groups:
+    return (math.nan, math.nan, math.nan)
+  rng = np.random.default_rng(seed)
+  means = np.mean([g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(1) for g in groups], axis=0)
+  return (float(np.mean([g.mean() for g in groups])), *percentile_interval(means, level))
+
+
 def fmt(value: float, interval: Sequence[float] | None = None, digits: int = 2) -> str:
   """'95.98 [94.10, 97.60]': a fraction and its interval in percent."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
