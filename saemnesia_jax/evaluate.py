@@ -53,7 +53,8 @@ from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion import sampler as sampler_lib
 from saemnesia_jax.evaluation import concepts
 from saemnesia_jax.evaluation import images as img_utils
-from saemnesia_jax.evaluation import metrics, protocol, quality
+from saemnesia_jax.evaluation import intervals, metrics, protocol, quality
+from saemnesia_jax.evaluation import plan as plan_lib
 from saemnesia_jax.evaluation import variants as variants_lib
 from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms,  # noqa: F401
                                            reused_choices, sequential_units, settings, sweep_units, targets,
@@ -283,7 +284,7 @@ def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
 
 def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
   ev = config.evaluate
-  rows, per_concept, wall, qual = {}, [], {}, {}
+  rows, per_concept, wall, qual, answers = {}, [], {}, {}, {}
   base = next((u for u in finals if u["method"] == "none"), None)
   labels = (["none"] if "none" in ev.methods else []) + [v.label(m) for m, v in arms(config)]
   for m in labels:
@@ -291,6 +292,7 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     for d, n in targets(config):
       u = base if m == "none" else final_unit(config, m, d, n, chosen[(m, d, n)])
       r = results.read(u)
+      answers.setdefault(m, []).append((d, n, r))  # the bootstrap's images (evaluation/intervals.py)
       met = unit_metrics(r, d, [n], config)
       q = unit_quality(config, results, u, base, d, n)
       concept_rows.append({"domain": d, **met})
@@ -305,7 +307,9 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
   trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}  # per object
   totals = {v.label(m): sum(len(settings(config, m, v, d)) for d, _ in targets(config)) for m, v in arms(config)}
-  metrics.write_table(os.path.join(out_dir, "table"), rows)
+  unc = plan_lib.uncertainty(config, answers, rows)  # 95% intervals over images; SAEmnesia - SAeUron, paired
+  metrics.write_table(os.path.join(out_dir, "table"), rows, intervals=unc["intervals"],
+                      footer=difference_text(unc))
   # What each row cost: sweep trials (per concept and in all); sampling + judging time per method.
   cost = ["| method | trials per concept | trials | wall of the method's units (min) |", "|---|---|---|---|"]
   cost += [f"| {m} | {trials.get(m, 0)} | {totals.get(m, 0)} | "
@@ -329,12 +333,23 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     _plot_sequential(os.path.join(out_dir, "sequential.png"), seq_rows)
   if qual:
     atomic_write_bytes(os.path.join(out_dir, "quality.md"), quality.format_markdown(qual).encode())
-  summary = {"table": rows, "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
+  summary = {"table": rows, "intervals": unc["intervals"], "difference": unc["difference"],
+             "bootstrap": {k: unc[k] for k in ("n_boot", "level", "eval_seeds")},
+             "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
              "trials_per_concept": trials,
              "trials_total": totals,
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
   atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
+
+
+def difference_text(unc: dict) -> str:
+  """The paired difference SAEmnesia - SAeUron as Markdown ('' without both methods)."""
+  if not unc.get("difference"):
+    return ""
+  return (f"Paired bootstrap over the same images ({unc['n_boot']} replicates, {unc['eval_seeds']} held-out "
+          "seeds now; seeds needed: normal approximation, evaluation/intervals.py):\n\n"
+          + intervals.format_difference(unc["difference"], "saemnesia", "saeuron"))
 
 
 def _plot_sequential(path, seq_rows):
@@ -456,7 +471,8 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   if ev.grids and "none" in ev.methods and ctx.methods:
     summary["erasure_grid"] = erasure_grid(ctx, chosen, out_dir)
   summary["wall_s_total"] = time.perf_counter() - t0
-  print(metrics.format_markdown(summary["table"]))
+  print(metrics.format_markdown(summary["table"], intervals=summary["intervals"]))
+  print(difference_text({**summary["bootstrap"], "difference": summary["difference"]}))
   if summary["quality"]:
     print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
           f"lower is better; recognised: the other domain's classifier at >= "

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 from matplotlib.figure import Figure
 
-from saemnesia_jax.evaluation import association, metrics, quality
+from saemnesia_jax.evaluation import association, intervals, metrics, quality
 from saemnesia_jax.runtime import config_defaults, layout, registry
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, read_json
 from saemnesia_jax.sae import artifacts
@@ -60,13 +60,35 @@ def _pct(v):
 
 
 def table1(summary: dict) -> str:
-  """Table 1: the measured rows, then the published ones (marked, in italics)."""
+  """Table 1: the measured rows, each number with its 95% bootstrap interval
+  over images where the summary holds one, then the published ones (marked, in italics)."""
   lines = ["| method | style UA | IRA | CRA | object UA | IRA | CRA | avg |", "|---|---|---|---|---|---|---|---|"]
+  ivs = summary.get("intervals") or {}
   for m, row in summary["table"].items():
-    lines.append(f"| {m} | " + " | ".join(_pct(row.get(k)) for k in _KEYS) + " |")
+    lines.append(f"| {m} | " + " | ".join(_with_interval(row.get(k), ivs.get(m, {}).get(k)) for k in _KEYS) + " |")
   for m, row in PUBLISHED.items():
     lines.append(f"| *{m} (published, not measured here)* | " + " | ".join(f"*{row[k]:.2f}*" for k in _KEYS) + " |")
   return "\n".join(lines)
+
+
+def _with_interval(v, iv) -> str:
+  if not iv or _pct(v) == "" or any(x is None or math.isnan(x) for x in iv):
+    return _pct(v)
+  return f"{_pct(v)} [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
+
+
+def difference_section(summary: dict) -> list[str]:
+  """The paired difference SAEmnesia - SAeUron with its interval and the seeds needed."""
+  diff = summary.get("difference")
+  if not diff:
+    return []
+  b = summary.get("bootstrap", {})
+  return [f"95% intervals: percentile bootstrap over the images ({b.get('n_boot', '?')} replicates, resampling "
+          "(prompt x seed) images within each concept; evaluation/intervals.py). The paired difference "
+          f"SAEmnesia - SAeUron resamples the same images for both; seeds needed: "
+          f"n = {b.get('eval_seeds', '?')} x (1.96 SE / |difference|)^2, the held-out seeds at which the "
+          "interval would exclude 0 (normal approximation).", "",
+          intervals.format_difference(diff, "saemnesia", "saeuron")]
 
 
 def cost_table(summary: dict) -> str:
@@ -144,6 +166,25 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
   return name
 
 
+def attack_section(config, workdir: str, out_dir: str, missing: list[str]) -> list[str]:
+  """The attack stage's table and grid, where it ran ([] otherwise: it is off by default)."""
+  adir = layout.attack_dir(config, workdir)
+  summary = _read(os.path.join(adir, "summary.json"))
+  if not summary or not os.path.isfile(os.path.join(adir, "table.md")):
+    return []
+  b = summary.get("budget", {})
+  md = ["## Does the erasure hold? An adversarial prompt attack", "",
+        f"UnlearnDiffAtk-style (docs/method.md): {b.get('prefix_tokens')} prefix tokens optimised for "
+        f"{b.get('steps')} steps per prompt ({b.get('prompts')} prompts per concept) on the erased model's own "
+        "diffusion loss, then sampled with the same erasure and judged. ASR: the share of attacked images in which "
+        "the judge recognises the erased concept (UA after = 1 - ASR); 95% bootstrap intervals over the images.", "",
+        open(os.path.join(adir, "table.md")).read()]
+  name = _figure(os.path.join(adir, "grid.png"), out_dir, "attack_grid.png", missing)
+  if name:
+    md += [f"![attack grid]({name})", ""]
+  return md
+
+
 def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes {workdir}/report/report.md (and figures); returns its path."""
   out_dir = layout.report_dir(workdir)
@@ -162,7 +203,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
   summary = _read(os.path.join(eval_dir, "summary.json"))
   md += ["## Table 1: unlearning (UA / IRA / CRA, %)", ""]
   if summary:
-    md += [table1(summary), "", "Sweep trials and the time of sampling and judging per method:", "",
+    md += [table1(summary), ""] + difference_section(summary)
+    md += ["Sweep trials and the time of sampling and judging per method:", "",
            cost_table(summary), ""]
   else:
     missing.append(os.path.join(eval_dir, "summary.json"))
@@ -181,6 +223,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> str:
     name = _figure(os.path.join(eval_dir, "sequential.png"), out_dir, "sequential.png", missing)
     if name:
       md += [f"![sequential]({name})", ""]
+  md += attack_section(config, workdir, out_dir, missing)
   md += ["## Concept-latent association (scores stage)", ""]
   for run, label in ((layout.UNSUP_RUN, "unsupervised SAE (SAeUron)"), (layout.SUP_RUN, "supervised SAE (SAEmnesia)")):
     sdir = layout.sae_scores(workdir, run)

@@ -55,6 +55,7 @@ BAD = {
     "train": ("configs/tiny.py", "--config.train.batch_size=-1"),
     "scores": ("configs/tiny.py", "--config.scores.split=test"),
     "evaluate": ("configs/tiny.py", "--config.evaluate.methods=('saeuron','unknown')"),
+    "attack": ("configs/tiny.py", "--config.attack.target_seeds=(188,)"),  # a seed the evaluation judges
     "canvas_mini.build": ("configs/canvas_mini.py", "--config.base_train.steps=0"),
     "unlearn": ("configs/canvas_mini.py", "--config.unlearn.concepts=('Dsik',)"),
     "pipeline": ("configs/tiny.py", "--config.pipeline.stages=('collect','bogus')"),

@@ -89,6 +89,14 @@ def test_evaluation_tables_trials_and_resume(prepared):
   assert "per sweep seed (1,), pooled" in cost, cost
   table = (out / "table.md").read_text()
   assert "| saemnesia |" in table and "| saeuron |" in table and "| none |" in table
+  # Every number with its 95% bootstrap interval; the paired difference and the seeds it needs.
+  assert table.count(" [") >= 3 * 7 and "| saemnesia - saeuron |" in table and "seeds needed" in table
+  assert set(summary["intervals"]) == {"none", "saeuron", "saemnesia"}
+  lo, hi = summary["intervals"]["saemnesia"]["avg"]
+  assert 0 <= lo <= hi <= 1
+  d = summary["difference"]["avg"]
+  assert d["diff"] == pytest.approx(summary["table"]["saemnesia"]["avg"] - summary["table"]["saeuron"]["avg"])
+  assert d["lo"] <= d["hi"] and d["seeds_needed"] >= 0
   # Trials: SAEmnesia sweeps gamma only, SAeUron percentile x gamma.
   assert summary["trials_per_concept"] == {"saeuron": 2, "saemnesia": 2}
   n_units = len(list((out / "units" / "units").glob("*.json")))

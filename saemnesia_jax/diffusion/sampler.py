@@ -165,13 +165,24 @@ def sample_prompts(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int
   """
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+  return sample_token_ids(sampler, sampler.pipe.tokenize(prompts), seeds, guidance_scale, edit_params, params,
+                          progress, on_batch)
+
+
+def sample_token_ids(sampler: Sampler, cond: np.ndarray, seeds: Sequence[int], guidance_scale: float,
+                     edit_params=None, params=None, progress: bool = True,
+                     on_batch: Callable[[int, SampleOutput], None] | None = None) -> np.ndarray:
+  """``sample_prompts`` for prompts given as token ids (N, max_length), e.g.
+  an adversarial prompt whose tokens need not survive a decode and re-tokenize."""
+  cond = np.asarray(cond, np.int32)
+  if len(cond) != len(seeds):
+    raise ValueError(f"{len(cond)} prompts but {len(seeds)} seeds: give one seed per prompt")
   pipe, bs = sampler.pipe, sampler.spec.batch_size
   params = pipe.params if params is None else params
-  cond = pipe.tokenize(prompts)
   uncond = pipe.tokenize([""] * bs)
   seeds = np.asarray(seeds, np.uint32)
   out = []
-  n_batches = math.ceil(len(prompts) / bs)
+  n_batches = math.ceil(len(cond) / bs)
   for i in tqdm(range(n_batches), desc="sampling", unit="batch", disable=not progress):
     sl = slice(i * bs, (i + 1) * bs)
     c, s = cond[sl], seeds[sl]

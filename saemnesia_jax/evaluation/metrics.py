@@ -300,40 +300,59 @@ def _table(rows: Mapping[str, Any], columns: Sequence[str] | None) -> tuple[list
   return list(columns), out
 
 
-def format_markdown(rows: Mapping[str, Any], columns: Sequence[str] | None = None) -> str:
+def _cell(v: float, iv: Sequence[float] | None) -> str:
+  """'95.98' or, with a 95% interval (fractions), '95.98 [94.1, 97.6]'."""
+  if iv is None or any(x is None or math.isnan(x) for x in iv) or math.isnan(v):
+    return _pct(v)
+  return f"{_pct(v)} [{100.0 * iv[0]:.1f}, {100.0 * iv[1]:.1f}]"
+
+
+def format_markdown(rows: Mapping[str, Any], columns: Sequence[str] | None = None,
+                    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> str:
   """A Markdown table, one line per method, numbers in percent (2 decimals).
 
   ``columns=None``: Table 1 (six numbers per method, avg appended, header as
   in docs/method.md). Otherwise the named columns, e.g. ``("UA", "IRA", "CRA")``
   for sequential unlearning, each row a mapping or a sequence of fractions.
+  ``intervals``: {method -> {key -> [lo, hi]}} (fractions; evaluation/intervals.py):
+  each number is followed by its 95% interval, e.g. ``95.98 [94.1, 97.6]``.
   """
   header, table = _table(rows, columns)
+  keys = list(TABLE1_KEYS) if columns is None else list(columns)
   lines = ["| method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
-  lines += [f"| {m} | " + " | ".join(_pct(v) for v in vals) + " |" for m, vals in table.items()]
+  lines += [f"| {m} | " + " | ".join(_cell(v, (intervals or {}).get(m, {}).get(k)) for k, v in zip(keys, vals))
+            + " |" for m, vals in table.items()]
   return "\n".join(lines) + "\n"
 
 
-def format_csv(rows: Mapping[str, Any], columns: Sequence[str] | None = None) -> str:
+def format_csv(rows: Mapping[str, Any], columns: Sequence[str] | None = None,
+               intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> str:
   """The same table as CSV: a ``method`` column, then one column per metric
-  (Table 1: ``TABLE1_KEYS``), in percent with two decimals, empty for NaN."""
+  (Table 1: ``TABLE1_KEYS``), in percent with two decimals, empty for NaN;
+  with ``intervals``, then ``<key>_lo`` and ``<key>_hi`` per metric."""
   _, table = _table(rows, columns)
   keys = list(TABLE1_KEYS) if columns is None else list(columns)
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["method"] + keys)
+  pct = lambda v: "" if v is None or math.isnan(v) else f"{100.0 * v:.2f}"  # noqa: E731
+  w.writerow(["method"] + keys + ([f"{k}_{e}" for k in keys for e in ("lo", "hi")] if intervals else []))
   for m, vals in table.items():
-    w.writerow([m] + ["" if math.isnan(v) else f"{100.0 * v:.2f}" for v in vals])
+    extra = [pct(x) for k in keys for x in (intervals.get(m, {}).get(k) or (None, None))] if intervals else []
+    w.writerow([m] + [pct(v) for v in vals] + extra)
   return buf.getvalue()
 
 
 def write_table(path_stem: str, rows: Mapping[str, Any], columns: Sequence[str] | None = None,
-                title: str = "") -> tuple[str, str]:
+                title: str = "", intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                footer: str = "") -> tuple[str, str]:
   """Writes ``path_stem.md`` and ``path_stem.csv`` atomically; returns both
-  paths. ``title``, if given, heads the Markdown file."""
-  md = (f"{title}\n\n" if title else "") + format_markdown(rows, columns)
+  paths. ``title``, if given, heads the Markdown file; ``footer`` ends it;
+  ``intervals`` as ``format_markdown`` takes them."""
+  md = (f"{title}\n\n" if title else "") + format_markdown(rows, columns, intervals) + \
+      (f"\n{footer}" if footer else "")
   paths = (path_stem + ".md", path_stem + ".csv")
   atomic_write_bytes(paths[0], md.encode())
-  atomic_write_bytes(paths[1], format_csv(rows, columns).encode())
+  atomic_write_bytes(paths[1], format_csv(rows, columns, intervals).encode())
   return paths
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from saemnesia_jax.evaluation import concepts, metrics, protocol, quality
+from saemnesia_jax.evaluation import concepts, intervals, metrics, protocol, quality
 from saemnesia_jax.evaluation import variants as variants_lib
 from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.runtime.errors import ConfigError
@@ -264,3 +264,25 @@ def sequential_units(config, chosen) -> list[dict]:
       out.append({"phase": "sequential", "method": m, "n": n, "objects": order[:n], "erase": erase,
                   "seeds": list(ev.eval_seeds)})
   return out
+
+
+def uncertainty(config, answers: dict[str, list], rows: dict[str, dict]) -> dict:
+  """The 95% intervals of Table 1 and the paired difference SAEmnesia - SAeUron
+  (evaluation/intervals.py), from the final units' stored answers.
+
+  ``answers``: {row label -> [(domain, concept name, unit result)]};
+  ``rows``: the table ({row label -> average_table row}). Returns
+  {'intervals': {label -> {key -> [lo, hi]}}, 'difference': {key -> {diff,
+  lo, hi, se, seeds_needed}} or {} without both methods, 'n_boot', 'level',
+  'eval_seeds'}.
+  """
+  objs, stys = list(config.concepts.objects), list(config.concepts.styles)
+  boot = {m: [(d, [concepts.lookup(n, objs if d == "object" else stys, d)], r) for d, n, r in rs]
+          for m, rs in answers.items()}
+  reps = intervals.table_replicates(
+      boot, len(objs), len(stys), cra_unstyled_only=protocol.value(config, "evaluate.style_cra") == "unstyled")
+  n_seeds = len(config.evaluate.eval_seeds)
+  diff = (intervals.paired_difference(reps, "saemnesia", "saeuron", point=rows, n_now=n_seeds)
+          if {"saemnesia", "saeuron"} <= set(rows) else {})
+  return {"intervals": intervals.table_intervals(reps), "difference": diff, "n_boot": intervals.N_BOOT,
+          "level": intervals.LEVEL, "eval_seeds": n_seeds}

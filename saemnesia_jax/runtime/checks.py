@@ -398,6 +398,42 @@ def _unlearn(config) -> None:
             "run python -m saemnesia_jax.scores on that SAE first")
 
 
+def _attack(config) -> None:
+  a, ev = config.attack, config.evaluate
+  check_model(config)
+  check_sampler(config)
+  check_concepts(config)
+  for m in a.methods:
+    if m not in ("none", "saeuron", "saemnesia"):
+      _fail("attack.methods", tuple(a.methods), f"unknown method {m!r}", "known: none, saeuron, saemnesia")
+  if not a.methods:
+    _fail("attack.methods", (), "is empty")
+  known_concepts(config, "attack.objects", "object")
+  known_concepts(config, "attack.styles", "style")
+  _positive(config, "attack.prompts", "attack.prefix_tokens", "attack.steps", "attack.learning_rate",
+            "attack.timesteps_per_step", "attack.check_timesteps")
+  _non_negative(config, "attack.weight_decay", "attack.check_every", "attack.stop_after")
+  if not a.target_seeds:
+    _fail("attack.target_seeds", (), "is empty", "give the seeds of the base model's samples the attack denoises")
+  judged = set(a.seeds or ev.eval_seeds) | set(ev.sweep_seeds)
+  overlap = sorted(set(a.target_seeds) & judged)
+  if overlap:
+    _fail("attack.target_seeds", tuple(a.target_seeds), f"seeds {overlap} are also judged (evaluate.sweep_seeds, "
+          "evaluate.eval_seeds or attack.seeds)", "the targets must be images the evaluation never sees")
+  if config.get("dry_run"):
+    return
+  if any(m != "none" for m in a.methods) and not os.path.isfile(layout.attack_chosen(config)):
+    _fail("attack.chosen_from", a.chosen_from, f"no chosen settings at {layout.attack_chosen(config)}",
+          "run the evaluate stage first, or give an evaluation's summary.json / chosen.json")
+  for c in per_block(config):
+    for m in layout.RUN_OF_METHOD:
+      if m in a.methods:
+        sae_cfg(f"evaluate.{m}_sae", layout.method_sae(c, m))
+        if not os.path.isfile(os.path.join(layout.method_scores(c, m), "scores.npz")):
+          _fail(f"evaluate.{m}_scores", layout.method_scores(c, m), "no scores.npz there",
+                "run python -m saemnesia_jax.scores on that SAE first")
+
+
 def _pipeline_check(config) -> None:
   unknown = [st for st in config.pipeline.stages if st not in registry.PIPELINE_STEPS]
   if unknown:
@@ -423,7 +459,7 @@ def _build(config) -> None:
 
 CHECKS: dict[str, Callable[[Any], None]] = {
     "sample": _sample, "collect": _collect, "probe": _probe, "train": _train, "scores": _scores,
-    "evaluate": _evaluate, "canvas_mini.build": _build, "unlearn": _unlearn, "pipeline": _pipeline_check,
+    "evaluate": _evaluate, "attack": _attack, "canvas_mini.build": _build, "unlearn": _unlearn, "pipeline": _pipeline_check,
     "report": _report, "canvas_mini.ship_saes": _ship_saes,
 }
 

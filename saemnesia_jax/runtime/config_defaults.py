@@ -208,9 +208,32 @@ UNLEARN = dict(
     out_dir="",  # '' -> {workdir}/unlearn
 )
 
+# Does the erasure hold? An adversarial prompt prefix against it (stage attack; UnlearnDiffAtk-style, docs/method.md).
+ATTACK = dict(
+    out_dir="",  # '' -> {workdir}/attack
+    methods=("none", "saeuron", "saemnesia"),  # the erasures attacked: none (the base model: the ceiling) | saeuron | saemnesia
+    objects=(),  # objects attacked; () -> evaluate.objects (or every object)
+    styles=(),  # styles attacked; () -> evaluate.styles (or every style)
+    chosen_from="",  # each concept's setting: an evaluation's summary.json / chosen.json; '' -> {workdir}/eval/summary.json
+    prompts=2,  # prompts attacked per concept: the first n of the evaluation grid's prompts holding it, each with its own prefix
+    prefix_tokens=3,  # N adversarial tokens prepended to the prompt (UnlearnDiffAtk: 3 for objects and styles, 5 for nudity)
+    steps=40,  # optimizer steps per prompt (UnlearnDiffAtk: 40 iterations per sampled timestep)
+    learning_rate=0.01,  # AdamW's learning rate on the prefix embeddings (UnlearnDiffAtk: 0.01)
+    weight_decay=0.1,  # AdamW's weight decay (UnlearnDiffAtk: 0.1)
+    timesteps_per_step=1,  # random sampler steps (timestep + noise) averaged in each optimizer step's loss
+    check_every=10,  # steps between scorings of the projected prefix on fixed timesteps; the best is kept
+    check_timesteps=4,  # evenly spaced sampler steps of that fixed objective
+    target_seeds=(7, 8),  # seeds of the base model's own samples of the concept (no erasure): the images the attack denoises; outside every judged seed
+    seeds=(),  # seeds of the judged images (before and after the attack); () -> evaluate.eval_seeds
+    seed=0,  # the prefix's starting tokens and the random timesteps and noise
+    remat=True,  # jax.checkpoint on each UNet call (with its clamp) in the loss: memory of one call per timestep
+    grid=True,  # write grid.png: unattacked and attacked images per concept and method
+    stop_after=0,  # >0: stop after this many units (a partial run, as a crash leaves it; rerun to finish)
+)
+
 # The whole method in one command (module pipeline): every stage in order, skipping finished ones.
 PIPELINE = dict(
-    stages=registry.PIPELINE_STEPS,  # which pipeline steps to run, in this order
+    stages=registry.DEFAULT_STEPS,  # which pipeline steps to run, in this order (attack: add it to run the attack after evaluate)
     sup_loss="",  # the supervised fine-tune's sae.sup_loss; '' -> config.sae.sup_loss
     sup_train=dict(),  # train fields of the supervised fine-tune (config_defaults.make_supervised)
     judge="",  # 'module:factory' of the evaluation's classifiers; '' -> config.evaluate.classifier
@@ -223,7 +246,7 @@ PIPELINE = dict(
 )
 
 SECTIONS = {"collect": COLLECT, "sae": SAE, "train": TRAIN, "scores": SCORES, "probe": PROBE,
-            "evaluate": EVALUATE, "unlearn": UNLEARN, "pipeline": PIPELINE}
+            "evaluate": EVALUATE, "unlearn": UNLEARN, "attack": ATTACK, "pipeline": PIPELINE}
 
 
 SHARED = {"model": MODEL, "sampler": SAMPLER, "concepts": CONCEPTS}

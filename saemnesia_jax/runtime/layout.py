@@ -10,6 +10,7 @@ A workdir holds one run of the method::
   {workdir}/probe/                probe.json (probe.out_dir overrides)
   {workdir}/eval/                 units/, summary.json, tables and grids (evaluate.out_dir overrides)
   {workdir}/unlearn/              the main job's images (unlearn.out_dir overrides)
+  {workdir}/attack/               units/, summary.json, table.md, prompts.json, grid.png (attack.out_dir overrides)
   {workdir}/samples/              the sample stage's images
   {workdir}/report/               report.md and its figures
   {workdir}/pipeline/<step>.json  the pipeline's record of each finished step
@@ -204,6 +205,15 @@ def unlearn_chosen(config: Any) -> str | None:
     if os.path.isfile(p):
       return p
   return None
+
+
+def attack_dir(config: Any, workdir: str | None = None) -> str:
+  return config.attack.out_dir or os.path.join(workdir or config.workdir, "attack")
+
+
+def attack_chosen(config: Any) -> str:
+  """The chosen settings the attack erases with: ``attack.chosen_from`` or the evaluation's summary."""
+  return config.attack.chosen_from or eval_summary(config)
 
 
 def samples_dir(workdir: str) -> str:

@@ -47,6 +47,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     _stage("evaluate", _BLOCKS + ("dry_run", "topology", "model", "sampler", "concepts", "evaluate"),
            upstream=("scores", "scores_sup"), outputs=("{workdir}/eval",),
            fingerprint=STORE_SECTIONS + ("evaluate",)),
+    _stage("attack", _BLOCKS + ("dry_run", "model", "sampler", "concepts", "evaluate", "attack"),
+           upstream=("evaluate",), outputs=("{workdir}/attack",),
+           fingerprint=STORE_SECTIONS + ("evaluate", "attack")),
     _stage("unlearn", _BLOCKS + ("model", "sampler", "concepts", "unlearn"), outputs=("{workdir}/unlearn",)),
     _stage("report", _COMMON + ("probe.out_dir", "evaluate.out_dir", "pipeline"), outputs=("{workdir}/report",)),
     _stage("pipeline", _BLOCKS + ("model", "sampler", "concepts", "collect", "probe", "sae", "train", "scores",
@@ -78,6 +81,10 @@ PIPELINE: tuple[Step, ...] = (
     _step("train_sup", "train", supervised=True, upstream=("collect", "scores")),
     _step("scores_sup", "scores", supervised=True, upstream=("train_sup",)),
     _step("evaluate", "evaluate"),
+    _step("attack", "attack"),
     _step("report", "report"),
 )
 PIPELINE_STEPS = tuple(s.name for s in PIPELINE)
+# The steps of pipeline.stages' default: the attack is off unless named (it is the
+# costliest step, and the shipped pipeline is the same with it as without).
+DEFAULT_STEPS = tuple(s for s in PIPELINE_STEPS if s != "attack")
