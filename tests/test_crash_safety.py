@@ -20,7 +20,8 @@ the outputs of the one before.
 
 Then: a full disk (a file-size limit) is a one-line error naming the file and
 leaves no partial file;
-a rerun's metrics drop a line torn by a kill.
+a rerun's metrics drop a line torn by a kill; a read-only workdir is refused
+before any work.
 """
 import json
 import os
@@ -32,7 +33,8 @@ import sys
 import pytest
 
 from saemnesia_jax import collect, evaluate, report, scores, train
-from saemnesia_jax.runtime import io_utils
+from saemnesia_jax.runtime import checks, io_utils, runs
+from saemnesia_jax.runtime.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -256,3 +258,20 @@ def test_a_rerun_cuts_the_metrics_back_to_its_checkpoint_torn_line_included(tmp_
       steps = [json.loads(l)["step"] for l in f]
     assert steps == [1, 2, 3, 4], (name, steps)
 
+
+def test_a_read_only_folder_is_named_before_any_work(tmp_path, monkeypatch):
+  """As root too: no write bit at all, or a file system mounted read-only;
+  the nearest existing folder above a missing one is what counts."""
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  os.chmod(ro, 0o555)
+  assert io_utils.read_only(str(ro / "w" / "report")) == f"{ro} is read-only (dr-xr-xr-x)"
+  os.chmod(ro, 0o755)
+  assert io_utils.read_only(str(ro / "w" / "report")) == ""
+  real = os.statvfs
+  monkeypatch.setattr(os, "statvfs", lambda p: type("S", (), {"f_flag": real(p).f_flag | os.ST_RDONLY})())
+  assert io_utils.read_only(str(ro / "w")) == f"{ro} is on a read-only file system"
+  c = tiny.get_config()
+  c.workdir = str(ro / "w")
+  with pytest.raises(UserError, match=r"config\.workdir=.*read-only file system: the stage could not write"):
+    checks.check("train", c)

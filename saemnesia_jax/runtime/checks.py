@@ -18,7 +18,7 @@ import ml_collections
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
-from saemnesia_jax.runtime import layout, registry, schema
+from saemnesia_jax.runtime import io_utils, layout, registry, schema
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -394,6 +394,35 @@ def _unlearn(config) -> None:
             "run python -m saemnesia_jax.scores on that SAE first")
 
 
+# ----------------------------------------------------------- writable
+
+
+OUTPUTS: dict[str, Callable[[Any], tuple[str, str]]] = {  # (the field that sets it, the folder) a stage writes
+    "sample": lambda c: ("workdir", layout.samples_dir(c.workdir)),
+    "collect": lambda c: ("collect.store_path" if c.collect.store_path else "workdir", layout.store_path(c)),
+    "probe": lambda c: ("probe.out_dir" if c.probe.out_dir else "workdir", layout.probe_dir(c)),
+    "train": lambda c: ("workdir", layout.run_dir(c)),
+    "scores": lambda c: ("scores.out_dir", c.scores.out_dir) if c.scores.out_dir else
+    ("scores.sae_dir" if c.scores.sae_dir else "workdir", os.path.join(os.path.dirname(layout.scores_sae_dir(c)),
+                                                                        layout.SCORES)),
+    "evaluate": lambda c: ("evaluate.out_dir" if c.evaluate.out_dir else "workdir", layout.eval_dir(c)),
+    "unlearn": lambda c: ("unlearn.out_dir" if c.unlearn.out_dir else "workdir", layout.unlearn_dir(c)),
+    "report": lambda c: ("workdir", layout.report_dir(c.workdir)),
+    "pipeline": lambda c: ("workdir", c.workdir),
+}
+
+
+def writable(stage: str, config) -> None:
+  """Refuses a stage whose output folder cannot be written (``io_utils.read_only``), before any work."""
+  if stage not in OUTPUTS or config.get("dry_run"):
+    return
+  field, path = OUTPUTS[stage](config)
+  why = io_utils.read_only(path)
+  if why:
+    _fail(field, _get(config, field), f"{why}: the stage could not write {path}",
+          "give a writable folder, or make it writable (chmod u+w)")
+
+
 def _pipeline_check(config) -> None:
   unknown = [st for st in config.pipeline.stages if st not in registry.PIPELINE_STEPS]
   if unknown:
@@ -438,4 +467,5 @@ def check(stage: str, config) -> None:
   schema.validate(config)  # every field's type, range and finiteness
   for field, value, why in protocol.check(config)[:1]:
     _fail(field, value, why)
+  writable(stage, config)
   CHECKS[stage](config)
