@@ -18,10 +18,10 @@ the whole module; the stages run in
 pipeline order (collect, train + export, scores, evaluate, report), each on
 the outputs of the one before.
 
-Then: a full disk (a file-size limit) is a one-line error naming the file and
-leaves no partial file;
-a rerun's metrics drop a line torn by a kill; a read-only workdir is refused
-before any work.
+Then: a full disk (a file-size limit) is a one-line error naming the file
+and leaves no partial file; a run refused for its inputs leaves no
+fingerprint; a rerun's metrics drop a line torn by a kill; a read-only
+workdir is refused before any work.
 """
 import json
 import os
@@ -234,6 +234,23 @@ cli.main("scores", ["scores", "--config", {str(cfg)!r}])
   assert len(err) <= 2, err
   assert os.path.join(out, "scores.npz") in err[0] and "File too large" in err[0] and "free space" in err[0], err
   assert sorted(os.listdir(out)) == ["fingerprint.json"]  # no partial scores.npz, no temp file
+
+
+def test_a_scores_run_refused_for_its_inputs_leaves_no_fingerprint(world):
+  """Concepts that are not the store's are found before the run folder records anything."""
+  work, model_dir, _, done = world
+  for up in ORDER[:ORDER.index("scores")]:
+    if up not in done:
+      run_stage(up, work, model_dir)
+      done.add(up)
+  c = _config(work, model_dir)
+  c.concepts.objects = ("Disk", "Ring")
+  c.scores.out_dir = os.path.join(work, "refused_scores")
+  with pytest.raises(UserError, match="concepts of config.concepts differ"):
+    scores.run(c, progress=False)
+  assert not os.path.exists(os.path.join(c.scores.out_dir, runs.FILE))
+  c.concepts.objects = ("Disk", "Square")
+  assert scores.run(c, progress=False)["n_maps"] > 0  # the fix proceeds
 
 
 def test_a_rerun_cuts_the_metrics_back_to_its_checkpoint_torn_line_included(tmp_path):
