@@ -446,8 +446,9 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   units_lib.initialize_distributed()
   ev = config.evaluate
   out_dir = layout.eval_dir(config)
-  targets(config)  # unknown concept names fail before any work
+  targets(config)  # unknown concept names fail before any work (and before begin: no fingerprint.json left)
   grid_arms(config)  # so do unknown grid rows
+  sweep = sweep_units(config)  # and sweep seeds, and a chosen_from file outside this grid
   ctx = Evaluation(config, judge)
   runs.begin(out_dir, keep_dropped_inputs(out_dir, fingerprint(config, ctx), ev.methods),
              overwrite=runs.overwrite(config), continuable=CONTINUABLE,
@@ -456,7 +457,6 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   t0 = time.perf_counter()
   root = os.path.join(out_dir, "units")
   results = units_lib.UnitResults(root)
-  sweep = sweep_units(config)
   units_lib.run_units(root, sweep, ctx.run_unit, progress=progress)
   units_lib.barrier("evaluate-sweep")
   chosen = choose(config, results)

@@ -105,13 +105,30 @@ def predict(probe: dict[str, jax.Array], x: np.ndarray) -> np.ndarray:
   return np.asarray(jnp.argmax(z @ probe["W"] + probe["b"], axis=-1))
 
 
-def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is_val: np.ndarray,
-                 n_classes: int, **fit_kw: Any) -> dict[str, Any]:
-  """Fits on the training maps and scores the held-out ones (maps with y < 0 are left out)."""
+def _split(y: np.ndarray, is_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Training and held-out maps of one domain (maps with y < 0 are left out)."""
   train, val = (~is_val) & (y >= 0), is_val & (y >= 0)
   if not train.any() or not val.any():
     raise ProbeError(f"the split leaves {int(train.sum())} training and {int(val.sum())} held-out maps; "
                      "both must be non-empty (raise probe.val_fraction or collect more seeds)")
+  return train, val
+
+
+def check_split(st: store_lib.Store, val_fraction: float, split_seed: int) -> None:
+  """``probe_domain``'s split check from the labels alone (no maps read)."""
+  labels, mask = store_lib.read_labels(st)
+  col = {f: labels[mask][:, i] for i, f in enumerate(st.label_fields)}
+  is_val = store_lib.split_hash(np.stack([col["prompt"], col["seed"]], axis=1), split_seed) < val_fraction
+  grid = st.manifest["identity"].get("prompt_grid", {})
+  for field, key in (("object", "objects"), ("style", "styles")):
+    if field in col and grid.get(key):
+      _split(col[field], is_val)
+
+
+def probe_domain(means: np.ndarray, y: np.ndarray, steps_of_maps: np.ndarray, is_val: np.ndarray,
+                 n_classes: int, **fit_kw: Any) -> dict[str, Any]:
+  """Fits on the training maps and scores the held-out ones (maps with y < 0 are left out)."""
+  train, val = _split(y, is_val)
   probe = fit_probe(means[train], y[train], n_classes, **fit_kw)
   hit = predict(probe, means[val]) == y[val]
   counts = np.bincount(y[val], minlength=n_classes)
@@ -131,6 +148,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ProbeError(f"the store at {path} holds {st.manifest['identity'].get('block')!r}, the config asks for "
                      f"{config.block!r}: collect this block first (python -m saemnesia_jax.collect with the "
                      "same --config.block and --config.workdir)")
+  missing = [f for f in ("prompt", "seed", "step") if f not in st.label_fields]
+  if missing:  # before begin: a refused run leaves no fingerprint.json
+    raise ProbeError(f"the store at {path} has no label fields {missing} (it has {list(st.label_fields)}): "
+                     "collect it again with this version")
+  check_split(st, p.val_fraction, p.split_seed)  # likewise
   out_dir = layout.probe_dir(config)
   fp = runs.make(config, ("block", "probe"), ("probe.out_dir",),
                  runs.store_identity(st.manifest, len(store_lib.done_units(st))), stage="probe")

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # flags, help and checks before the heavy imports
 import json
 import math
 import os
-import shutil
 import subprocess
 import time
 from typing import Any
@@ -51,8 +50,14 @@ def _read(path):
 def _jsonl(path):
   if not os.path.isfile(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:  # a line torn by a killed trainer (its rerun drops it)
+        continue
+  return out
 
 
 def _pct(v):
@@ -162,7 +167,8 @@ def _figure(src: str, out_dir: str, name: str, missing: list[str]) -> str | None
   if not os.path.isfile(src):
     missing.append(src)
     return None
-  shutil.copyfile(src, os.path.join(out_dir, name))
+  with open(src, "rb") as f:  # a copy a kill cannot leave half-written
+    atomic_write_bytes(os.path.join(out_dir, name), f.read())
   return name
 
 

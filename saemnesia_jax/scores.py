@@ -322,12 +322,12 @@ def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   params, cfg, meta = load_sae(sae_dir)
   st = store_lib.open_store(s["store_path"])
   check_sae_fits_store(sae_dir, cfg, meta, st)
+  objects, styles = _concept_names(st, meta, config)  # before begin: a refused run leaves no fingerprint.json
   fp = runs.make(config, ("scores",), ("scores.out_dir", "scores.sae_dir", "scores.batch_size"),
                  {"sae": runs.sae_hash(sae_dir), **runs.store_identity(st.manifest, len(store_lib.done_units(st)))},
                  stage="scores")
   runs.begin(out_dir, fp, overwrite=runs.overwrite(config), fresh="--config.scores.out_dir=<new folder>",
              write=jax.process_index() == 0)
-  objects, styles = _concept_names(st, meta, config)
   k, n_latents = int(cfg["k"]), int(cfg["num_latents"])
   mode = (meta or {}).get("mode", "unsupervised")
   sae_assignment = (meta or {}).get("assignment")

@@ -373,8 +373,6 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
             f"{', stopped early' if meta['stopped_early'] else ''}): nothing to train")
     else:
       print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
-    if jax.process_index() == 0:
-      checkpoints.keep_metrics_until(os.path.join(out_dir, layout.METRICS), int(meta["step"]))
   else:
     reader = make_reader(tr, st, "train")
     sample = first[0].reshape(-1, st.d_in) if tr.objective.per_map else first
@@ -385,10 +383,11 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   if primary:
     atomic_write_json(os.path.join(out_dir, "config.json"), config.to_dict())
   tokens_per_step = tr.objective.tokens_per_step(t.batch_size, st.tokens_per_map)
-  log_f = open(os.path.join(out_dir, layout.METRICS) if primary else os.devnull, "a")
   start = int(meta["step"])
-  # `tensorboard --logdir {workdir}`; a resumed run drops what was logged past its checkpoint.
-  curves = tensorboard.ScalarWriter(out_dir, enabled=primary, purge_from=None if restored is None else start + 1)
+  # `tensorboard --logdir {workdir}`; a rerun drops what was logged past its checkpoint (all, without one).
+  logged = checkpoints.keep_metrics_until(os.path.join(out_dir, layout.METRICS), start, write=primary)
+  log_f = open(os.path.join(out_dir, layout.METRICS) if primary else os.devnull, "a")
+  curves = tensorboard.ScalarWriter(out_dir, enabled=primary, purge_from=start + 1 if logged or restored else None)
   pbar = tqdm(total=t.steps, initial=start, desc=f"train SAE ({tr.mode})", unit="step",
               disable=not progress)
   t_last, step_last, last = time.perf_counter(), start, {}

@@ -78,7 +78,7 @@ def _holds(prompt: str, erased: list[tuple[str, str]]) -> bool:
   return any(all(w in words for w in n.lower().split()) for _, n in erased)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   u = config.unlearn
   if not u.concepts:
     raise ValueError("config.unlearn.concepts is empty: name what to erase, e.g. "
@@ -120,9 +120,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
   kw = dict(guidance_scale=float(s.guidance_scale), num_steps=int(s.num_steps), height=int(s.height),
             width=int(s.width), batch_size=int(u.batch_size or min(len(flat_p), s.batch_size)),
             block=config.block, max_latents=size)
-  columns = {"none": api.sample(pipe, flat_p, flat_s, first._replace(entries=(), concepts=()), **kw)}
-  for m, e in erasures.items():
-    columns[m] = api.sample(pipe, flat_p, flat_s, e, **kw)
+  columns = {}
+  for m, e in [("none", first._replace(entries=(), concepts=()))] + list(erasures.items()):
+    what = "no erasure" if m == "none" else f"erasing {', '.join(f'{d} {n}' for d, n, _ in e.concepts)} " \
+        f"({sum(len(x.latents) for x in e.entries)} latents)"
+    print(f"{m}: {len(flat_p)} images ({len(prompts)} prompts x {len(seeds)} seeds), {what}", flush=True)
+    columns[m] = api.sample(pipe, flat_p, flat_s, e, progress=progress, **kw)
   wall = time.perf_counter() - t0
   names = list(columns)
   h, w = columns["none"].shape[1:3]

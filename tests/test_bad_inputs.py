@@ -97,6 +97,13 @@ CASES = [
     ("far typo", (T, "--config.train.zzzqqq=1"), "its fields: adam_eps"),
     ("extra argument", (T, "stray"), "unexpected arguments"),
     ("workdir is a file", (T, "--config.workdir={d}/afile"), "is a file, not a folder"),
+    # -- a read-only workdir ({d}/readonly: chmod a-w, refused for root too): before any work
+    ("report read-only", ("saemnesia_jax.report", TINY, "--config.workdir={d}/readonly"),
+     "readonly is read-only (dr-xr-xr-x): the stage could not write"),
+    ("train read-only", (T, "--config.collect.store_path={d}/store", "--config.workdir={d}/readonly/w"),
+     "config.workdir="),
+    ("unlearn read-only", (M, "--config.unlearn.concepts=('Disk',)", "--config.workdir={d}/readonly"),
+     "readonly/unlearn"),
     # -- damaged stores
     ("store truncated", (T, "--config.collect.store_path={d}/st_trunc"), "truncated or not JSON"),
     ("store {}", (T, "--config.collect.store_path={d}/st_empty"), "not an activation store manifest"),
@@ -149,6 +156,8 @@ def _shared(root) -> str:
     os.makedirs(os.path.join(d, name))
     with open(os.path.join(d, name, "manifest.json"), "w") as f:
       f.write(text)
+  os.makedirs(os.path.join(d, "readonly"))
+  os.chmod(os.path.join(d, "readonly"), 0o555)
   return d
 
 

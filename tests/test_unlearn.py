@@ -1,6 +1,8 @@
 """Stage `unlearn` on the shipped CanvasMini model with the shipped SAEs: erasing a
 concept changes the images of the prompts that hold it, the others change by less
 than a stated bound, and the grid, PNGs and manifest are written."""
+import contextlib
+import io
 import os
 import sys
 
@@ -17,6 +19,7 @@ import canvas_mini  # noqa: E402
 # the images of a method (measured: SAEmnesia 0.290 with Disk / 0.034 without, SAeUron 0.173 / 0.068).
 CHANGED = 0.12  # at least this on the prompts that hold the erased concept
 KEPT = 0.08  # at most this on the prompts without it
+CAPTURED = {}  # the stage's stdout and stderr
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,22 @@ def result(tmp_path_factory):
   c.workdir = str(tmp_path_factory.mktemp("unlearn"))
   c.unlearn.concepts = ("disk",)  # case-insensitive
   c.unlearn.seeds = (188, 288)
-  return c, unlearn.run(c)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    manifest = unlearn.run(c)
+  sys.stdout.write(out.getvalue())
+  CAPTURED["out"], CAPTURED["err"] = out.getvalue(), err.getvalue()
+  return c, manifest
+
+
+def test_says_what_it_samples_with_a_progress_bar(result):
+  """A line per column (no erasure, then each method) and tqdm's bar over its batches."""
+  out, err = CAPTURED["out"], CAPTURED["err"]
+  lines = [l for l in out.splitlines() if " images (" in l]
+  assert [l.split(":")[0] for l in lines] == ["none", "saemnesia", "saeuron"], out
+  assert "8 images (4 prompts x 2 seeds), no erasure" in lines[0]
+  assert "erasing object Disk (" in lines[1] and "latents)" in lines[1], lines
+  assert err.count("sampling: 100%") >= 3, err[-2000:]
 
 
 def test_erases_the_concept_and_keeps_the_others(result):

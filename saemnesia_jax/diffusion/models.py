@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from typing import Any, NamedTuple, Sequence
 
@@ -119,6 +120,7 @@ class Pipeline:
     """Prompts -> (B, max_length) int32 token ids, padded and truncated."""
     if isinstance(prompts, str):
       prompts = [prompts]
+    warn_changed_prompts(self.tokenizer, prompts, self.max_length)
     ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                          truncation=True, return_tensors="np").input_ids
     return ids.astype(np.int32)
@@ -143,6 +145,25 @@ class Pipeline:
   def weights_hash(self) -> str:
     """SHA-256 of the weight files this pipeline was loaded from."""
     return hash_files(list(self.weight_files))
+
+
+_WARNED: set = set()  # (tokenizer, prompt): each said once per process
+
+
+def warn_changed_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> None:
+  """One line on stderr per prompt the text encoder will not read as written: longer than
+  ``max_length`` tokens (cut), or words outside a word-level vocabulary (CanvasMini's: <unk>)."""
+  for p in dict.fromkeys(prompts):
+    if not p or (id(tokenizer), p) in _WARNED:
+      continue
+    enc = tokenizer(p, truncation=False, verbose=False, return_offsets_mapping=True)
+    why = [f"{len(enc.input_ids)} tokens, cut to the first {max_length}"] if len(enc.input_ids) > max_length else []
+    unk = [p[a:b] for i, (a, b) in zip(enc.input_ids, enc.offset_mapping) if i == tokenizer.unk_token_id is not None]
+    if unk:
+      why.append(f"{', '.join(map(repr, unk))} not in the vocabulary, read as {tokenizer.unk_token}")
+    if why:
+      _WARNED.add((id(tokenizer), p))
+      print(f"warning: prompt {p!r}: {'; '.join(why)}", file=sys.stderr)
 
 
 class TextCond(NamedTuple):

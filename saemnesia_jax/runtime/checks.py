@@ -18,7 +18,7 @@ import ml_collections
 from saemnesia_jax.diffusion import blocks
 from saemnesia_jax.evaluation import protocol, variants
 from saemnesia_jax.evaluation.concepts import ANCHOR_FILE
-from saemnesia_jax.runtime import layout, registry, schema, topology
+from saemnesia_jax.runtime import io_utils, layout, registry, schema, topology
 from saemnesia_jax.runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -350,14 +350,7 @@ def _evaluate(config) -> None:
   if ev.classifier == "unlearncanvas" and not os.path.isdir(ev.classifier_dir):
     _fail("evaluate.classifier_dir", ev.classifier_dir, "no such folder",
           "give the folder with style_classifier.pth and object_classifier.pth")
-  for c in per_block(config):
-    for m in layout.RUN_OF_METHOD:
-      if m in ev.methods:
-        sae_cfg(f"evaluate.{m}_sae", layout.method_sae(c, m))
-        scores = layout.method_scores(c, m)
-        if not os.path.isfile(os.path.join(scores, "scores.npz")):
-          _fail(f"evaluate.{m}_scores", scores, "no scores.npz there",
-                "run python -m saemnesia_jax.scores on that SAE first")
+  method_inputs(config, ev.methods)
 
 
 def _unlearn(config) -> None:
@@ -398,6 +391,16 @@ def _unlearn(config) -> None:
             "run python -m saemnesia_jax.scores on that SAE first")
 
 
+def method_inputs(config, methods) -> None:
+  """Each SAE method's SAE and scores (evaluate.<method>_sae / _scores) exist, per block."""
+  for c in per_block(config):
+    for m in (m for m in layout.RUN_OF_METHOD if m in methods):
+      sae_cfg(f"evaluate.{m}_sae", layout.method_sae(c, m))
+      if not os.path.isfile(os.path.join(layout.method_scores(c, m), "scores.npz")):
+        _fail(f"evaluate.{m}_scores", layout.method_scores(c, m), "no scores.npz there",
+              "run python -m saemnesia_jax.scores on that SAE first")
+
+
 def _attack(config) -> None:
   a, ev = config.attack, config.evaluate
   check_model(config)
@@ -425,13 +428,21 @@ def _attack(config) -> None:
   if any(m != "none" for m in a.methods) and not os.path.isfile(layout.attack_chosen(config)):
     _fail("attack.chosen_from", a.chosen_from, f"no chosen settings at {layout.attack_chosen(config)}",
           "run the evaluate stage first, or give an evaluation's summary.json / chosen.json")
-  for c in per_block(config):
-    for m in layout.RUN_OF_METHOD:
-      if m in a.methods:
-        sae_cfg(f"evaluate.{m}_sae", layout.method_sae(c, m))
-        if not os.path.isfile(os.path.join(layout.method_scores(c, m), "scores.npz")):
-          _fail(f"evaluate.{m}_scores", layout.method_scores(c, m), "no scores.npz there",
-                "run python -m saemnesia_jax.scores on that SAE first")
+  method_inputs(config, a.methods)
+
+
+# ----------------------------------------------------------- writable
+
+
+def writable(stage: str, config) -> None:
+  """Refuses a stage whose output folder cannot be written (``io_utils.read_only``), before any work."""
+  if stage not in layout.OUTPUTS or config.get("dry_run"):
+    return
+  field, path = layout.OUTPUTS[stage](config)
+  why = io_utils.read_only(path)
+  if why:
+    _fail(field, _get(config, field), f"{why}: the stage could not write {path}",
+          "give a writable folder, or make it writable (chmod u+w)")
 
 
 def _pipeline_check(config) -> None:
@@ -483,4 +494,5 @@ def check(stage: str, config) -> None:
     if not config.get("dry_run"):
       _fail("topology", config.topology, "compiles for a TPU slice from this host: a dry run only",
             "add --config.dry_run=True (or leave topology '' to run on the local devices)")
+  writable(stage, config)
   CHECKS[stage](config)

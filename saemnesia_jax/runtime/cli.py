@@ -9,7 +9,7 @@ config checked (``runtime/checks.py``) before JAX or diffusers are imported: hel
 instant and a bad value costs a second, not a model load.
 
 Errors: the project's own (``errors.UserError``: a bad value, a missing or
-mismatched file) print as ``error: ...`` on stderr, at most three lines, and
+mismatched file, a full disk) print as ``error: ...`` on stderr, at most three lines, and
 exit with code 2. ``--debug`` (or ``SAEMNESIA_DEBUG=1``) shows their
 traceback. Any other exception is a bug and keeps its traceback.
 """
@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import saemnesia_jax
-from saemnesia_jax.runtime import checks, config_defaults, config_docs
+from saemnesia_jax.runtime import checks, config_defaults, config_docs, io_utils
 from saemnesia_jax.runtime.errors import ConfigError, UserError
 from saemnesia_jax.runtime.registry import STAGES
 
@@ -254,7 +254,12 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
       from saemnesia_jax.runtime import host_arrays  # deferred: ml_dtypes takes ~1 s; --help stays instant
       host_arrays.keep_freed_memory()  # XLA:CPU's per-call temporaries: no page faults every step
     module = importlib.import_module(STAGES[stage].module)
-    module.run(config)
+    try:
+      module.run(config)
+    except OSError as e:  # out of space in a write outside io_utils' atomic writer (a log, a checkpoint)
+      if e.errno not in io_utils.DISK_FULL:
+        raise
+      raise io_utils.disk_full(e.filename or "a file", e) from e
   except UserError as e:
     if debug:
       raise

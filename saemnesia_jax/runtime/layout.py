@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 from saemnesia_jax.canvas_mini import ASSET_DIR as CANVAS_MINI_ASSETS
 from saemnesia_jax.canvas_mini import PIPELINE_DIR as CANVAS_MINI_PIPELINE
@@ -231,3 +231,19 @@ def pipeline_record(workdir: str, step: str) -> str:
 
 def quick_workdir(workdir: str) -> str:
   return os.path.join(workdir, "quick")
+
+
+OUTPUTS: dict[str, Callable[[Any], tuple[str, str]]] = {  # (the field that sets it, the folder) a stage writes
+    "sample": lambda c: ("workdir", samples_dir(c.workdir)),
+    "collect": lambda c: ("collect.store_path" if c.collect.store_path else "workdir", store_path(c)),
+    "probe": lambda c: ("probe.out_dir" if c.probe.out_dir else "workdir", probe_dir(c)),
+    "train": lambda c: ("workdir", run_dir(c)),
+    "scores": lambda c: ("scores.out_dir", c.scores.out_dir) if c.scores.out_dir else
+    ("scores.sae_dir" if c.scores.sae_dir else "workdir", os.path.join(os.path.dirname(scores_sae_dir(c)),
+                                                                        SCORES)),
+    "evaluate": lambda c: ("evaluate.out_dir" if c.evaluate.out_dir else "workdir", eval_dir(c)),
+    "unlearn": lambda c: ("unlearn.out_dir" if c.unlearn.out_dir else "workdir", unlearn_dir(c)),
+    "report": lambda c: ("workdir", report_dir(c.workdir)),
+    "attack": lambda c: ("attack.out_dir" if c.attack.out_dir else "workdir", attack_dir(c)),
+    "pipeline": lambda c: ("workdir", c.workdir),
+}

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from saemnesia_jax.runtime.io_utils import atomic_write_bytes
+from saemnesia_jax.runtime.io_utils import atomic_write_bytes, write_point
 
 
 def manager(path: str, keep: int) -> ocp.CheckpointManager:
@@ -21,6 +21,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, reader_state: dict,
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader_state),
       meta=ocp.args.JsonSave(meta)))
+  write_point()  # the test hook may kill the process while orbax writes in the background
 
 
 def restore(mngr: ocp.CheckpointManager, init_fn: Callable, shardings: Any, x_sample: Any):
@@ -38,13 +39,23 @@ def restore(mngr: ocp.CheckpointManager, init_fn: Callable, shardings: Any, x_sa
   return out["state"], out["reader"], out["meta"]
 
 
-def keep_metrics_until(path: str, step: int) -> None:
+def keep_metrics_until(path: str, step: int, write: bool = True) -> bool:
   """Drops the metrics lines past ``step`` (logged after the checkpoint a
-  resumed run restarts from), so that every step appears once."""
+  rerun restarts from; 0 for a run killed before its first checkpoint) and a
+  line torn by a kill while it was written, so that every step appears once.
+  Returns whether the file held any line (TensorBoard then purges too)."""
   if not os.path.isfile(path):
-    return
+    return False
   with open(path) as f:
     lines = [l for l in f if l.strip()]
-  keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
-  if len(keep) != len(lines):
+  keep = []
+  for line in lines:
+    try:
+      rec = json.loads(line)
+    except ValueError:  # torn: the process died writing it
+      continue
+    if rec.get("step", 0) <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if keep != lines and write:
     atomic_write_bytes(path, "".join(keep).encode())
+  return bool(lines)

@@ -20,10 +20,11 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
 from saemnesia_jax.runtime.errors import UserError
-from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
+from saemnesia_jax.runtime.io_utils import DiskFullError, atomic_write_bytes, atomic_write_json, disk_full, read_json, write_point
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -183,10 +184,17 @@ def save_sparsify(params: dict[str, Any], cfg: dict[str, Any], folder: str, over
     raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it.")
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
+  for stale in os.listdir(parent):  # a killed export's: a whole SAE each
+    if stale.startswith((f".tmp-{os.path.basename(folder)}-", f".old-{os.path.basename(folder)}-")):
+      shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}-")
   try:
-    save_file(tensors, os.path.join(tmp, WEIGHTS_FILE))
-    atomic_write_json(os.path.join(tmp, CFG_FILE), out_cfg)
+    try:
+      atomic_write_bytes(os.path.join(tmp, WEIGHTS_FILE), safetensors_bytes(tensors))
+      atomic_write_json(os.path.join(tmp, CFG_FILE), out_cfg)
+    except DiskFullError as e:  # name the folder the user asked for, not the temp one
+      raise disk_full(folder, e.__cause__) from e.__cause__
+    write_point()
     if os.path.exists(folder):
       # Move the old folder aside first: rename cannot replace a non-empty folder.
       old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(folder)}-")

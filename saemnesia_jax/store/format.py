@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from saemnesia_jax.runtime.errors import UserError
-from saemnesia_jax.runtime.io_utils import dumps, read_json, usual_mode
+from saemnesia_jax.runtime.io_utils import dumps, read_json, usual_mode, write_point
 
 FORMAT = "saemnesia_jax.activation_store"
 VERSION = 1
@@ -366,6 +366,7 @@ def _create_json_exclusive(path: str, obj: Any) -> bool:
       f.flush()
       os.fsync(f.fileno())
     usual_mode(tmp)  # the manifest reads like the store's other files (0644 under umask 022)
+    write_point()
     try:
       os.link(tmp, path)
       return True

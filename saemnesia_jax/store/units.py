@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
+from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json, write_point
 from saemnesia_jax.store.format import LABEL_FILL, Store, StoreError
 
 # --------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def write_unit(store: Store, unit: int, acts: Any, labels: Any, *, overwrite: bo
   try:
     fa = store.acts[r0:r1].write(stored)
     fl = store.labels[r0:r1].write(lab)
+    write_point()  # the test hook may kill the process while both writes are in flight
     fa.result()
     fl.result()
   except ValueError as e:
