@@ -169,11 +169,10 @@ def warn_changed_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> 
 class TextCond(NamedTuple):
   """The text conditioning of a UNet call.
 
-  ``hidden`` (B, L, D): CLIP's last hidden state, read by cross-attention (SD
-  v1.x). ``pooled`` (B, D): CLIP's pooled output (at the eos token), added to
-  the timestep embedding by UNets with ``addition_embed_type='text_time'``
-  (SDXL's global conditioning; CanvasMini uses it so that the object, a
-  global property of the image, reaches every ResNet block).
+  ``hidden`` (B, L, D): CLIP's last hidden state, read by cross-attention (SD v1.x).
+  ``pooled`` (B, D): CLIP's pooled output (at the eos token), added to the timestep
+  embedding by UNets with ``addition_embed_type='text_time'`` (SDXL's global
+  conditioning; CanvasMini uses it so that the object reaches every ResNet block).
   """
   hidden: jax.Array
   pooled: jax.Array
