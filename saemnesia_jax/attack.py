@@ -315,7 +315,7 @@ def summarise(config, results: units_lib.UnitResults, todo: list[dict], out_dir:
       "prefix_tokens": a.prefix_tokens, "steps": a.steps, "learning_rate": a.learning_rate,
       "timesteps_per_step": a.timesteps_per_step, "prompts": a.prompts, "target_seeds": list(a.target_seeds)},
       "wall_s": sum(results.read(u)["wall_s"] for u in todo)}
-  atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  atomic_write_json(os.path.join(out_dir, "summary.json"), summary, nonfinite_as_null=True)  # NaN / inf: null
   return summary
 
 

@@ -339,7 +339,8 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
              "trials_per_concept": trials,
              "trials_total": totals,
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
-  atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  # A table cell without images, or no difference to separate, is NaN / inf: null in the JSON.
+  atomic_write_json(os.path.join(out_dir, "summary.json"), summary, nonfinite_as_null=True)
   return summary
 
 

@@ -247,10 +247,10 @@ def format_difference(diffs: Mapping[str, Mapping[str, float]], a: str, b: str, 
   lines = [f"| {a} - {b} | difference (points) | 95% interval (paired) | SE | {unit} needed to separate |",
            "|---|---|---|---|---|"]
   for k, r in diffs.items():
-    need = r["seeds_needed"]
+    need = math.nan if r["seeds_needed"] is None else r["seeds_needed"]  # null in a summary.json read back
     need_s = "n/a" if math.isnan(need) else ("never (no difference)" if math.isinf(need) else f"{math.ceil(need)}")
-    if not math.isnan(r["lo"]) and (r["lo"] > 0 or r["hi"] < 0):
+    if r["lo"] is not None and r["hi"] is not None and not math.isnan(r["lo"]) and (r["lo"] > 0 or r["hi"] < 0):
       need_s += " (separated now)"
-    lines.append(f"| {k} | {100 * r['diff']:+.2f} | [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}] | "
-                 f"{100 * r['se']:.2f} | {need_s} |")
+    pts = {f: "n/a" if r[f] is None or math.isnan(r[f]) else f"{100 * r[f]:+.2f}" for f in ("diff", "lo", "hi", "se")}
+    lines.append(f"| {k} | {pts['diff']} | [{pts['lo']}, {pts['hi']}] | {pts['se'].lstrip('+')} | {need_s} |")
   return "\n".join(lines) + "\n"

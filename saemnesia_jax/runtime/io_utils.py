@@ -152,9 +152,10 @@ def _finite_or_none(obj: Any) -> Any:
   return obj
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-  """``obj`` as strict JSON (``dumps``), written atomically."""
-  atomic_write_bytes(path, (dumps(obj, indent=2, where=path) + "\n").encode())
+def atomic_write_json(path: str, obj: Any, nonfinite_as_null: bool = False) -> None:
+  """``obj`` as strict JSON (``dumps``), written atomically; ``nonfinite_as_null``
+  for result tables whose NaN / inf mean "no value" (written as null)."""
+  atomic_write_bytes(path, (dumps(obj, indent=2, where=path, nonfinite_as_null=nonfinite_as_null) + "\n").encode())
 
 
 def read_json(path: str) -> Any:
