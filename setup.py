@@ -33,7 +33,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
         # CPU torch, only to read or write PyTorch weights.  On these machines
         # install it first with `pip install torch==2.13.0` (a local wheel).
         "torch": ["torch>=2.1"],
