@@ -33,8 +33,8 @@ both read.
 
 The clamp's gammas (evaluate.gammas) are scaled to this SAE: the clamp
 multiplies a latent by gamma * mu_target, and mu_target is a few activation
-units here, so the grid is (-0.1, -0.5, -2, -10) rather than the papers'
-(-1 ... -30).
+units here, so the grids span -0.05 .. -40 rather than the papers'
+(-1 ... -30). The evaluation section says how Table 1 is made fair.
 
 The measurements behind these choices (the classifiers' accuracy, the model
 sizes, the probe of each block, the gamma trial) are in docs/results.md.
@@ -42,6 +42,8 @@ sizes, the probe of each block, the gamma trial) are in docs/results.md.
 import ml_collections
 
 from saemnesia_jax.runtime import config_defaults
+
+SAEMNESIA_GAMMAS = "-0.05/-0.15/-0.4/-1/-2.5/-6/-15/-40"  # evaluate.variants' SAEmnesia grid
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -178,27 +180,36 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   config_defaults.add_stage_sections(
       config,
-      # 130 prompts x 4 seeds x 25 steps = 13,000 maps of 16 tokens.
-      # allow_eval_overlap: seed 1 is also the sweep's (evaluate.sweep_seeds),
-      # so the sweep judges 100 images the SAEs were trained on; the committed
-      # results were measured so. The protocol wants disjoint seeds (e.g.
-      # (3, 4, 5, 6)), which needs a new collection and every stage after it.
-      collect=dict(seeds=(0, 1, 2, 3), allow_eval_overlap=True),
+      # 130 prompts x 4 seeds x 25 steps = 13,000 maps of 16 tokens. No seed
+      # of the collection is judged: the evaluation's seeds are 5, 6, 188, 288.
+      collect=dict(seeds=(0, 1, 2, 3)),
       sae=dict(expansion_factor=16, k=8, dead_tokens=1_000_000),
       # early_stop=True: the committed results come from the best-validation
       # export; the papers' protocol trains the full schedule (False).
       train=dict(steps=3000, early_stop=True),
-      # 1,024 latents: the percentiles that keep about 3 and 1 of them. The
-      # grid is smaller than the papers' (3 percentiles x 7 gammas) so that
-      # the whole evaluation (about 360 answer sets of 100 images, 10 s each
-      # on 2 CPU cores) takes about an hour: SAeUron 2 x 4 = 8 trials per
-      # concept, SAEmnesia 4.
-      # seed_images=False: the committed CanvasMini results were measured on the
-      # 100 styled prompts only; True (the protocol) adds each object's
-      # unstyled prompt to the answer set (110 = the sampler batch) and needs
-      # a rerun of the evaluation.
-      evaluate=dict(percentiles=(99.7, 99.9), gammas=(-0.1, -0.5, -2.0, -10.0),
-                    eval_seeds=(188, 288), seed_images=False),
+      # Table 1 as a reviewer would accept it (docs/results.md, 2026-12-08):
+      # - one judge for every row: the object head that can answer "no object";
+      # - each concept's setting swept on seed 5 (in no collection), each
+      #   method's rule chosen on seed 6 by Table 1's average, the table on
+      #   seeds 188 and 288, used for neither choice;
+      # - equal grids, 8 trials per concept for both methods: SAeUron 2
+      #   percentiles (of 1,024 latents, about 3 and 1 of them) x 4 gammas,
+      #   SAEmnesia 8 gammas (a superset of SAeUron's 4), spanning 0.05 .. 40
+      #   so that a choice at either end would show the grid is too narrow;
+      # - the rules: the papers' selection (UA + IRA) / 2 on the equal grid
+      #   [grid], (UA + IRA + CRA) / 3 [cra], (UA + coherent UA + IRA) / 3
+      #   [ucoh] (evaluation/variants.py); the papers' rule at the papers'
+      #   budget (SAEmnesia: 4 gammas) is the plain row. The clamp's gammas
+      #   are scaled to this SAE: it multiplies a latent by gamma * mu_target,
+      #   a few activation units here.
+      # sequential=False: Table 1 only (--config.evaluate.sequential=True adds
+      # sequential unlearning).
+      evaluate=dict(percentiles=(99.7, 99.9), gammas=(-0.15, -1.0, -6.0, -40.0),
+                    variants=tuple(f"{name}: {select}gammas.saemnesia={SAEMNESIA_GAMMAS}" for name, select in
+                                   (("grid", ""), ("cra", "select=ua_ira_cra "),
+                                    ("ucoh", "select=ua_coherent_ira "))),
+                    sweep_seeds=(5,), rule_seeds=(6,), eval_seeds=(188, 288),
+                    classifier="canvas_mini_no_object", sequential=False, seed_images=False),
       # The SAEmnesia fine-tune (configs/canvas_mini_sup.py explains the choice).
       pipeline=dict(sup_loss="softmax",
                     sup_train=dict(steps=2000, batch_size=32, learning_rate=1e-3, lr_decay="constant",

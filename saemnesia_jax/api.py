@@ -31,6 +31,7 @@ from saemnesia_jax.diffusion import models
 from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
 from saemnesia_jax.evaluation import images as img_utils
+from saemnesia_jax.evaluation import variants
 from saemnesia_jax.runtime import layout
 from saemnesia_jax.runtime.io_utils import read_json
 from saemnesia_jax.sae import artifacts
@@ -89,9 +90,10 @@ def load_scores(path: str) -> dict[str, np.ndarray]:
 
 def load_chosen(path: str) -> dict[str, dict]:
   """Chosen settings {'method/domain/concept': {'gamma': ..[, 'percentile': ..]}} from
-  chosen.json or the evaluate stage's summary.json."""
+  chosen.json or the evaluate stage's summary.json (each method at the row its
+  rule choice picked, where the evaluation chose one: ``evaluate.rule_seeds``)."""
   data = read_json(path)
-  return dict(data.get("chosen", data)) if isinstance(data, dict) else {}
+  return variants.headline_choices(data) if isinstance(data, dict) else {}
 
 
 def concept_names(tables: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:

@@ -56,6 +56,7 @@ from saemnesia_jax.diffusion import setup as common
 from saemnesia_jax.diffusion.sampler import sample_prompts, sample_token_ids
 from saemnesia_jax.evaluation import concepts, intervals, protocol
 from saemnesia_jax.evaluation import images as img_utils
+from saemnesia_jax.evaluation import variants
 from saemnesia_jax.runtime import layout, runs
 from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.runtime.errors import ConfigError
@@ -68,8 +69,8 @@ NOT_RESULT = ("attack.out_dir", "attack.chosen_from", "attack.grid", "attack.sto
               "model.path", "model.weights", "model.seed", "evaluate.out_dir", "evaluate.saeuron_sae",
               "evaluate.saeuron_scores", "evaluate.saemnesia_sae", "evaluate.saemnesia_scores",
               "evaluate.classifier_dir", "evaluate.grids", "evaluate.grid_rows", "evaluate.chosen_from",
-              "evaluate.recognised_confidence", "evaluate.variants", "evaluate.gammas", "evaluate.percentiles",
-              "evaluate.sweep_seeds", "evaluate.sequential", "evaluate.sequential_objects",
+              "evaluate.recognised_confidence", "evaluate.variants", "evaluate.rule_seeds", "evaluate.gammas",
+              "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.sequential", "evaluate.sequential_objects",
               "evaluate.saemnesia_percentiles", "evaluate.saeuron_style_setting")
 # Units are keyed by method, concept, setting and seeds: more concepts or methods add units.
 CONTINUABLE = ("attack.methods", "attack.objects", "attack.styles", "evaluate.methods", "evaluate.objects",
@@ -93,8 +94,7 @@ def read_chosen(config) -> dict:
   if not os.path.isfile(path):
     raise ConfigError(f"no chosen settings at {path}: run the evaluate stage first, or give "
                       "--config.attack.chosen_from=<an evaluation's summary.json or chosen.json>")
-  data = read_json(path)
-  return dict(data.get("chosen", data))
+  return variants.headline_choices(read_json(path))  # each method at its headline row's settings
 
 
 def units(config, chosen: dict) -> list[dict]:

@@ -83,14 +83,14 @@ def plan(config: ml_collections.ConfigDict):
 
 
 def evaluation_overlap(config: ml_collections.ConfigDict, grid=None, trajs=None) -> list[tuple[str, int]]:
-  """(prompt, seed) pairs that the collection and the evaluation (sweep or
-  final seeds) both sample: images the SAE, its scores and its supervision
+  """(prompt, seed) pairs that the collection and the evaluation (sweep, rule
+  or final seeds) both sample: images the SAE, its scores and its supervision
   would see before they are judged."""
   if grid is None:
     grid, trajs = plan(config)
   ev = config.evaluate
   judged = {(p.prompt, int(s)) for p in protocol.evaluation_grid(config)
-            for s in tuple(ev.sweep_seeds) + tuple(ev.eval_seeds)}
+            for s in tuple(ev.sweep_seeds) + tuple(ev.get("rule_seeds", ())) + tuple(ev.eval_seeds)}
   return sorted({(grid[i].prompt, int(s)) for i, s in trajs} & judged)
 
 

@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
 
 from saemnesia_jax import judges
 from saemnesia_jax.diffusion import blocks, clamp, erase
@@ -56,9 +55,9 @@ from saemnesia_jax.evaluation import images as img_utils
 from saemnesia_jax.evaluation import intervals, metrics, protocol, quality
 from saemnesia_jax.evaluation import plan as plan_lib
 from saemnesia_jax.evaluation import variants as variants_lib
-from saemnesia_jax.evaluation.plan import (arms, choose, final_unit, final_units, grid_arms,  # noqa: F401
-                                           reused_choices, sequential_units, settings, sweep_units, targets,
-                                           unit_metrics, unit_quality)
+from saemnesia_jax.evaluation.plan import (arms, choose, choose_rules, final_unit, final_units,  # noqa: F401
+                                           grid_arms, reported, reused_choices, rule_units, sequential_units,
+                                           settings, sweep_units, targets, unit_metrics, unit_quality)
 from saemnesia_jax.runtime import layout, runs, sizing
 from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, hash_files, read_json
@@ -75,7 +74,8 @@ NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scor
 # Units are keyed by their concept, setting and seeds: a changed grid adds units,
 # and so does another chosen_from file (a changed choice is a new final unit).
 CONTINUABLE = ("evaluate.methods", "evaluate.variants", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
-               "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.sequential",
+               "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.rule_seeds",
+               "evaluate.sequential",
                "evaluate.sequential_objects", "input:chosen_from")
 
 
@@ -282,11 +282,14 @@ def keep_dropped_inputs(out_dir: str, fp: dict, methods) -> dict:
 # ------------------------------------------------------------------ report
 
 
-def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str) -> dict:
+def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir: str, rules: dict | None = None,
+           devs=()) -> dict:
   ev = config.evaluate
   rows, per_concept, wall, qual, answers = {}, [], {}, {}, {}
   base = next((u for u in finals if u["method"] == "none"), None)
-  labels = (["none"] if "none" in ev.methods else []) + [v.label(m) for m, v in arms(config)]
+  rows_kept = {label for label, _, _ in chosen}  # with a rule choice: the papers' rows and the chosen ones
+  labels = (["none"] if "none" in ev.methods else []) + [v.label(m) for m, v in arms(config)
+                                                         if v.label(m) in rows_kept]
   for m in labels:
     concept_rows = []
     for d, n in targets(config):
@@ -303,13 +306,13 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
                  for d in ("object", "style")}
     if any(by_domain.values()):
       qual[m] = by_domain
-  for u in sweep_units(config) + finals:
+  for u in sweep_units(config) + list(devs) + finals:
     wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
   trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}  # per object
   totals = {v.label(m): sum(len(settings(config, m, v, d)) for d, _ in targets(config)) for m, v in arms(config)}
   unc = plan_lib.uncertainty(config, answers, rows)  # 95% intervals over images; SAEmnesia - SAeUron, paired
   metrics.write_table(os.path.join(out_dir, "table"), rows, intervals=unc["intervals"],
-                      footer=difference_text(unc))
+                      footer=intervals.difference_text(unc))
   # What each row cost: sweep trials (per concept and in all); sampling + judging time per method.
   cost = ["| method | trials per concept | trials | wall of the method's units (min) |", "|---|---|---|---|"]
   cost += [f"| {m} | {trials.get(m, 0)} | {totals.get(m, 0)} | "
@@ -322,6 +325,12 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   vs = variants_lib.variants(config)
   if len(vs) > 1:
     cost += ["", "Rules: " + "; ".join(f"[{v.name or 'paper'}] {variants_lib.describe(v, ev.gammas)}" for v in vs)]
+  if rules:
+    cost += ["", f"Rule chosen per method by the Table-1 average on the development seeds {tuple(ev.rule_seeds)} "
+             "(the table reports the chosen row and the papers' rule, on the held-out seeds):", "",
+             "| row | avg on the development seeds | chosen |", "|---|---|---|"]
+    cost += [f"| {label} | {100 * a:.2f} | {'yes' if label in rules['chosen'].values() else ''} |"
+             for label, a in rules["avg"].items()]
   atomic_write_bytes(os.path.join(out_dir, "cost.md"), ("\n".join(cost) + "\n").encode())
   seq_rows = {}
   for u in seqs:
@@ -330,7 +339,7 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   if seq_rows:
     flat = {f"{m} n={r['n']}": r for m, rs in seq_rows.items() for r in rs}
     metrics.write_table(os.path.join(out_dir, "sequential"), flat, columns=("UA", "IRA", "CRA"))
-    _plot_sequential(os.path.join(out_dir, "sequential.png"), seq_rows)
+    metrics.plot_sequential(os.path.join(out_dir, "sequential.png"), seq_rows)
   if qual:
     atomic_write_bytes(os.path.join(out_dir, "quality.md"), quality.format_markdown(qual).encode())
   summary = {"table": rows, "intervals": unc["intervals"], "difference": unc["difference"],
@@ -338,35 +347,11 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
              "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
              "trials_per_concept": trials,
              "trials_total": totals,
-             "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()}}
+             "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()},
+             "rules": rules or {}, "headline": (rules or {}).get("chosen", {})}
   # A table cell without images, or no difference to separate, is NaN / inf: null in the JSON.
   atomic_write_json(os.path.join(out_dir, "summary.json"), summary, nonfinite_as_null=True)
   return summary
-
-
-def difference_text(unc: dict) -> str:
-  """The paired difference SAEmnesia - SAeUron as Markdown ('' without both methods)."""
-  if not unc.get("difference"):
-    return ""
-  return (f"Paired bootstrap over the same images ({unc['n_boot']} replicates, {unc['eval_seeds']} held-out "
-          "seeds now; seeds needed: normal approximation, evaluation/intervals.py):\n\n"
-          + intervals.format_difference(unc["difference"], "saemnesia", "saeuron"))
-
-
-def _plot_sequential(path, seq_rows):
-  fig = Figure(figsize=(11, 3.2))
-  axes = fig.subplots(1, 3)
-  for ax, key in zip(axes, ("UA", "IRA", "CRA")):
-    for m, rs in seq_rows.items():
-      ax.plot([r["n"] for r in rs], [100 * r[key] for r in rs], marker="o", label=m)
-    ax.set_xlabel("objects erased at once")
-    ax.set_ylabel(f"{key} (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-  axes[0].legend()
-  fig.suptitle("Sequential unlearning")
-  fig.tight_layout()
-  atomic_write_bytes(path, metrics._png(fig))
 
 
 def _grid_prompts(config, domain: str, name: str, n_with: int, n_without: int) -> list[str]:
@@ -407,6 +392,8 @@ def erasure_grid(ev_ctx: Evaluation, chosen, out_dir: str, per_domain: int = 2) 
     labels.append(f"{name}: no erasure")
     for m, v in grid_arms(config):  # each method under the papers' rule, then under each variant
       label = v.label(m)
+      if (label, domain, name) not in chosen:
+        continue  # a rule not chosen on the development seeds
       sae_m = ev_ctx.sae(m, domain)
       s = ev_ctx.sampler(sae_m["k"], ev_ctx.domain_block[domain])
       spec = ev_ctx.spec(m, [(domain, name, chosen[(label, domain, name)])], s)
@@ -461,19 +448,24 @@ def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = T
   units_lib.run_units(root, sweep, ctx.run_unit, progress=progress)
   units_lib.barrier("evaluate-sweep")
   chosen = choose(config, results)
+  devs = rule_units(config, chosen)  # with evaluate.rule_seeds: each method's rule, chosen on them
+  units_lib.run_units(root, devs, ctx.run_unit, progress=progress)
+  units_lib.barrier("evaluate-rules")
+  rules = choose_rules(config, results, chosen) if devs else None
+  chosen = reported(config, chosen, rules)
   finals = final_units(config, chosen)
   units_lib.run_units(root, finals, ctx.run_unit, progress=progress)
   seqs = sequential_units(config, chosen)
   units_lib.run_units(root, seqs, ctx.run_unit, progress=progress)
-  units_lib.gather(root, sweep + finals + seqs)
+  units_lib.gather(root, sweep + devs + finals + seqs)
   if jax.process_index() != 0:
     return None
-  summary = report(config, results, chosen, finals, seqs, out_dir)
+  summary = report(config, results, chosen, finals, seqs, out_dir, rules=rules, devs=devs)
   if ev.grids and "none" in ev.methods and ctx.methods:
     summary["erasure_grid"] = erasure_grid(ctx, chosen, out_dir)
   summary["wall_s_total"] = time.perf_counter() - t0
   print(metrics.format_markdown(summary["table"], intervals=summary["intervals"]))
-  print(difference_text({**summary["bootstrap"], "difference": summary["difference"]}))
+  print(intervals.difference_text({**summary["bootstrap"], "difference": summary["difference"]}))
   if summary["quality"]:
     print("Image quality under erasure (FD: judge-feature Frechet distance to the same prompts unerased, "
           f"lower is better; recognised: the other domain's classifier at >= "

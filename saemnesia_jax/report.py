@@ -66,11 +66,17 @@ def _pct(v):
 
 def table1(summary: dict) -> str:
   """Table 1: the measured rows, each number with its 95% bootstrap interval
-  over images where the summary holds one, then the published ones (marked, in italics)."""
+  over images where the summary holds one (a method's row chosen on the
+  development seeds in bold), then, in a table of their own, the published
+  ones: another model, judge and rule, so never a row of the measured table."""
   lines = ["| method | style UA | IRA | CRA | object UA | IRA | CRA | avg |", "|---|---|---|---|---|---|---|---|"]
   ivs = summary.get("intervals") or {}
+  headline = set((summary.get("headline") or {}).values())
   for m, row in summary["table"].items():
-    lines.append(f"| {m} | " + " | ".join(_with_interval(row.get(k), ivs.get(m, {}).get(k)) for k in _KEYS) + " |")
+    label = f"**{m}** (rule chosen on the development seeds)" if m in headline else m
+    lines.append(f"| {label} | " + " | ".join(_with_interval(row.get(k), ivs.get(m, {}).get(k)) for k in _KEYS) + " |")
+  lines += ["", "Published (SAEmnesia's Table 1: Stable Diffusion v1.5, UnlearnCanvas' judges, the papers' "
+            "rule): another measurement, not comparable with the rows above.", "", lines[0], lines[1]]
   for m, row in PUBLISHED.items():
     lines.append(f"| *{m} (published, not measured here)* | " + " | ".join(f"*{row[k]:.2f}*" for k in _KEYS) + " |")
   return "\n".join(lines)

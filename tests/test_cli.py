@@ -28,7 +28,7 @@ def test_help_exits_0_and_documents_the_fields():
     assert line in r.stdout
   r = _run("saemnesia_jax.evaluate", "--help", "--config", "configs/canvas_mini.py")
   assert r.returncode == 0, r.stderr
-  assert "evaluate.gammas" in r.stdout and "(-0.1, -0.5, -2.0, -10.0)" in r.stdout
+  assert "evaluate.gammas" in r.stdout and "(-0.15, -1.0, -6.0, -40.0)" in r.stdout
 
 
 def test_every_shared_field_is_documented():

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from saemnesia_jax.evaluation import plan
+from saemnesia_jax.evaluation import plan, variants
 from saemnesia_jax.runtime import units as units_lib
 from saemnesia_jax.runtime.errors import ConfigError
 
@@ -74,3 +74,41 @@ def test_grid_rows_pick_the_erasure_grids_rows_by_label():
   c.evaluate.grid_rows = ("saemnesia [bucoh]",)
   with pytest.raises(ConfigError, match=r"grid_rows: 'saemnesia \[bucoh\]' is not a row.*saeuron \[both\]"):
     plan.grid_arms(c)
+
+
+def test_the_rule_is_chosen_on_the_development_seeds_and_only_its_row_goes_on(tmp_path):
+  """evaluate.rule_seeds: each row's choices are judged on the development seeds,
+  the method's best row by Table 1's avg is kept beside the papers' rule, and
+  the held-out finals are other units (other seeds)."""
+  c = _config((1,))
+  c.evaluate.update(dict(variants=("cra: select=ua_ira_cra", "other: select=ua_ira_cra"),
+                         eval_seeds=(188,), rule_seeds=(6,)))
+  mild, strong = {"gamma": -1.0}, {"gamma": -10.0}
+  chosen = {("saemnesia", "object", "cat"): mild, ("saemnesia", "style", "pastel"): mild,
+            ("saemnesia [cra]", "object", "cat"): strong, ("saemnesia [cra]", "style", "pastel"): mild,
+            ("saemnesia [other]", "object", "cat"): mild, ("saemnesia [other]", "style", "pastel"): mild}
+  devs = plan.rule_units(c, chosen)
+  # none + 3 distinct (concept, setting) answer sets, every one on seed 6 only.
+  assert len(devs) == 4 and all(u["seeds"] == [6] for u in devs)
+  finals = plan.final_units(c, chosen)
+  assert not {units_lib.unit_id(u) for u in devs} & {units_lib.unit_id(u) for u in finals}
+  results = units_lib.UnitResults(str(tmp_path))
+  for u in devs:
+    # The strong gamma erases cat (every cat image judged dog) and keeps dog; the mild one erases nothing.
+    erased_cat = u.get("domain") == "object" and u["setting"] == strong
+    results.write(u, {"true_object": TRUE_OBJ, "true_style": TRUE_STY,
+                      "pred_object": [1, 1, 1, 1] if erased_cat else TRUE_OBJ, "pred_style": TRUE_STY,
+                      "wall_s": 1.0})
+  rules = plan.choose_rules(c, results, chosen)
+  assert rules["chosen"] == {"saemnesia": "saemnesia [cra]"}
+  # Only the object UA differs (1 against 0): one sixth of Table 1's average.
+  assert rules["avg"]["saemnesia [cra]"] - rules["avg"]["saemnesia"] == pytest.approx(1 / 6)
+  assert rules["avg"]["saemnesia [other]"] == rules["avg"]["saemnesia"]  # a tie keeps the papers' row
+  kept = plan.reported(c, chosen, rules)
+  assert {label for label, _, _ in kept} == {"saemnesia", "saemnesia [cra]"}
+  assert plan.reported(c, chosen, None) == chosen  # no rule seeds: every row
+  # unlearn and attack read each method at its headline row's settings.
+  summary = {"chosen": {"/".join(k): s for k, s in kept.items()}, "headline": rules["chosen"]}
+  picked = variants.headline_choices(summary)
+  assert picked["saemnesia/object/cat"] == strong and picked["saemnesia/style/pastel"] == mild
+  assert variants.headline_choices({"chosen": summary["chosen"]})["saemnesia/object/cat"] == mild

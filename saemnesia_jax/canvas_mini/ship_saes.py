@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from saemnesia_jax.canvas_mini import ASSET_DIR
+from saemnesia_jax.evaluation import variants
 from saemnesia_jax.runtime import layout
 from saemnesia_jax.runtime.io_utils import atomic_write_json, read_json
 from saemnesia_jax.sae import artifacts as scores_lib
@@ -54,10 +55,17 @@ def ship(workdir: str, chosen_path: str, dest: str = ASSET_DIR) -> dict:
     manifest["shipped"] = {"arrays": list(keep), "from": os.path.join(src, layout.SCORES)}
     atomic_write_json(os.path.join(out, layout.SCORES, scores_lib.MANIFEST_FILE), manifest)  # last: complete
     sizes[run] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+  ship_chosen(chosen_path, dest)
+  return sizes
+
+
+def ship_chosen(chosen_path: str, dest: str = ASSET_DIR) -> None:
+  """chosen.json: the evaluation's table and chosen settings, each method's
+  plain key at its headline row (evaluation/variants.headline_choices)."""
   summary = read_json(chosen_path)
   atomic_write_json(os.path.join(dest, "chosen.json"), {
-      "source": os.path.relpath(chosen_path), "table": summary.get("table"), "chosen": summary["chosen"]})
-  return sizes
+      "source": os.path.relpath(chosen_path), "table": summary.get("table"),
+      "headline": summary.get("headline") or {}, "chosen": variants.headline_choices(summary)})
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

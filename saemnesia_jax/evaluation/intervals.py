@@ -254,3 +254,12 @@ def format_difference(diffs: Mapping[str, Mapping[str, float]], a: str, b: str, 
     pts = {f: "n/a" if r[f] is None or math.isnan(r[f]) else f"{100 * r[f]:+.2f}" for f in ("diff", "lo", "hi", "se")}
     lines.append(f"| {k} | {pts['diff']} | [{pts['lo']}, {pts['hi']}] | {pts['se'].lstrip('+')} | {need_s} |")
   return "\n".join(lines) + "\n"
+
+
+def difference_text(unc: dict) -> str:
+  """The paired difference SAEmnesia - SAeUron as Markdown ('' without both methods)."""
+  if not unc.get("difference"):
+    return ""
+  return (f"Paired bootstrap over the same images ({unc['n_boot']} replicates, {unc['eval_seeds']} held-out "
+          "seeds now; seeds needed: normal approximation, evaluation/intervals.py):\n\n"
+          + format_difference(unc["difference"], "saemnesia", "saeuron"))

@@ -420,3 +420,21 @@ def plot_sweep(path: str, gammas: Sequence[float], curves: Mapping[str, Sequence
     ax.set_title(title, fontsize=9)
   atomic_write_bytes(path, _png(fig))
   return path
+
+
+def plot_sequential(path: str, seq_rows: Mapping[str, Sequence[Mapping[str, float]]]) -> None:
+  """Sequential unlearning: UA / IRA / CRA against the number of objects erased at once."""
+  from matplotlib.figure import Figure  # deferred: matplotlib only to plot (the checks import this module)
+  fig = Figure(figsize=(11, 3.2))
+  axes = fig.subplots(1, 3)
+  for ax, key in zip(axes, ("UA", "IRA", "CRA")):
+    for m, rs in seq_rows.items():
+      ax.plot([r["n"] for r in rs], [100 * r[key] for r in rs], marker="o", label=m)
+    ax.set_xlabel("objects erased at once")
+    ax.set_ylabel(f"{key} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle("Sequential unlearning")
+  fig.tight_layout()
+  atomic_write_bytes(path, _png(fig))

@@ -9,6 +9,9 @@ resumed and split over processes:
   is the sweep's unit of evidence, and another seed adds units without
   redoing the ones already sampled. A rule variant that only changes the
   selection criterion shares the papers' units (``evaluation/variants.py``).
+* rule units (with ``evaluate.rule_seeds``): each row's chosen settings on the
+  development seeds, where each method's rule (the papers' or a variant) is
+  chosen by its Table-1 average; only the chosen rows and the papers' go on.
 * final units: each row's chosen setting per concept, on the held-out seeds.
 * sequential units: the first 1, 2, ... objects erased at once, with their
   chosen settings (the papers' rule).
@@ -17,6 +20,8 @@ resumed and split over processes:
 ``evaluate.chosen_from`` takes an earlier evaluation's choices instead.
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -244,6 +249,47 @@ def final_units(config, chosen) -> list[dict]:
   out = [{"phase": "final", "method": "none", "seeds": list(ev.eval_seeds)}] if "none" in ev.methods else []
   out += [final_unit(config, label, d, n, s) for (label, d, n), s in sorted(chosen.items())]
   return _unique(out)
+
+
+def with_eval_seeds(config, seeds):
+  """A copy of ``config`` whose held-out seeds are ``seeds``."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.evaluate.eval_seeds = tuple(int(s) for s in seeds)
+  return out
+
+
+def rule_units(config, chosen) -> list[dict]:
+  """Every row's chosen settings on ``evaluate.rule_seeds`` (none without them):
+  the development set on which each method's rule is chosen."""
+  seeds = tuple(config.evaluate.get("rule_seeds", ()))
+  return final_units(with_eval_seeds(config, seeds), chosen) if seeds else []
+
+
+def choose_rules(config, results: units_lib.UnitResults, chosen) -> dict:
+  """Per method, the row whose Table-1 average on ``evaluate.rule_seeds`` is the
+  highest (ties keep the earlier row: the papers' rule first), so that the table
+  on ``eval_seeds`` reports a rule chosen without them. Returns {'avg': {row
+  label -> average on the development seeds}, 'chosen': {method -> row label}}."""
+  dev = with_eval_seeds(config, config.evaluate.rule_seeds)
+  avg, best = {}, {}
+  for m, v in arms(config):
+    label = v.label(m)
+    rows = [{"domain": d, **unit_metrics(results.read(final_unit(dev, label, d, n, chosen[(label, d, n)])),
+                                         d, [n], config)} for d, n in targets(config)]
+    avg[label] = float(metrics.average_table(rows)["avg"])
+    if m not in best or avg[label] > avg[best[m]]:
+      best[m] = label
+  return {"avg": avg, "chosen": best}
+
+
+def reported(config, chosen, rules: dict | None):
+  """The choices of the rows the table reports: every row, or with a rule
+  choice the papers' rule and each method's chosen row."""
+  if not rules:
+    return chosen
+  keep = {m for m, v in arms(config) if not v.name} | set(rules["chosen"].values())
+  return {k: s for k, s in chosen.items() if k[0] in keep}
 
 
 def sequential_units(config, chosen) -> list[dict]:

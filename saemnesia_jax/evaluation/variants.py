@@ -150,6 +150,21 @@ def variants(config) -> list[Variant]:
   return out
 
 
+def headline_choices(data: Mapping[str, Any]) -> dict[str, dict]:
+  """Chosen settings {'method/domain/concept': setting} of an evaluation's
+  summary.json or a chosen.json. With a rule chosen on development seeds
+  (``evaluate.rule_seeds``; the file's ``headline``: {method -> row label}),
+  each method's plain key carries the setting of its chosen row, so that
+  unlearn and attack apply the erasure the table's headline measured."""
+  chosen = dict(data.get("chosen", data))
+  for method, label in dict(data.get("headline") or {}).items():
+    prefix = f"{label}/"
+    for key, setting in list(chosen.items()):
+      if key.startswith(prefix):
+        chosen[f"{method}/{key[len(prefix):]}"] = setting
+  return chosen
+
+
 def method_of(label: str) -> str:
   return label.split(" [", 1)[0]
 

@@ -342,8 +342,9 @@ def _evaluate(config) -> None:
   if ev.chosen_from and not os.path.isfile(ev.chosen_from):
     _fail("evaluate.chosen_from", ev.chosen_from, "no such file",
           "give an earlier evaluation's summary.json (or chosen.json), or '' to sweep")
-  if not 0 <= ev.recognised_confidence <= 1:
-    _fail("evaluate.recognised_confidence", ev.recognised_confidence, "must be a probability in [0, 1]")
+  if set(ev.rule_seeds) & set(ev.eval_seeds):  # recognised_confidence: the schema's range
+    _fail("evaluate.rule_seeds", tuple(ev.rule_seeds), f"overlaps evaluate.eval_seeds={tuple(ev.eval_seeds)}",
+          "choose the rule on seeds the table does not report")
   _one_of(config, "evaluate.classifier", ("canvas_mini", "canvas_mini_no_object", "unlearncanvas"))
   if config.get("dry_run"):
     return  # sizing the sampler needs no SAE, scores or classifiers

@@ -166,6 +166,7 @@ EVALUATE = dict(
     num_steps=0,  # DDIM steps of every evaluation sample (the protocol: 100); 0 -> sampler.num_steps
     sweep_seeds=(1,),  # seeds of the answer sets that choose each concept's setting (pooled; one unit per seed)
     eval_seeds=(188, 288, 588, 688, 888),  # held-out seeds of the reported tables
+    rule_seeds=(),  # development seeds: each method's rule (the papers' or a variant) is chosen on them by Table 1's avg, and the table shows the chosen rows and the papers'; () -> every row, no choice
     max_latents=32,  # clamp entries (one compile per size)
     seed_images=True,  # the answer set holds each object's unstyled prompt (Seed_Images) as UnlearnCanvas does
     sequential=True,  # also erase the first 1, 2, ... objects at once
@@ -332,4 +333,5 @@ def quick_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   ev.sequential_objects = tuple(ev.sequential_objects or config.concepts.objects)[:n]
   ev.gammas, ev.percentiles = tuple(p.quick_gammas), tuple(p.quick_percentiles)
   ev.eval_seeds = tuple(p.quick_eval_seeds)
+  ev.variants, ev.rule_seeds = (), ()  # quick: the papers' rule only
   return q
