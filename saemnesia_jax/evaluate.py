@@ -325,6 +325,10 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   vs = variants_lib.variants(config)
   if len(vs) > 1:
     cost += ["", "Rules: " + "; ".join(f"[{v.name or 'paper'}] {variants_lib.describe(v, ev.gammas)}" for v in vs)]
+  edges = plan_lib.edge_choices(config, chosen)
+  cost += ["", "Choices at an edge of the row's gamma grid (the grid may be too narrow for them): "
+           + "; ".join(f"{label} {len(e)} of {len(targets(config))}" + (f" ({', '.join(e)})" if e else "")
+                       for label, e in edges.items())]
   if rules:
     cost += ["", f"Rule chosen per method by the Table-1 average on the development seeds {tuple(ev.rule_seeds)} "
              "(the table reports the chosen row and the papers' rule, on the held-out seeds):", "",
@@ -348,7 +352,7 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
              "trials_per_concept": trials,
              "trials_total": totals,
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()},
-             "rules": rules or {}, "headline": (rules or {}).get("chosen", {})}
+             "rules": rules or {}, "headline": (rules or {}).get("chosen", {}), "edge_choices": edges}
   # A table cell without images, or no difference to separate, is NaN / inf: null in the JSON.
   atomic_write_json(os.path.join(out_dir, "summary.json"), summary, nonfinite_as_null=True)
   return summary

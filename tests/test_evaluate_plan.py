@@ -112,3 +112,13 @@ def test_the_rule_is_chosen_on_the_development_seeds_and_only_its_row_goes_on(tm
   picked = variants.headline_choices(summary)
   assert picked["saemnesia/object/cat"] == strong and picked["saemnesia/style/pastel"] == mild
   assert variants.headline_choices({"chosen": summary["chosen"]})["saemnesia/object/cat"] == mild
+
+
+def test_choices_at_an_edge_of_the_grid_are_named():
+  c = _config((1,))
+  c.evaluate.update(dict(gammas=(-1.0, -5.0, -10.0), variants=("wide: gammas.saemnesia=-1/-5/-10/-40",)))
+  chosen = {("saemnesia", "object", "cat"): {"gamma": -10.0}, ("saemnesia", "style", "pastel"): {"gamma": -5.0},
+            ("saemnesia [wide]", "object", "cat"): {"gamma": -10.0},
+            ("saemnesia [wide]", "style", "pastel"): {"gamma": -1.0}}
+  # -10 is the strongest of (-1, -5, -10) but inside (-1 ... -40); -1 is the mildest of both.
+  assert plan.edge_choices(c, chosen) == {"saemnesia": ["object/cat"], "saemnesia [wide]": ["style/pastel"]}

@@ -283,6 +283,23 @@ def choose_rules(config, results: units_lib.UnitResults, chosen) -> dict:
   return {"avg": avg, "chosen": best}
 
 
+def edge_choices(config, chosen) -> dict[str, list[str]]:
+  """Per row, the concepts ('domain/name') whose chosen gamma is the strongest
+  or the mildest of the row's grid: for them the grid may be too narrow. A
+  fixed setting (no sweep) is never at an edge."""
+  rows = {v.label(m): (m, v) for m, v in arms(config)}
+  out = {}
+  for (label, d, n), s in sorted(chosen.items()):
+    if label not in rows or fixed_setting(config, *rows[label], d) is not None:
+      continue
+    m, v = rows[label]
+    g = v.gammas_of(m, config.evaluate.gammas)
+    edge = out.setdefault(label, [])
+    if len(g) > 1 and s.get("gamma") in (min(g), max(g)):
+      edge.append(f"{d}/{n}")
+  return out
+
+
 def reported(config, chosen, rules: dict | None):
   """The choices of the rows the table reports: every row, or with a rule
   choice the papers' rule and each method's chosen row."""
