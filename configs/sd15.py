@@ -119,9 +119,10 @@ def get_config():
                                        "anchor_prompts/finetune_prompts")),
       # SAeUron's schedules: 5 epochs of the store at the object block, 10 at
       # the style block (no early stop; the export is the end of the
-      # schedule), steps derived from each store.
+      # schedule), steps derived from each store. Batches of 16 whole maps
+      # (4,096 tokens), as the released trainer draws them (train.batch_from).
       train=dict(epochs=5.0, style_block_epochs=10.0, batch_size=4096, learning_rate=4e-4,
-                 mesh_shape=(-1, 1)),
+                 mesh_shape=(-1, 1), batch_from="maps"),
       evaluate=dict(sequential_objects=("Bears", "Cats", "Flowers", "Frogs", "Jellyfish", "Sea",
                                         "Statues", "Sandwiches", "Waterfalls"),
                     classifier="unlearncanvas", num_steps=100),

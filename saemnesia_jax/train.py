@@ -234,8 +234,8 @@ def make_reader(tr: Trainer, st: store.Store, split: str, state: dict | None = N
   kw = dict(seed=t.seed, split=split, val_fraction=t.val_fraction, split_seed=t.seed,
             shuffle=shuffle, num_epochs=num_epochs, state=state, buffer_chunks=t.buffer_chunks,
             prefetch=shuffle, dtype=None, **reader_kw)
-  cls = store.MapBatches if tr.objective.per_map else store.TokenBatches
-  return cls(st, t.batch_size, **kw)
+  cls = store.MapBatches if tr.objective.reads_maps else store.TokenBatches
+  return cls(st, tr.objective.reader_batch_size(t.batch_size, st.tokens_per_map), **kw)
 
 
 def place(tr: Trainer, raw) -> dict:
@@ -305,9 +305,9 @@ def fingerprint(tr: Trainer, st: store.Store) -> dict:
 def steps_per_epoch(config: ml_collections.ConfigDict, st: store.Store) -> int:
   """Batches of ``config.train.batch_size`` in one pass over the train split
   (tokens unsupervised, maps supervised), as the trainer's reader draws them."""
-  t = config.train
-  cls = store.TokenBatches if config.sae.mode == "unsupervised" else store.MapBatches
-  reader = cls(st, t.batch_size, seed=t.seed, split="train", val_fraction=t.val_fraction, split_seed=t.seed,
+  t, objective = config.train, objectives.from_config(config, len(st.shape.objects))
+  cls = store.MapBatches if objective.reads_maps else store.TokenBatches
+  reader = cls(st, objective.reader_batch_size(t.batch_size, st.tokens_per_map), seed=t.seed, split="train", val_fraction=t.val_fraction, split_seed=t.seed,
                shuffle=False, prefetch=False, buffer_chunks=t.buffer_chunks)
   return reader.batches_per_epoch()
 
@@ -375,7 +375,7 @@ def train(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
       print(f"resumed {out_dir} at step {meta['step']} of {t.steps}")
   else:
     reader = make_reader(tr, st, "train")
-    sample = first[0].reshape(-1, st.d_in) if tr.objective.per_map else first
+    sample = first[0].reshape(-1, st.d_in) if tr.objective.reads_maps else first
     state = tr.init_fn(init_sample(tr, sample))
     meta = {"step": 0, "tokens_seen": 0, "wall_s": 0.0, "best_val": None, "bad_evals": 0,
             "stopped_early": False, "config": config.to_dict()}

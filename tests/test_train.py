@@ -241,3 +241,23 @@ if jax.process_index() == 0:
   for k in one:
     np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert np.abs(two["W_enc"] - w0).max() > 1e-4  # it trained
+
+
+def test_whole_map_batches_hold_every_token_of_their_maps(concept_store, tmp_path):
+  """train.batch_from=maps (SAeUron's released batches): a step's tokens are
+  whole maps, batch_size / tokens_per_map of them; the epoch counts maps."""
+  c = _config(tmp_path, concept_store[0], batch_from="maps")
+  tr, st = _setup(c)
+  reader = train.make_reader(tr, st, "train", shuffle=False)
+  assert isinstance(reader, store.MapBatches)
+  maps, _ = next(train.make_reader(tr, st, "train", shuffle=False))
+  assert maps.shape == (32 // st.tokens_per_map, st.tokens_per_map, st.d_in)
+  x = np.asarray(train.place(tr, next(reader))["x"])
+  np.testing.assert_array_equal(x, np.asarray(maps).reshape(32, st.d_in))
+  tokens = train.steps_per_epoch(_config(tmp_path, concept_store[0]), st)
+  assert train.steps_per_epoch(c, st) == store.MapBatches(st, 8, split="train", val_fraction=0.2, seed=0,
+                                                          split_seed=0, shuffle=False).batches_per_epoch()
+  assert tokens >= train.steps_per_epoch(c, st)  # the token reader drops less at the epoch's end
+  bad = _config(tmp_path, concept_store[0], batch_from="maps", batch_size=30)
+  with pytest.raises(Exception, match="multiple of 4"):
+    train.make_reader(_setup(bad)[0], st, "train")

@@ -277,6 +277,7 @@ def _train(config) -> None:
                 "sae.w_sup", "sae.w_l1", "sae.w_decorr", "train.grad_clip", "train.adam_eps",
                 "train.final_lr_fraction", "train.stop_after")
   _one_of(config, "train.lr_decay", ("linear", "constant"))
+  _one_of(config, "train.batch_from", ("tokens", "maps"))
   _fraction(config, "train.val_fraction")
   layout.check_name("train.name", t.name)
   if s.sparse_decode and s.batch_topk:

@@ -119,6 +119,7 @@ TRAIN = dict(
     ckpt_every=250,  # steps between checkpoints
     keep_checkpoints=2,  # checkpoints kept on disk
     stop_after=0,  # >0: stop after this many steps without a final checkpoint (tests)
+    batch_from="tokens",  # unsupervised: tokens shuffled across maps (tokens) | whole maps, batch_size / tokens_per_map of them (maps: SAeUron's released batches, 16 maps of 256 tokens)
     micro_batches=1,  # supervised: slices per batch, gradients accumulated (the same update, 1/n of the memory)
     buffer_chunks=32,  # store chunks mixed in the reader's shuffle buffer
     init_tokens=4096,  # tokens for the geometric-median b_dec

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from saemnesia_jax.runtime.errors import ConfigError
 from saemnesia_jax.sae import model as sae_lib
 from saemnesia_jax.sae import sparse as sae_sparse
 from saemnesia_jax.sae import supervised
@@ -74,6 +75,22 @@ class Objective:
   per_map: bool
   loss: Callable[[Params, jax.Array, Batch], tuple[jax.Array, dict]]
   value_and_grad: Callable[[Params, jax.Array, Batch], tuple[tuple[jax.Array, dict], Params]]
+  # Unsupervised: the reader draws whole maps and the step sees their tokens
+  # (``train.batch_from=maps``: SAeUron's released batches, 16 maps of 256).
+  whole_maps: bool = False
+
+  @property
+  def reads_maps(self) -> bool:
+    return self.per_map or self.whole_maps
+
+  def reader_batch_size(self, batch_size: int, tokens_per_map: int) -> int:
+    """Items per reader batch: maps, or tokens (``batch_size`` is tokens unsupervised)."""
+    if not self.whole_maps:
+      return batch_size
+    if batch_size % tokens_per_map:
+      raise ConfigError(f"config.train.batch_size={batch_size}: train.batch_from=maps draws whole maps of "
+                        f"{tokens_per_map} tokens; give a multiple of {tokens_per_map}, or train.batch_from=tokens")
+    return batch_size // tokens_per_map
 
   def tokens_per_step(self, batch_size: int, tokens_per_map: int) -> int:
     return batch_size * (tokens_per_map if self.per_map else 1)
@@ -91,19 +108,19 @@ class Objective:
   def batch_of(self, raw: Any) -> dict[str, Any]:
     """A reader's batch (tokens; or (maps, labels)) as the step's dict, less the assignment."""
     if not self.per_map:
-      return {"x": raw}
+      return {"x": raw[0].reshape(-1, raw[0].shape[-1]) if self.whole_maps else raw}
     x, labels = raw
     return {"x": x, "object": labels["object"], "style": labels["style"]}
 
 
-def unsupervised(cfg: sae_lib.SaeConfig) -> Objective:
-  """SAeUron: FVU + AuxK on tokens."""
+def unsupervised(cfg: sae_lib.SaeConfig, whole_maps: bool = False) -> Objective:
+  """SAeUron: FVU + AuxK on tokens (drawn as whole maps with ``whole_maps``)."""
   def loss(params, dead, batch):
     return unsupervised_loss(params, batch["x"], dead, cfg)
 
   def value_and_grad(params, dead, batch):
     return loss_and_grads(params, batch["x"], dead, cfg)
-  return Objective("unsupervised", False, loss, value_and_grad)
+  return Objective("unsupervised", False, loss, value_and_grad, whole_maps)
 
 
 def supervised_objective(cfg: supervised.SupervisedConfig, micro_batches: int = 1) -> Objective:
@@ -161,7 +178,7 @@ def from_config(config: Any, n_objects: int) -> Objective:
   if s.mode == "unsupervised":
     if micro > 1:
       raise ValueError(f"config.train.micro_batches={micro} applies to the supervised step only: set it to 1")
-    return unsupervised(sae_config(config))
+    return unsupervised(sae_config(config), whole_maps=config.train.get("batch_from", "tokens") == "maps")
   if micro > 1 and config.train.batch_size % micro:
     raise ValueError(f"config.train.micro_batches={micro} must divide config.train.batch_size="
                      f"{config.train.batch_size} (maps per batch)")
