@@ -310,7 +310,9 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
     wall[u["method"]] = wall.get(u["method"], 0.0) + results.read(u)["wall_s"]
   trials = {v.label(m): len(settings(config, m, v)) for m, v in arms(config)}  # per object
   totals = {v.label(m): sum(len(settings(config, m, v, d)) for d, _ in targets(config)) for m, v in arms(config)}
-  unc = plan_lib.uncertainty(config, answers, rows)  # 95% intervals over images; SAEmnesia - SAeUron, paired
+  headline = (rules or {}).get("chosen", {})  # with a rule choice: the chosen rows are compared
+  unc = plan_lib.uncertainty(config, answers, rows, (headline.get("saemnesia", "saemnesia"),
+                                                     headline.get("saeuron", "saeuron")))  # 95%; paired
   metrics.write_table(os.path.join(out_dir, "table"), rows, intervals=unc["intervals"],
                       footer=intervals.difference_text(unc))
   # What each row cost: sweep trials (per concept and in all); sampling + judging time per method.
@@ -347,12 +349,12 @@ def report(config, results: units_lib.UnitResults, chosen, finals, seqs, out_dir
   if qual:
     atomic_write_bytes(os.path.join(out_dir, "quality.md"), quality.format_markdown(qual).encode())
   summary = {"table": rows, "intervals": unc["intervals"], "difference": unc["difference"],
-             "bootstrap": {k: unc[k] for k in ("n_boot", "level", "eval_seeds")},
+             "bootstrap": {k: unc[k] for k in ("n_boot", "level", "eval_seeds", "pair")},
              "per_concept": per_concept, "sequential": seq_rows, "quality": qual,
              "trials_per_concept": trials,
              "trials_total": totals,
              "wall_s": wall, "chosen": {"/".join(k): v for k, v in chosen.items()},
-             "rules": rules or {}, "headline": (rules or {}).get("chosen", {}), "edge_choices": edges}
+             "rules": rules or {}, "headline": headline, "edge_choices": edges}
   # A table cell without images, or no difference to separate, is NaN / inf: null in the JSON.
   atomic_write_json(os.path.join(out_dir, "summary.json"), summary, nonfinite_as_null=True)
   return summary

@@ -99,7 +99,7 @@ def difference_section(summary: dict) -> list[str]:
           f"SAEmnesia - SAeUron resamples the same images for both; seeds needed: "
           f"n = {b.get('eval_seeds', '?')} x (1.96 SE / |difference|)^2, the held-out seeds at which the "
           "interval would exclude 0 (normal approximation).", "",
-          intervals.format_difference(diff, "saemnesia", "saeuron")]
+          intervals.format_difference(diff, *b.get("pair", ("saemnesia", "saeuron")))]
 
 
 def cost_table(summary: dict) -> str:

@@ -262,4 +262,4 @@ def difference_text(unc: dict) -> str:
     return ""
   return (f"Paired bootstrap over the same images ({unc['n_boot']} replicates, {unc['eval_seeds']} held-out "
           "seeds now; seeds needed: normal approximation, evaluation/intervals.py):\n\n"
-          + format_difference(unc["difference"], "saemnesia", "saeuron"))
+          + format_difference(unc["difference"], *unc.get("pair", ("saemnesia", "saeuron"))))

@@ -329,7 +329,8 @@ def sequential_units(config, chosen) -> list[dict]:
   return out
 
 
-def uncertainty(config, answers: dict[str, list], rows: dict[str, dict]) -> dict:
+def uncertainty(config, answers: dict[str, list], rows: dict[str, dict],
+                pair: tuple[str, str] = ("saemnesia", "saeuron")) -> dict:
   """The 95% intervals of Table 1 and the paired difference SAEmnesia - SAeUron
   (evaluation/intervals.py), from the final units' stored answers.
 
@@ -345,7 +346,6 @@ def uncertainty(config, answers: dict[str, list], rows: dict[str, dict]) -> dict
   reps = intervals.table_replicates(
       boot, len(objs), len(stys), cra_unstyled_only=protocol.value(config, "evaluate.style_cra") == "unstyled")
   n_seeds = len(config.evaluate.eval_seeds)
-  diff = (intervals.paired_difference(reps, "saemnesia", "saeuron", point=rows, n_now=n_seeds)
-          if {"saemnesia", "saeuron"} <= set(rows) else {})
-  return {"intervals": intervals.table_intervals(reps), "difference": diff, "n_boot": intervals.N_BOOT,
-          "level": intervals.LEVEL, "eval_seeds": n_seeds}
+  diff = (intervals.paired_difference(reps, *pair, point=rows, n_now=n_seeds) if set(pair) <= set(rows) else {})
+  return {"intervals": intervals.table_intervals(reps), "difference": diff, "pair": list(pair),
+          "n_boot": intervals.N_BOOT, "level": intervals.LEVEL, "eval_seeds": n_seeds}
