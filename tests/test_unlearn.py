@@ -17,9 +17,11 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import canvas_mini  # noqa: E402
 
 # Mean absolute pixel change (images in [0, 1]) from the image without erasure, averaged over
-# the images of a method (measured: SAEmnesia 0.290 with Disk / 0.034 without, SAeUron 0.173 / 0.068).
-CHANGED = 0.12  # at least this on the prompts that hold the erased concept
-KEPT = 0.08  # at most this on the prompts without it
+# the images of a method (measured with the shipped settings of 2026-12-08: SAEmnesia 0.119 with
+# Disk / 0.016 without, SAeUron 0.101 / 0.030; the 2026-11-29 settings, which noised the Disk
+# images: 0.290 / 0.034 and 0.173 / 0.068).
+CHANGED = 0.09  # at least this on the prompts that hold the erased concept
+KEPT = 0.08  # at most this on the prompts without it (the API example's Ring prompt: 0.070)
 CAPTURED = {}  # the stage's stdout and stderr
 
 
