@@ -75,8 +75,7 @@ NOT_RESULT = ("evaluate.out_dir", "evaluate.saeuron_sae", "evaluate.saeuron_scor
 # and so does another chosen_from file (a changed choice is a new final unit).
 CONTINUABLE = ("evaluate.methods", "evaluate.variants", "evaluate.objects", "evaluate.styles", "evaluate.gammas",
                "evaluate.percentiles", "evaluate.sweep_seeds", "evaluate.eval_seeds", "evaluate.rule_seeds",
-               "evaluate.sequential",
-               "evaluate.sequential_objects", "input:chosen_from")
+               "evaluate.sequential", "evaluate.sequential_objects", "input:chosen_from")
 
 
 def saemnesia_assignment(meta: dict | None, tables: dict, how: str, sae_dir: str = "") -> np.ndarray:
