@@ -97,6 +97,39 @@ def test_batch_topk_keeps_k_times_n_over_the_batch():
   np.testing.assert_array_equal(np.asarray(sae.batch_topk(z.reshape(2, 3, N_LAT), K)).reshape(n, N_LAT), dense)
 
 
+def test_batch_topk_threshold_is_batch_topk_or_a_superset_of_it():
+  n = 6
+  z = jax.random.uniform(jax.random.key(8), (n, N_LAT)) + 0.01
+  exact = np.asarray(sae.batch_topk(z, K))
+  # Every token's winners among its own top 4k: the same codes.
+  np.testing.assert_array_equal(np.asarray(sae.batch_topk_threshold(z, K)), exact)
+  # Token 0 holds all k*n winners, more than its 4k = 16 candidates: the cut falls
+  # lower, every winner is kept and some more; with 8k candidates it is exact again.
+  z = z.at[0].add(10.0)
+  exact = np.asarray(sae.batch_topk(z, K))
+  over = np.asarray(sae.batch_topk_threshold(z, K))
+  assert (over > 0).sum() > K * n and np.all(over[exact > 0] == exact[exact > 0])
+  np.testing.assert_array_equal(np.asarray(sae.batch_topk_threshold(z, K, per_k=N_LAT // K)), exact)
+  np.testing.assert_array_equal(np.asarray(sae.topk_mask(z, K)),
+                                np.asarray(sae.scatter_codes(*sae.topk(z, K), N_LAT)))
+
+
+@pytest.mark.parametrize("batch_topk", [False, True], ids=["topk", "batch_topk"])
+def test_the_threshold_selection_gives_the_exact_loss_and_gradients(params, x, batch_topk):
+  dead = jnp.arange(N_LAT) % 3 == 0  # AuxK on: its mask replaces a scatter too
+  def run(selection):
+    cfg = sae.SaeConfig(k=K, batch_topk=batch_topk, backward="dense", selection=selection)
+    return jax.value_and_grad(lambda p: objectives.unsupervised_loss(p, x, dead, cfg), has_aux=True)(params)
+  (l1, a1), g1 = run("exact")
+  (l2, a2), g2 = run("threshold")
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  assert float(a1["auxk"]) > 0 and float(a2["l0"]) == float(a1["l0"])
+  np.testing.assert_array_equal(a2["fired"], a1["fired"])
+  for k in g1:
+    np.testing.assert_allclose(g2[k], g1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert sae.resolve_selection("auto", "tpu") == "threshold" and sae.resolve_selection("auto", "cpu") == "exact"
+
+
 def test_decode_sparse_equals_decode(params, x):
   values, indices = sae.encode_sparse(params, x, K)
   dense = sae.scatter_codes(values, indices, N_LAT)
@@ -202,7 +235,9 @@ def test_param_partition_specs():
 
 
 @pytest.mark.parametrize("cfg", [sae.SaeConfig(k=K), sae.SaeConfig(k=K, batch_topk=True),
-                                 sae.SaeConfig(k=K, sparse_decode=True)], ids=["topk", "batch_topk", "sparse"])
+                                 sae.SaeConfig(k=K, sparse_decode=True),
+                                 sae.SaeConfig(k=K, batch_topk=True, backward="dense", selection="threshold")],
+                         ids=["topk", "batch_topk", "sparse", "batch_topk_threshold"])
 def test_sharded_loss_and_grads_match_single_device(params, cfg):
   devices = jax.devices()
   assert len(devices) >= 4, "tests/conftest.py should give 4 fake CPU devices"

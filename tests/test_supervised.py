@@ -155,13 +155,15 @@ def test_finetune_makes_assigned_latents_selective(data, sup_loss):
   np.testing.assert_array_equal(_selectivity_argmax(params, x_val, obj_val, sty_val), np.asarray(assign))
 
 
-@pytest.mark.parametrize("batch_topk,sup_loss", [(True, "bce"), (False, "softmax")])
-def test_micro_batched_step_gives_the_same_update(data, batch_topk, sup_loss):
-  """Gradients accumulated over 4 slices == one pass over the whole batch."""
+@pytest.mark.parametrize("batch_topk,sup_loss,selection", [(True, "bce", "exact"), (False, "softmax", "exact"),
+                                                          (True, "bce", "threshold")])
+def test_micro_batched_step_gives_the_same_update(data, batch_topk, sup_loss, selection):
+  """Gradients accumulated over 4 slices == one pass over the whole batch (threshold:
+  BatchTopK's cut from each token's top 4k, the TPU default, in both)."""
   (x, obj, sty), _ = data
   params = sae.init_params(jax.random.key(5), D_IN, N_LAT, x.reshape(-1, D_IN))
   assign = sup.random_assignment(jax.random.key(6), N_OBJ, N_STY, N_LAT)
-  cfg = sup.SupervisedConfig(n_objects=N_OBJ, k=K, batch_topk=batch_topk, sup_loss=sup_loss)
+  cfg = sup.SupervisedConfig(n_objects=N_OBJ, k=K, batch_topk=batch_topk, sup_loss=sup_loss, selection=selection)
   whole = jax.jit(jax.value_and_grad(sup.supervised_loss, has_aux=True), static_argnums=5)
   sliced = jax.jit(sup.accumulated_value_and_grad, static_argnums=(5, 6))
   (loss, aux), grads = whole(params, x, obj, sty, assign, cfg)

@@ -266,8 +266,9 @@ def _probe(config) -> None:
 def _train(config) -> None:
   s, t = config.sae, config.train
   _one_of(config, "sae.mode", ("unsupervised", "supervised"))
-  if "matmul_dtype" in config.sae:
-    _one_of(config, "sae.matmul_dtype", ("", "bfloat16"))
+  for field, ok in (("matmul_dtype", ("", "bfloat16")), ("selection", ("auto", "exact", "threshold"))):
+    if field in config.sae:
+      _one_of(config, f"sae.{field}", ok)
   _one_of(config, "sae.sup_loss", ("bce", "softmax"))
   _positive(config, "sae.k", "sae.expansion_factor", "train.steps", "train.batch_size",
             "train.learning_rate", "train.log_every", "train.eval_every", "train.ckpt_every",
@@ -475,7 +476,6 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "evaluate": _evaluate, "attack": _attack, "canvas_mini.build": _build, "unlearn": _unlearn, "pipeline": _pipeline_check,
     "report": _report, "canvas_mini.ship_saes": _ship_saes,
 }
-
 
 assert set(CHECKS) == set(registry.STAGES), "every registered stage has its checks"
 

@@ -86,6 +86,7 @@ SAE = dict(
     dead_tokens=10_000_000,  # a latent is dead after this many tokens without firing
     sparse_decode=False,  # gather the k active decoder rows (needs batch_topk=False)
     backward="auto",  # auto (sparse, dense on TPU) | sparse (O(k) work per token after the encoder) | dense
+    selection="auto",  # dense backward: exact (top_k and a scatter) | threshold (a mask; BatchTopK over each token's top 4k candidates) | auto (threshold on TPU)
     matmul_dtype="",  # unsupervised training: '' (the parameters' dtype) | bfloat16 (mixed precision: bf16 operands, f32 accumulate)
     init_from="",  # a sparsify-layout SAE folder to start from (the supervised fine-tune)
     assignment="greedy",  # supervised: greedy (from the scores stage) | random | a JSON path

@@ -45,20 +45,29 @@ Params = dict[str, jax.Array]
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}
 
 BACKWARDS = ("auto", "sparse", "dense")
+SELECTIONS = ("auto", "exact", "threshold")
+CANDIDATES_PER_K = 4  # threshold selection: each token offers its top 4k values as BatchTopK candidates
 MATMUL_DTYPES = (None, "bfloat16")
 
 
 def resolve_backward(backward: str, platform: str | None = None) -> str:
-  """"sparse" or "dense" for a ``SaeConfig.backward`` value; "auto" picks by platform.
-
-  Dense on TPU, by the TPU compiler's own figures (the dry run for v5p-8,
-  SD's step: 1280 x 20480, k 32, BatchTopK, 4,096 tokens over data=4):
-  dense 488 GFLOP and 28.4 GiB accessed per chip, a roofline of 11.0 ms;
-  sparse 276 GFLOP but 48.8 GiB accessed (its gathers and scatters), 18.9 ms
-  (benchmarks/README.md, "TPU slices from a CPU host")."""
+  """"sparse" or "dense" for a ``SaeConfig.backward`` value; "auto" picks by platform:
+  dense on TPU, by the TPU compiler's figures for SD's step on v5p-8 (the sparse
+  backward's gathers and scatters: 8x the memory traffic; benchmarks/README.md)."""
   if backward == "auto":
     return "dense" if (platform or jax.default_backend()) == "tpu" else "sparse"
   return backward
+
+
+def resolve_selection(selection: str, platform: str | None = None) -> str:
+  """"exact" or "threshold" for a ``SaeConfig.selection``; "auto" picks by platform.
+
+  Threshold on TPU: by the TPU compiler's figures for SD's step on v5p-8, the
+  scatters into the dense codes and BatchTopK's top_k over the whole gathered
+  batch were most of the step's memory traffic (benchmarks/README.md)."""
+  if selection == "auto":
+    return "threshold" if (platform or jax.default_backend()) == "tpu" else "exact"
+  return selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +97,9 @@ class SaeConfig:
       precision: parameters, Adam and the sparse parts stay float32). Twice
       the matmul rate on accelerators (and on CPUs with AVX512-BF16), at
       bfloat16's 8-bit mantissa in the products.
+    selection: how the dense backward keeps the codes. "exact": ``lax.top_k``
+      and a scatter; "threshold": a mask ``z >= t`` (``batch_topk_threshold``,
+      ``topk_mask``, AuxK's ``approx``); "auto": threshold on TPU only.
   """
   k: int = 32
   batch_topk: bool = False
@@ -97,10 +109,13 @@ class SaeConfig:
   sparse_decode: bool = False
   backward: str = "dense"
   matmul_dtype: str | None = None
+  selection: str = "exact"
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"SaeConfig.backward={self.backward!r}; expected one of {BACKWARDS}.")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"SaeConfig.selection={self.selection!r}; expected one of {SELECTIONS}.")
     if self.matmul_dtype not in MATMUL_DTYPES:
       raise ValueError(f"SaeConfig.matmul_dtype={self.matmul_dtype!r}; expected one of {MATMUL_DTYPES} "
                        "(None: the parameters' dtype).")
@@ -238,6 +253,32 @@ def batch_topk(z: jax.Array, k: int) -> jax.Array:
 _batch_topk = batch_topk  # ``encode`` has an argument of the same name.
 
 
+def topk_mask(z: jax.Array, k: int) -> jax.Array:
+  """Per-token TopK as dense codes by a mask ``z >= t`` (t: each token's k-th
+  largest): ``scatter_codes(*topk(z, k))`` but for exact ties at t, without a scatter."""
+  t = jax.lax.stop_gradient(jax.lax.top_k(z, k)[0][..., -1:])
+  return jnp.where(z >= t, z, 0.0)
+
+
+def batch_topk_threshold(z: jax.Array, k: int, per_k: int = CANDIDATES_PER_K) -> jax.Array:
+  """BatchTopK as a mask ``z >= t``, t the k*N-th largest of the tokens' own
+  top ``per_k * k`` values (the candidates: N x per_k * k of them, not N x L).
+
+  The kept set is ``batch_topk``'s (but for exact ties at t) whenever no token
+  holds more than ``per_k * k`` of the batch's k*N largest values. Otherwise t
+  is lower than BatchTopK's cut and the kept set a superset of it (the
+  ``l0`` metric then exceeds k). On a data-sharded batch the global step is
+  a top_k over the gathered candidates (N x per_k * k values) instead of the
+  whole (N, L) batch, and no scatter builds the codes.
+  """
+  L = z.shape[-1]
+  rows = z.reshape(-1, L)
+  n = k * rows.shape[0]
+  cand = jax.lax.top_k(rows, min(L, per_k * k))[0]
+  t = jax.lax.stop_gradient(jax.lax.top_k(cand.reshape(-1), n)[0][-1])
+  return jnp.where(z >= t, z, 0.0)
+
+
 def encode(params: Params, x: jax.Array, k: int, batch_topk: bool = False) -> jax.Array:
   """Dense sparse codes z (..., n_latents): per-token TopK, or BatchTopK over all tokens of x."""
   z_pre = encode_pre(params, x)
@@ -297,7 +338,8 @@ def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 def auxk_loss(params: Params, x: jax.Array, x_hat: jax.Array, z_pre: jax.Array,
-              dead_mask: jax.Array, k_aux: int | None = None, matmul_dtype: str | None = None) -> jax.Array:
+              dead_mask: jax.Array, k_aux: int | None = None, matmul_dtype: str | None = None,
+              approx: bool = False) -> jax.Array:
   """AuxK: reconstruct the residual x - x_hat with the top-k_aux *dead* latents.
 
   ``e = stop_gradient(x - x_hat)``; ``e_hat = z_aux @ W_dec`` (no b_dec: it
@@ -310,6 +352,9 @@ def auxk_loss(params: Params, x: jax.Array, x_hat: jax.Array, z_pre: jax.Array,
     x, x_hat: (..., d_in). z_pre: (..., n_latents) post-ReLU pre-TopK latents.
     dead_mask: (n_latents,) bool, True for dead latents (traced).
     k_aux: static; None means d_in // 2.  Capped at n_latents for the top_k.
+    approx: the cut from ``lax.approx_max_k`` (TPU's one-pass partial reduce,
+      recall 0.95; exact elsewhere): never above the exact one, so every one
+      of the k_aux largest is kept, with a few more where it missed some.
   """
   d_in, n_latents = x.shape[-1], z_pre.shape[-1]
   k_aux = d_in // 2 if k_aux is None else k_aux
@@ -318,9 +363,13 @@ def auxk_loss(params: Params, x: jax.Array, x_hat: jax.Array, z_pre: jax.Array,
   residual = jax.lax.stop_gradient(x - x_hat)
   # z_pre >= 0, so -1 ranks every live latent below every dead one.
   masked = jnp.where(dead_mask, z_pre, -1.0)
-  values, indices = jax.lax.top_k(masked, k_sel)
-  values = jnp.where(dead_mask[indices], values, 0.0)
-  e_hat = matmul(scatter_codes(values, indices, n_latents), params["W_dec"], matmul_dtype)
+  # The k_sel largest dead latents by a mask against the k_sel-th (no scatter:
+  # on TPU a scatter into the (N, L) codes was most of the step's memory
+  # traffic). A live latent never passes (dead_mask); with fewer than k_sel
+  # dead ones t is -1 and every dead latent is kept, as top_k would.
+  top = jax.lax.approx_max_k(masked, k_sel, recall_target=0.95)[0] if approx else jax.lax.top_k(masked, k_sel)[0]
+  t = jax.lax.stop_gradient(top[..., -1:])
+  e_hat = matmul(jnp.where(dead_mask & (masked >= t), z_pre, 0.0), params["W_dec"], matmul_dtype)
   n_dead = jnp.sum(dead_mask).astype(x.dtype)
   scale = jnp.minimum(n_dead / k_aux, 1.0)
   return scale * jnp.sum(jnp.square(e_hat - residual)) / total_variance(x)
@@ -425,8 +474,9 @@ def dense_unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   x = _tokens(x)
   n_latents = params["W_enc"].shape[1]
   z_pre = encode_pre(params, x, cfg.matmul_dtype)
-  if cfg.batch_topk:
-    codes = batch_topk(z_pre, cfg.k)
+  threshold = resolve_selection(cfg.selection) == "threshold"
+  if cfg.batch_topk or (threshold and not cfg.sparse_decode):
+    codes = ((batch_topk_threshold if threshold else batch_topk) if cfg.batch_topk else topk_mask)(z_pre, cfg.k)
     x_hat = decode(params, codes, cfg.matmul_dtype)
     fired = fired_from_codes(codes)
     l0 = jnp.sum(codes > 0) / x.shape[0]
@@ -440,7 +490,7 @@ def dense_unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
     l0 = jnp.mean(jnp.sum(values > 0, axis=-1).astype(jnp.float32))
   fvu_ = fvu(x, x_hat)
   if cfg.auxk_alpha:
-    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, cfg.matmul_dtype)
+    aux_ = auxk_loss(params, x, x_hat, z_pre, dead_mask, cfg.k_aux, cfg.matmul_dtype, approx=threshold)
   else:
     aux_ = jnp.zeros((), fvu_.dtype)
   loss = fvu_ + cfg.auxk_alpha * aux_

@@ -169,7 +169,7 @@ def sae_config(config: Any) -> sae_lib.SaeConfig:
   return sae_lib.SaeConfig(k=s.k, batch_topk=s.batch_topk, auxk_alpha=s.auxk_alpha,
                            k_aux=s.k_aux or None, dead_tokens_threshold=s.dead_tokens,
                            sparse_decode=s.sparse_decode, backward=s.backward,
-                           matmul_dtype=s.get("matmul_dtype") or None)
+                           matmul_dtype=s.get("matmul_dtype") or None, selection=s.get("selection", "exact"))
 
 
 def from_config(config: Any, n_objects: int) -> Objective:
@@ -184,7 +184,7 @@ def from_config(config: Any, n_objects: int) -> Objective:
                      f"{config.train.batch_size} (maps per batch)")
   cfg = supervised.SupervisedConfig(n_objects=n_objects, k=s.k, batch_topk=s.batch_topk,
                                     sparse_decode=s.sparse_decode, w_sup=s.w_sup, w_l1=s.w_l1,
-                                    w_decorr=s.w_decorr, sup_loss=s.sup_loss)
+                                    w_decorr=s.w_decorr, sup_loss=s.sup_loss, selection=s.get("selection", "exact"))
   return supervised_objective(cfg, micro)
 
 

@@ -50,6 +50,8 @@ class SupervisedConfig:
       code; default) or 'softmax' (softmax cross-entropy within each domain).
       Both are always computed and reported; this picks the one optimised.
     eps: floor of the standard deviations in the Pearson correlation.
+    selection: BatchTopK's cut, as ``model.SaeConfig.selection``: "exact",
+      "threshold" (from each token's top 4k values) or "auto" (threshold on TPU).
   """
   n_objects: int
   k: int = 32
@@ -60,6 +62,7 @@ class SupervisedConfig:
   w_decorr: float = 0.1
   sup_loss: str = "bce"
   eps: float = 1e-8
+  selection: str = "exact"
 
   def __post_init__(self):
     if self.sup_loss not in ("bce", "softmax"):
@@ -221,7 +224,8 @@ def supervised_loss(params: Params, x_maps: jax.Array, object_ids: jax.Array, st
   x = x_maps.reshape(-1, x_maps.shape[-1])
   z = sae_lib.encode_pre(params, x)  # (B*T, L), post-ReLU pre-TopK
   if cfg.batch_topk:
-    codes = sae_lib.batch_topk(z, cfg.k)
+    threshold = sae_lib.resolve_selection(cfg.selection) == "threshold"
+    codes = (sae_lib.batch_topk_threshold if threshold else sae_lib.batch_topk)(z, cfg.k)
     x_hat = sae_lib.decode(params, codes)
     fired = sae_lib.fired_from_codes(codes)
     l0 = jnp.sum(codes > 0) / x.shape[0]
@@ -247,11 +251,16 @@ def supervised_loss(params: Params, x_maps: jax.Array, object_ids: jax.Array, st
 # Micro-batching: the same update in slices of the batch
 
 
-def _batch_threshold(z_slices_fn, n_micro: int, keep: int) -> jax.Array:
+def _batch_threshold(z_slices_fn, n_micro: int, keep: int, per_token: int = 0) -> jax.Array:
   """The ``keep``-th largest entry over all slices (BatchTopK's cut), from each
-  slice's own ``keep`` largest: the global top set lies in their union."""
+  slice's own ``keep`` largest: the global top set lies in their union. With
+  ``per_token`` > 0, from each token's own ``per_token`` largest instead
+  (``model.batch_topk_threshold``'s cut: no top_k over a whole slice)."""
   def body(_, i):
-    flat = z_slices_fn(i).reshape(-1)
+    z = z_slices_fn(i)
+    if per_token:
+      return None, jax.lax.top_k(z, min(per_token, z.shape[-1]))[0].reshape(-1)
+    flat = z.reshape(-1)
     return None, jax.lax.top_k(flat, min(keep, flat.shape[0]))[0]
   _, tops = jax.lax.scan(body, None, jnp.arange(n_micro))
   return jax.lax.top_k(tops.reshape(-1), keep)[0][-1]
@@ -299,7 +308,8 @@ def accumulated_value_and_grad(params: Params, x_maps: jax.Array, object_ids: ja
 
   sg = jax.lax.stop_gradient(params)
   _, logits = jax.lax.scan(lambda _, i: (None, logits_of(sg, i)), None, jnp.arange(n_micro))
-  thr = (_batch_threshold(lambda i: z_of(sg, i), n_micro, cfg.k * n_tok) if cfg.batch_topk else None)
+  per_token = sae_lib.CANDIDATES_PER_K * cfg.k if sae_lib.resolve_selection(cfg.selection) == "threshold" else 0
+  thr = (_batch_threshold(lambda i: z_of(sg, i), n_micro, cfg.k * n_tok, per_token) if cfg.batch_topk else None)
   x_mean = jnp.mean(x_maps.reshape(-1, d), axis=0)
 
   # The batch-level terms, as functions of the logits.
