@@ -215,7 +215,8 @@ def setup(config: ml_collections.ConfigDict, shape: store.ShapeRecord, devices=N
   eval_fn = jax.jit(functools.partial(eval_step, objective=objective), in_shardings=(param_sh, step_batch_sh),
                     out_shardings=rep)
   init_jit = jax.jit(init_fn, out_shardings=state_sh)
-  placed = None if assignment is None else jax.device_put(jnp.asarray(assignment), rep)
+  # A dry run's devices may be compile-only (a TPU slice from this host): nothing is placed.
+  placed = None if assignment is None or config.get("dry_run") else jax.device_put(jnp.asarray(assignment), rep)
   return Trainer(config, shape, objective, mesh, tx, state_sh, batch_sh, step_batch_sh, step_fn, eval_fn,
                  init_jit, assignment, placed)
 

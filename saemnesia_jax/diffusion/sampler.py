@@ -18,6 +18,7 @@ A sampler can, at one block of the UNet:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -87,43 +88,45 @@ class Sampler:
   def _sample(self, params, cond_ids, uncond_ids, seeds, guidance_scale, edit_params):
     self.n_traces += 1  # runs only while tracing
     pipe, spec = self.pipe, self.spec
-    b = cond_ids.shape[0]
     context = pipe.encode_text(params, jnp.concatenate([uncond_ids, cond_ids]))
     noise = self.initial_latents(seeds)
     state = self.scheduler_state
     latents = noise * state.init_noise_sigma
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
-    capture_dtype = DTYPES[spec.capture_dtype]
-
-    def body(carry, step):
-      latents, state = carry
-      t = state.timesteps[step]
-      x_in = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
-      x_in = x_in.astype(pipe.dtype)
-      kwargs = {}
-      if self.capture_path is not None:
-        kwargs = dict(capture_intermediates=hooks.capture_filter(self.capture_path),
-                      mutable=["intermediates"])
-      if self.edit_path is not None:
-        edit = lambda x: self.edit_fn(edit_params, x, step).astype(x.dtype)
-        with nn.intercept_methods(hooks.edit_interceptor(self.edit_path, edit)):
-          out = pipe.unet_apply(params, x_in, t, context, **kwargs)
-      else:
-        out = pipe.unet_apply(params, x_in, t, context, **kwargs)
-      captured = None
-      if self.capture_path is not None:
-        out, variables = out
-        captured = hooks.captured_value(variables["intermediates"], self.capture_path)
-        captured = captured[b:].astype(capture_dtype)  # conditional half only
-      eps = out.sample.astype(jnp.float32)
-      eps_uncond, eps_cond = jnp.split(eps, 2)
-      eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-      latents, state = pipe.scheduler.step(state, eps, t, latents, eta=0.0).to_tuple()
-      return (latents, state), captured
-
+    body = functools.partial(self.step, params, context, guidance_scale, edit_params)
     (latents, _), captured = jax.lax.scan(body, (latents, state), jnp.arange(spec.num_steps))
     images = pipe.decode(params, latents)
     return SampleOutput(images=images, latents=latents, captured=captured)
+
+  def step(self, params, context, guidance_scale, edit_params, carry, step):
+    """One denoising step, the loop's body: ((latents, state), step) -> ((latents, state), captured)."""
+    pipe, spec = self.pipe, self.spec
+    capture_dtype = DTYPES[spec.capture_dtype]
+    latents, state = carry
+    b = latents.shape[0]
+    t = state.timesteps[step]
+    x_in = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
+    x_in = x_in.astype(pipe.dtype)
+    kwargs = {}
+    if self.capture_path is not None:
+      kwargs = dict(capture_intermediates=hooks.capture_filter(self.capture_path),
+                    mutable=["intermediates"])
+    if self.edit_path is not None:
+      edit = lambda x: self.edit_fn(edit_params, x, step).astype(x.dtype)
+      with nn.intercept_methods(hooks.edit_interceptor(self.edit_path, edit)):
+        out = pipe.unet_apply(params, x_in, t, context, **kwargs)
+    else:
+      out = pipe.unet_apply(params, x_in, t, context, **kwargs)
+    captured = None
+    if self.capture_path is not None:
+      out, variables = out
+      captured = hooks.captured_value(variables["intermediates"], self.capture_path)
+      captured = captured[b:].astype(capture_dtype)  # conditional half only
+    eps = out.sample.astype(jnp.float32)
+    eps_uncond, eps_cond = jnp.split(eps, 2)
+    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    latents, state = pipe.scheduler.step(state, eps, t, latents, eta=0.0).to_tuple()
+    return (latents, state), captured
 
   def __call__(self, params, cond_ids, uncond_ids, seeds, guidance_scale, edit_params=None):
     return self.fn(params, cond_ids, uncond_ids, seeds, guidance_scale, edit_params)

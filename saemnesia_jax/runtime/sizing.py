@@ -170,12 +170,17 @@ def analyze(compiled: Any, tgt: Target, work_per_call: float) -> dict:
          "headroom_bytes": None if hbm is None else hbm - pb["total"],
          "flops_per_device": flops, "bytes_accessed_per_device": accessed,
          "collectives": hlo_stats.collectives(compiled.as_text())}
+  return roofline(out, tgt, work_per_call)
+
+
+def roofline(a: dict, tgt: Target, work_per_call: float) -> dict:
+  """``a`` with the roofline of its FLOPs and bytes on the target's chip (where it has a peak)."""
   if tgt.peak_flops:
-    t_flops = flops / tgt.peak_flops
-    t_mem = accessed / tgt.chip.hbm_bytes_per_s if tgt.chip else 0.0
-    out.update(roofline_s=max(t_flops, t_mem), bound="memory" if t_mem > t_flops else "compute",
-               throughput=work_per_call / max(t_flops, t_mem))
-  return out
+    t_flops = a["flops_per_device"] / tgt.peak_flops
+    t_mem = a["bytes_accessed_per_device"] / tgt.chip.hbm_bytes_per_s if tgt.chip else 0.0
+    a.update(roofline_s=max(t_flops, t_mem), bound="memory" if t_mem > t_flops else "compute",
+             throughput=work_per_call / max(t_flops, t_mem))
+  return a
 
 
 def _print_program(label: str, a: dict, unit: str, print_fn) -> None:
@@ -191,6 +196,10 @@ def _print_program(label: str, a: dict, unit: str, print_fn) -> None:
     line += (f"; roofline {a['roofline_s'] * 1e3:.4g} ms ({a['bound']}-bound) -> "
              f"{a['throughput']:,.1f} {unit}/s")
   print_fn(line)
+  if "loop" in a:
+    print_fn(f"    (the denoising loop's body counted {a['loop']['trips']} times; XLA's own figures count it once)")
+  if "cost_from" in a:
+    print_fn(f"    (FLOPs and bytes from {a['cost_from']}: XLA counts the micro-batch loop's body once)")
   print_fn(f"    collectives per call: {hlo_stats.summary(a['collectives'])}")
 
 
@@ -231,6 +240,7 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
   if cfg.sae.mode == "supervised":
     cfg.sae.assignment = "random"
   chosen = sae_lib.resolve_backward(cfg.sae.backward, tgt.platform)
+  cfg.sae.selection = sae_lib.resolve_selection(cfg.sae.get("selection", "exact"), tgt.platform)  # the target's, not this host's
   compare = cfg.sae.mode == "unsupervised" and cfg.sae.backward == "auto"  # auto: is the platform's pick cheaper?
   backwards = [chosen] + ([b for b in ("sparse", "dense") if b != chosen] if compare else [])
   program = f"train_{config.train.name}"
@@ -248,8 +258,15 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
     # The reader's batches: the store's dtype.
     shapes = tr.objective.batch_shapes(t.batch_size, st.tokens_per_map, d_in, st.dtype,
                                        0 if tr.assignment is None else len(tr.assignment))
+    n_data = tr.mesh.shape["data"]
+    if any(v.shape[0] % n_data for k, v in shapes.items() if k != "assignment"):
+      raise UserError(f"config.train.batch_size={t.batch_size}: the batch's {next(iter(shapes.values())).shape[0]} "
+                      f"rows do not split over the mesh's data={n_data} devices of {tgt.describe()}; give a "
+                      f"multiple of {n_data} (or another train.mesh_shape)")
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
     a = analyze(_compile(lambda: tr.step_fn.lower(state, batch), program, fix), tgt, tokens_per_step)
+    if t.micro_batches > 1:
+      a = _whole_batch_cost(cfg, make_trainer, tgt, state, a, tokens_per_step)
     compared[backward] = a
     if out is not None:
       continue
@@ -289,6 +306,29 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
   return _finish(config, program, out, fix, print_fn)
 
 
+def _whole_batch_cost(cfg, make_trainer, tgt: Target, state, a: dict, tokens_per_step: int) -> dict:
+  """``a`` with the FLOPs and bytes of the same step at ``train.micro_batches=1``: XLA's
+  cost analysis counts the micro-batch loop's body once. Memory stays the micro-batched
+  step's; where the whole batch does not fit the chip, the loop's figures are kept."""
+  whole = ml_collections.ConfigDict(cfg.to_dict())
+  whole.train.micro_batches = 1
+  tr = make_trainer(whole, tgt.devices)
+  shapes = tr.objective.batch_shapes(whole.train.batch_size, tr.shape.tokens_per_map, tr.shape.d_in, tr.shape.dtype,
+                                     0 if tr.assignment is None else len(tr.assignment))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
+  try:
+    w = analyze(tr.step_fn.lower(state, batch).compile(), tgt, tokens_per_step)
+  except Exception as e:  # the compiler's out-of-memory for the whole batch
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    a["cost_from"] = "the micro-batched step (loop body counted once: a lower bound)"
+    return a
+  a["counted_once"] = {"flops": a["flops_per_device"], "bytes": a["bytes_accessed_per_device"]}
+  a.update(flops_per_device=w["flops_per_device"], bytes_accessed_per_device=w["bytes_accessed_per_device"],
+           cost_from="the same step at train.micro_batches=1")
+  return roofline(a, tgt, tokens_per_step)
+
+
 # --------------------------------------------------------------- samplers
 
 
@@ -308,6 +348,21 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sa
               jax.ShapeDtypeStruct((), jnp.float32), edit_params))
   fix = f"sampler.batch_size={bs}" + (", or use model.dtype=bfloat16" if config.model.dtype == "float32" else "")
   a = analyze(_compile(lambda: sampler.fn.lower(*args), stage, fix), tgt, bs)
+  # XLA's cost analysis counts a loop's body once: the denoising step is compiled on its
+  # own and its FLOPs and bytes are added for the loop's other num_steps - 1 trips.
+  n = sampler.spec.num_steps
+  ctx = jax.eval_shape(pipe.encode_text, pipe.params, jax.ShapeDtypeStruct((2 * bs, pipe.max_length), jnp.int32))
+  state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                 sampler.scheduler_state)
+  step_args = put((pipe.params, ctx, jax.ShapeDtypeStruct((), jnp.float32), edit_params,
+                   (jax.ShapeDtypeStruct((bs, *sampler.latent_shape), jnp.float32), state),
+                   jax.ShapeDtypeStruct((), jnp.int32)))
+  body = analyze(_compile(lambda: jax.jit(sampler.step).lower(*step_args), stage, fix), tgt, bs)
+  a["loop"] = {"trips": n, "body_flops": body["flops_per_device"], "body_bytes": body["bytes_accessed_per_device"],
+               "counted_once": {"flops": a["flops_per_device"], "bytes": a["bytes_accessed_per_device"]}}
+  a["flops_per_device"] += (n - 1) * body["flops_per_device"]
+  a["bytes_accessed_per_device"] += (n - 1) * body["bytes_accessed_per_device"]
+  roofline(a, tgt, bs)
   weights = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(pipe.params)))
   flops = a["flops_per_device"]
   out = {"program": a, "stage": stage, "topology": tgt.name, "device_kind": tgt.device_kind, "devices": 1,
@@ -322,3 +377,19 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sa
   print_fn(f"  weights {_gib(weights)}, {_flop(flops / bs)} per image")
   _print_program("sampler", a, "images", print_fn)
   return _finish(config, stage, out, fix, print_fn)
+
+
+def one_device_dry_run(config: ml_collections.ConfigDict, program: str, fn: Any, args: Any, work_per_call: float,
+                       unit: str, fix: str, info: dict, title: str, print_fn=print) -> dict:
+  """Compiles the jitted ``fn`` at the abstract ``args`` for one device of the
+  target (as a real run places it: one process, its default device); prints,
+  writes and refuses (exit 2) what does not fit, as the samplers' dry run does."""
+  tgt = Target(config)
+  sh = tgt.one_device()
+  args = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), args)
+  a = analyze(_compile(lambda: fn.lower(*args), program, fix), tgt, work_per_call)
+  out = {"program": a, "stage": program, "topology": tgt.name, "device_kind": tgt.device_kind, "devices": 1,
+         "slice_devices": len(tgt.devices), **info}
+  print_fn(f"dry run: {title}, on one device of {tgt.describe()}")
+  _print_program(program, a, unit, print_fn)
+  return _finish(config, program, out, fix, print_fn)
