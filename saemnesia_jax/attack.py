@@ -282,7 +282,7 @@ def fingerprint(config, ctx: Attack, chosen_path: str) -> dict:
 
 def summarise(config, results: units_lib.UnitResults, todo: list[dict], out_dir: str) -> dict:
   """Per concept and per method: UA before, ASR (= 1 - UA after) with 95% intervals; table.md, prompts.json."""
-  rows, prompts, by_method = [], {}, {}
+  rows, prompts, by_method, by_concept = [], {}, {}, {}
   for u in todo:
     r = results.read(u)
     hit_b = np.asarray(r["pred_before"]) == r["concept_id"]
@@ -293,6 +293,7 @@ def summarise(config, results: units_lib.UnitResults, todo: list[dict], out_dir:
                  "n_images": int(hit_a.size), "objective": [[o["initial"], o["best"]] for o in r["objective"]]})
     prompts[f"{u['method']}/{u['domain']}/{u['concept']}"] = r["adversarial"]
     by_method.setdefault(u["method"], []).append((hit_b, hit_a))
+    by_concept.setdefault((u["domain"], u["concept"]), {})[u["method"]] = hit_a
   methods = {}
   for m, pairs in by_method.items():
     asr, lo, hi = intervals.grouped_interval([h for _, h in pairs])
@@ -303,6 +304,13 @@ def summarise(config, results: units_lib.UnitResults, todo: list[dict], out_dir:
   lines += [f"| {m} | {r['concepts']} | {intervals.fmt(r['UA_before'], r['UA_before_ci'])} | "
             f"{intervals.fmt(r['UA_after'], [1 - r['ASR_ci'][1], 1 - r['ASR_ci'][0]])} | "
             f"{intervals.fmt(r['ASR'], r['ASR_ci'])} |" for m, r in methods.items()]
+  # SAEmnesia - SAeUron on the same prompts and seeds of every concept both attacked.
+  both = [v for v in by_concept.values() if "saemnesia" in v and "saeuron" in v]
+  diff = None
+  if both:
+    d, lo, hi = intervals.paired_grouped_difference([v["saemnesia"] for v in both], [v["saeuron"] for v in both])
+    diff = {"pair": ["saemnesia", "saeuron"], "ASR": d, "ASR_ci": [lo, hi], "concepts": len(both)}
+    lines.append(f"| saemnesia - saeuron, paired | {len(both)} | | | {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
   lines += ["", "| method | domain | concept | UA before | ASR [95%] | adversarial prompts |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['method']} | {r['domain']} | {r['concept']} | {intervals.fmt(r['UA_before'])} | "
             f"{intervals.fmt(r['ASR'], r['ASR_ci'])} | "
@@ -311,7 +319,7 @@ def summarise(config, results: units_lib.UnitResults, todo: list[dict], out_dir:
   atomic_write_bytes(os.path.join(out_dir, "table.md"), ("\n".join(lines) + "\n").encode())
   atomic_write_json(os.path.join(out_dir, "prompts.json"), prompts)
   a = config.attack
-  summary = {"methods": methods, "per_concept": rows, "budget": {
+  summary = {"methods": methods, "difference": diff, "per_concept": rows, "budget": {
       "prefix_tokens": a.prefix_tokens, "steps": a.steps, "learning_rate": a.learning_rate,
       "timesteps_per_step": a.timesteps_per_step, "prompts": a.prompts, "target_seeds": list(a.target_seeds)},
       "wall_s": sum(results.read(u)["wall_s"] for u in todo)}
@@ -345,8 +353,9 @@ def attack_grid(config, results: units_lib.UnitResults, todo: list[dict], out_di
 
 def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
   """Compiles the attack's step (loss, gradient through the text encoder, the UNet and the clamp, AdamW)
-  from the model's config files alone, and prints its per-device memory and FLOPs (as runtime/sizing.py
-  does for the samplers)."""
+  from the model's config files alone, for one device of ``config.topology`` (or a local one), and
+  prints its per-device memory, FLOPs and roofline as runtime/sizing.py does for the samplers."""
+  from saemnesia_jax.runtime import sizing  # deferred: a dry run only
   pipe = common.load_model(config, abstract=True)
   c = copy.deepcopy(config)
   c.sampler.num_steps = int(c.evaluate.num_steps) or c.sampler.num_steps
@@ -362,22 +371,18 @@ def dry_run(config: ml_collections.ConfigDict, print_fn=print) -> dict:
                          f32(n, m))
   e = f32(int(a.prefix_tokens), adversarial.token_table(pipe.params).shape[1])
   x0 = f32(len(a.target_seeds), *sampler.latent_shape)
-  compiled = atk._step.lower(e, jax.eval_shape(atk.opt.init, e), pipe.params, (sae, spec),
-                             jax.ShapeDtypeStruct((1, pipe.max_length), jnp.int32), x0,
-                             jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), bool)).compile()
-  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  args = (e, jax.eval_shape(atk.opt.init, e), pipe.params, (sae, spec),
+          jax.ShapeDtypeStruct((1, pipe.max_length), jnp.int32), x0, jax.ShapeDtypeStruct((2,), jnp.uint32),
+          jax.ShapeDtypeStruct((), bool))
   weights = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(pipe.params)))
-  temp = int(mem.temp_size_in_bytes) if mem is not None else 0
-  out = {"stage": "attack", "targets": len(a.target_seeds), "timesteps_per_step": int(a.timesteps_per_step),
-         "remat": bool(a.remat), "height": sampler.height, "dtype": config.model.dtype,
-         "device_kind": jax.devices()[0].device_kind, "per_device_bytes": {"weights": weights, "temporaries": temp},
-         "xla_flops_per_step": float((cost or {}).get("flops", float("nan")))}
-  print_fn(f"dry run: attack step, {len(a.target_seeds)} target images of {sampler.height}x{sampler.width} px, "
-           f"{a.timesteps_per_step} timestep(s) per step, remat {a.remat}, {config.model.dtype}, on one "
-           f"{out['device_kind']} device: weights {weights / 2**30:.2f} GiB, step temporaries {temp / 2**30:.2f} GiB, "
-           f"{out['xla_flops_per_step'] / 1e12:.2f} TFLOP per step")
-  return out
+  fix = ("attack.timesteps_per_step or the targets (attack.target_seeds), or keep attack.remat=True"
+         + (", or use model.dtype=bfloat16" if config.model.dtype == "float32" else ""))
+  info = {"targets": len(a.target_seeds), "timesteps_per_step": int(a.timesteps_per_step), "remat": bool(a.remat),
+          "height": sampler.height, "dtype": config.model.dtype, "weights_bytes": weights, "steps": int(a.steps)}
+  title = (f"attack step, {len(a.target_seeds)} target images of {sampler.height}x{sampler.width} px, "
+           f"{a.timesteps_per_step} timestep(s) per step, remat {a.remat}, {config.model.dtype}, weights "
+           f"{weights / 2**30:.2f} GiB")
+  return sizing.one_device_dry_run(config, "attack", atk._step, args, 1.0, "steps", fix, info, title, print_fn)
 
 
 def run(config: ml_collections.ConfigDict, judge: Any = None, progress: bool = True) -> dict | None:

@@ -16,6 +16,7 @@ from saemnesia_jax.diffusion import adversarial as adv
 from saemnesia_jax.diffusion import clamp, models
 from saemnesia_jax.diffusion import tiny as tiny_lib
 from saemnesia_jax.diffusion.sampler import Sampler, SamplerSpec, sample_prompts
+from saemnesia_jax.runtime import layout
 from saemnesia_jax.sae import model as sae_lib
 from saemnesia_jax.sae import sparsify_io
 
@@ -201,4 +202,8 @@ def test_dry_run_compiles_the_attack_step_from_config_files(lib):
   c = _config(lib)
   c.dry_run = True
   out = attack_stage.run(c, progress=False)
-  assert out["stage"] == "attack" and out["per_device_bytes"]["temporaries"] > 0 and out["xla_flops_per_step"] > 0
+  a = out["program"]
+  assert out["stage"] == "attack" and a["per_device_bytes"]["temporaries"] > 0 and a["flops_per_device"] > 0
+  assert out["weights_bytes"] > 0 and a["fits"] is None  # the local CPU: no HBM to fit
+  with open(layout.dry_run_file(c.workdir, "attack")) as f:
+    assert json.load(f)["program"]["flops_per_device"] == a["flops_per_device"]

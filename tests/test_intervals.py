@@ -132,3 +132,19 @@ def test_report_table1_carries_intervals_and_the_paired_difference():
   text = "\n".join(report.difference_section(summary))
   assert "| avg | +5.00 | [+1.00, +9.00] | 2.00 | 1 (separated now) |" in text
   assert report.difference_section({"table": {}}) == []
+
+
+def test_paired_grouped_difference_known_cases():
+  rng = np.random.default_rng(0)
+  a = [rng.integers(0, 2, 40) for _ in range(5)]
+  assert intervals.paired_grouped_difference(a, a) == (0.0, 0.0, 0.0)  # the same images: no spread at all
+  ones, zeros = [np.ones(8)] * 3, [np.zeros(8)] * 3
+  assert intervals.paired_grouped_difference(ones, zeros) == (1.0, 1.0, 1.0)
+  # b = a without its hits on the first quarter of the images: the paired interval
+  # holds the exact gap and is tight (the shared images' noise cancels).
+  b = [np.where(np.arange(40) < 10, 0, x) for x in a]
+  d, lo, hi = intervals.paired_grouped_difference(a, b)
+  exact = np.mean([x.mean() - y.mean() for x, y in zip(a, b)])
+  assert d == pytest.approx(exact) and lo <= exact <= hi and hi - lo < 0.2
+  with pytest.raises(ValueError, match="same, non-zero number"):
+    intervals.paired_grouped_difference([np.ones(3)], [np.ones(4)])

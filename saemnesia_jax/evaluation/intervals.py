@@ -232,6 +232,22 @@ def grouped_interval(groups: Sequence, n_boot: int = N_BOOT, seed: int = SEED,
   return (float(np.mean([g.mean() for g in groups])), *percentile_interval(means, level))
 
 
+def paired_grouped_difference(a: Sequence, b: Sequence, n_boot: int = N_BOOT, seed: int = SEED,
+                              level: float = LEVEL) -> tuple[float, float, float]:
+  """(diff, lo, hi): ``grouped_interval``'s mean of ``a`` minus that of ``b``, where
+  a[i] and b[i] are outcomes on the same images of group i (one concept's prompts
+  x seeds under two methods): one draw of image indices per group serves both."""
+  pairs = [(np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()) for x, y in zip(a, b)]
+  if not pairs or any(x.size != y.size or not x.size for x, y in pairs):
+    raise ValueError("paired_grouped_difference: each group needs the same, non-zero number of images on both sides")
+  rng = np.random.default_rng(seed)
+  diffs = []
+  for x, y in pairs:
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    diffs.append(x[idx].mean(1) - y[idx].mean(1))
+  return (float(np.mean([x.mean() - y.mean() for x, y in pairs])), *percentile_interval(np.mean(diffs, axis=0), level))
+
+
 def fmt(value: float, interval: Sequence[float] | None = None, digits: int = 2) -> str:
   """'95.98 [94.10, 97.60]': a fraction and its interval in percent."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
