@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 
 from saemnesia_jax import collect, evaluate, train
@@ -101,6 +102,11 @@ def test_samplers_run_on_one_chip_without_collectives(capture_out, clamp_out):
   for out in (capture_out, clamp_out):
     assert out["devices"] == 1 and out["slice_devices"] == 4
     assert all(v["count"] == 0 for v in out["program"]["collectives"].values())
+    # XLA counts the denoising loop's body once; the dry run adds it for the other trips.
+    loop, a = out["program"]["loop"], out["program"]
+    assert loop["trips"] == out["num_steps"] and loop["body_flops"] > 0
+    assert a["flops_per_device"] == pytest.approx(loop["counted_once"]["flops"] + (loop["trips"] - 1) *
+                                                  loop["body_flops"])
   # The clamp sampler does the SAE's work on top of the plain UNet's.
   assert clamp_out["xla_flops_per_call"] > 0 and capture_out["xla_flops_per_call"] > 0
 
@@ -152,3 +158,52 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert stats["all-reduce"] == {"count": 5, "bytes": 5 * 32}
   assert stats["all-gather"] == {"count": 5, "bytes": 5 * 128}  # the result of the start, once
   assert stats["reduce-scatter"] == {"count": 1, "bytes": 32}
+
+
+def test_the_pipeline_prices_the_whole_run_from_the_compiled_programs(train_out, capture_out, clamp_out, config):
+  # The tiny config's counts by hand, at the rates the TPU compiler gave the programs above.
+  from saemnesia_jax import pipeline
+  from saemnesia_jax.evaluation import concepts, protocol
+  from saemnesia_jax.runtime import pricing, sizing
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.pipeline.stages = tuple(s for s in cfg.pipeline.stages if s != "attack")
+  configs = pipeline.stage_configs(cfg)
+  compiled = {"collect": capture_out, "train": train_out, "train_sup": train_out, "evaluate": clamp_out}
+  lines = {ln.step: ln for ln in pipeline.price_lines(configs, compiled, sampling_chips=2)}
+  images = len(concepts.prompt_grid(cfg.concepts)) * len(cfg.collect.seeds)
+  assert lines[f"collect {cfg.block}"].work == images
+  assert lines[f"collect {cfg.block}"].rate == pytest.approx(2 * capture_out["program"]["throughput"])
+  t = configs["train"].train
+  maps_tokens = images * cfg.sampler.num_steps * sizing.shape_record(cfg).tokens_per_map
+  assert lines[f"train {cfg.block}"].work == pytest.approx(t.steps * train_out["tokens_per_step"])
+  assert lines[f"scores {cfg.block}"].work == pytest.approx(maps_tokens)
+  per_seed = len(protocol.evaluation_grid(configs["evaluate"]))
+  ev = [ln for name, ln in lines.items() if name.startswith("evaluate")]
+  assert ev and all(ln.work % per_seed == 0 for ln in ev)
+  final = lines["evaluate: final"].work / per_seed  # 'none' and one unit per (method, concept), per seed
+  n_targets = len(cfg.evaluate.objects or cfg.concepts.objects) + len(cfg.evaluate.styles or cfg.concepts.styles)
+  assert final == len(cfg.evaluate.eval_seeds) * (1 + 2 * n_targets)
+  priced = pricing.price(list(lines.values()), slice_chips=4)
+  assert priced["wall_s"] == pytest.approx(sum(ln.work / ln.rate for ln in lines.values()))
+  assert priced["chip_hours"] == pytest.approx(priced["wall_s"] * 4 / 3600)
+  # A step compiled before with the same settings is read back, not compiled again.
+  step = next(s for s in pipeline.registry.PIPELINE if s.name == "evaluate")
+  c = ml_collections.ConfigDict(configs["evaluate"].to_dict())
+  with open(layout.dry_run_file(c.workdir, "pipeline_evaluate"), "w") as f:
+    json.dump({"key": "k1", "dry_run": {"marker": 1}}, f)
+  assert pipeline._compiled(step, c, "k1") == {"marker": 1}
+
+
+def test_the_supervised_step_compiles_for_the_slice_with_its_whole_batch_cost(config):
+  # Micro-batches run in a loop (whose body XLA's cost analysis may count once): FLOPs
+  # and bytes come from the same step over the whole batch at once, at least the
+  # encoder's and decoder's forward matmuls by hand (2 x d_in x L each per token).
+  from saemnesia_jax.runtime import config_defaults
+  sup = config_defaults.supervised_of(config)
+  sup.train.micro_batches, sup.train.batch_size = 2, 4
+  out = train.dry_run(sup, print_fn=lambda *_: None)
+  a = out["program"]
+  assert out["mode"] == "supervised" and out["device_kind"] == "TPU v5 lite" and a["fits"] is True
+  assert a["cost_from"] == "the same step at train.micro_batches=1"
+  by_hand = 2 * 2 * out["d_in"] * out["n_latents"] * out["tokens_per_step"] / out["devices"]
+  assert a["flops_per_device"] >= by_hand and a["counted_once"]["flops"] > 0
