@@ -251,6 +251,8 @@ def main(stage: str, argv: Sequence[str] | None = None) -> None:
     if not compile_only_platform(config) and not config.get("topology"):
       set_xla_cpu_flags(config)  # XLA_FLAGS reach every compiler: none of CPU's for a TPU slice's
     if cpu_only():
+      # libtpu installed on a host without a TPU: JAX would still probe for one, printing errors.
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
       from saemnesia_jax.runtime import host_arrays  # deferred: ml_dtypes takes ~1 s; --help stays instant
       host_arrays.keep_freed_memory()  # XLA:CPU's per-call temporaries: no page faults every step
     module = importlib.import_module(STAGES[stage].module)
