@@ -46,6 +46,9 @@ from saemnesia_jax.runtime.errors import UserError
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, read_json
 
 STAGES = registry.PIPELINE_STEPS
+# Fields added after pipelines were run: at these values they hash as if absent,
+# so that a finished step's record still matches.
+LATER_FIELDS = (("sae", "selection", "auto"),)
 
 
 class PipelineError(UserError):
@@ -70,6 +73,9 @@ def fingerprints(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, str
     sections = registry.STAGES[step.stage].fingerprint
     data = {k: c[k].to_dict() if isinstance(c[k], ml_collections.ConfigDict) else c[k] for k in sections}
     _protocol_as_resolved(c, sections, data)
+    for section, name, default in LATER_FIELDS:  # at their defaults, records made before them still match
+      if section in data and data[section].get(name, default) == default:
+        data[section].pop(name, None)
     data["upstream"] = {u: fps[u] for u in step.upstream}
     fps[step.name] = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
   return fps

@@ -146,3 +146,16 @@ def test_a_changed_list_names_the_entries_that_came_and_went():
   assert change([1, 2], [3, 2]) == "v -1 +3"
   assert change([1, 2], [2, 1]) == "v [1, 2] -> [2, 1]"  # same entries, other order
   assert change(6, 9) == "v 6 -> 9"
+
+
+def test_a_field_added_later_hashes_as_absent_at_its_default():
+  # A pipeline finished before sae.selection existed keeps its records: at its
+  # default the field does not enter the step's fingerprint; set otherwise, it does.
+  from saemnesia_jax import pipeline
+  now = tiny.get_config()
+  before = tiny.get_config()
+  del before.sae["selection"]
+  assert pipeline.fingerprints(pipeline.stage_configs(now)) == pipeline.fingerprints(pipeline.stage_configs(before))
+  now.sae.selection = "exact"
+  assert pipeline.fingerprints(pipeline.stage_configs(now))["train"] != \
+      pipeline.fingerprints(pipeline.stage_configs(before))["train"]
