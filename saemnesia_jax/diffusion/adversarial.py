@@ -55,9 +55,11 @@ def token_table(params: dict) -> jax.Array:
 
 
 def candidates(tokenizer, vocab_size: int) -> np.ndarray:
-  """(V,) bool: the tokens a prefix may use (every token but the special ones)."""
+  """(V,) bool: the tokens a prefix may use (every token but the special ones; every
+  token where there is no tokenizer: a dry run's pipeline from config files alone)."""
   ok = np.ones(vocab_size, bool)
-  ok[[i for i in tokenizer.all_special_ids if 0 <= i < vocab_size]] = False
+  special = tokenizer.all_special_ids if tokenizer is not None else []
+  ok[[i for i in special if 0 <= i < vocab_size]] = False
   return ok
 
 
