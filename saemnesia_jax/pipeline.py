@@ -41,14 +41,11 @@ import ml_collections
 
 from saemnesia_jax import judges
 from saemnesia_jax.evaluation import protocol
-from saemnesia_jax.runtime import config_defaults, layout, pricing, registry, units
+from saemnesia_jax.runtime import config_defaults, layout, pricing, registry, runs, units
 from saemnesia_jax.runtime.errors import UserError
 from saemnesia_jax.runtime.io_utils import atomic_write_bytes, atomic_write_json, read_json
 
 STAGES = registry.PIPELINE_STEPS
-# Fields added after pipelines were run: at these values they hash as if absent,
-# so that a finished step's record still matches.
-LATER_FIELDS = (("sae", "selection", "auto"),)
 
 
 class PipelineError(UserError):
@@ -73,7 +70,8 @@ def fingerprints(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, str
     sections = registry.STAGES[step.stage].fingerprint
     data = {k: c[k].to_dict() if isinstance(c[k], ml_collections.ConfigDict) else c[k] for k in sections}
     _protocol_as_resolved(c, sections, data)
-    for section, name, default in LATER_FIELDS:  # at their defaults, records made before them still match
+    for field, default in runs.LATER_FIELDS.items():  # at their defaults, records made before them still match
+      section, name = field.split(".", 1)
       if section in data and data[section].get(name, default) == default:
         data[section].pop(name, None)
     data["upstream"] = {u: fps[u] for u in step.upstream}
@@ -145,14 +143,13 @@ def price_lines(configs: dict, compiled: dict, sampling_chips: int) -> list[pric
   lines = []
   base = configs["collect"]
   names = blocks.blocks(base)
+  folder = base.collect.anchor_prompts_dir
+  grid_len = (len(concepts.prompt_grid(base.concepts)) if not folder else None if not os.path.isdir(folder) else
+              len(concepts.anchor_file_grid(base.concepts, folder, base.collect.prompts_per_object)))
+  images, how = pricing.collect_images(base, grid_len)
   if "collect" in compiled:
-    grid = pricing.anchor_grid_len(base, concepts.anchor_file_grid) if base.collect.anchor_prompts_dir else \
-        len(concepts.prompt_grid(base.concepts))
-    images, how = pricing.collect_images(base, grid)
     rate = compiled["collect"]["program"]["throughput"] * sampling_chips
     lines += [pricing.Line(f"collect {b}", "collect", images, "images", rate, sampling_chips, how) for b in names]
-  else:
-    images = pricing.collect_images(base)[0]
   tokens_per_map = sizing.shape_record(base).tokens_per_map
   maps = images * base.sampler.num_steps  # one map per stored step
   for step, label in (("train", "SAeUron SAE"), ("train_sup", "SAEmnesia fine-tune")):

@@ -73,7 +73,7 @@ MODES = ("unsupervised", "supervised")
 NOT_RESULT = ("train.name", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
               "train.stop_after", "train.mesh_shape", "train.sharding_rules", "train.check_model",
               "train.style_block_epochs", "train.micro_batches", "sae.scores_dir", "sae.init_from",
-              "sae.backward", "sae.selection")  # the same SAE (selection: up to ties and rare overflows on TPU)
+              "sae.backward")  # the sparse and dense backward give the same SAE
 # A finished run trains on to a larger step count (given directly or in epochs).
 CONTINUABLE = ("train.steps", "train.epochs")
 run_dir = layout.run_dir

@@ -156,6 +156,11 @@ def test_a_field_added_later_hashes_as_absent_at_its_default():
   before = tiny.get_config()
   del before.sae["selection"]
   assert pipeline.fingerprints(pipeline.stage_configs(now)) == pipeline.fingerprints(pipeline.stage_configs(before))
+  # A stage's run record made before the field: no difference at the default, one otherwise.
+  old = {"settings": {"sae.k": 8}}
+  assert runs.differences(old, {"settings": {"sae.k": 8, "sae.selection": "auto"}}) == {}
+  assert runs.differences(old, {"settings": {"sae.k": 8, "sae.selection": "exact"}}) == {
+      "sae.selection": ("auto", "exact")}
   now.sae.selection = "exact"
   assert pipeline.fingerprints(pipeline.stage_configs(now))["train"] != \
       pipeline.fingerprints(pipeline.stage_configs(before))["train"]

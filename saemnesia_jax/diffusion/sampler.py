@@ -93,12 +93,12 @@ class Sampler:
     state = self.scheduler_state
     latents = noise * state.init_noise_sigma
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
-    body = functools.partial(self.step, params, context, guidance_scale, edit_params)
+    body = functools.partial(self.denoise_step, params, context, guidance_scale, edit_params)
     (latents, _), captured = jax.lax.scan(body, (latents, state), jnp.arange(spec.num_steps))
     images = pipe.decode(params, latents)
     return SampleOutput(images=images, latents=latents, captured=captured)
 
-  def step(self, params, context, guidance_scale, edit_params, carry, step):
+  def denoise_step(self, params, context, guidance_scale, edit_params, carry, step):
     """One denoising step, the loop's body: ((latents, state), step) -> ((latents, state), captured)."""
     pipe, spec = self.pipe, self.spec
     capture_dtype = DTYPES[spec.capture_dtype]

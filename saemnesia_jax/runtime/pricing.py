@@ -28,7 +28,6 @@ JAX-free: counts and arithmetic only.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 ANCHOR_LINES = 80  # lines per object in UnlearnCanvas' sd_prompt_<object>.txt (SAeUron's collection)
@@ -51,12 +50,12 @@ class Line:
 
 
 def collect_images(config: Any, grid_len: int | None = None) -> tuple[int, str]:
-  """(trajectories per block, how they were counted): the anchor files' lines when
-  ``collect.anchor_prompts_dir`` exists here, else ``ANCHOR_LINES`` per object."""
+  """(trajectories per block, how they were counted): ``grid_len`` prompts (the
+  concept grid, or the anchor files read here), else ``ANCHOR_LINES`` per object."""
   c, k = config.collect, config.concepts
   seeds = len(tuple(c.seeds))
   if grid_len is not None:
-    return grid_len * seeds, "the prompt grid"
+    return grid_len * seeds, f"{grid_len} prompts x {seeds} seed(s)"
   per_object = int(c.prompts_per_object) or ANCHOR_LINES
   themes = len(k.styles) + (1 if k.get("no_style", "") else 0) + 1  # every style, the no-style theme, the bare line
   how = (f"{per_object} anchor lines per object assumed (no files at collect.anchor_prompts_dir here)"
@@ -103,12 +102,3 @@ def table(priced: dict, title: str) -> str:
              f"**{priced['chip_hours']:,.0f}** | lower bounds: the compiler's roofline |")
   return "\n".join(out)
 
-
-def anchor_grid_len(config: Any, anchor_file_grid) -> int | None:
-  """The anchor grid's length when its files are here (None otherwise)."""
-  folder = config.collect.anchor_prompts_dir
-  if not folder:
-    return None
-  if not os.path.isdir(folder):
-    return None
-  return len(anchor_file_grid(config.concepts, folder, config.collect.prompts_per_object))

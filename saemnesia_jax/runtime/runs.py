@@ -102,10 +102,14 @@ def _short(v: Any) -> str:
   return s if len(s) <= 40 else s[:18] + "..." + s[-18:]
 
 
+# Fields added after runs were recorded: absent from a record, they count as at these defaults.
+LATER_FIELDS = {"sae.selection": "auto"}
+
+
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   a, b = _flat(old), _flat(new)
-  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if a.get(k, "<absent>") != b.get(k, "<absent>")}
+  get = lambda d, k: d.get(k, LATER_FIELDS.get(k, "<absent>"))  # noqa: E731
+  return {k: (get(a, k), get(b, k)) for k in sorted(set(a) | set(b)) if get(a, k) != get(b, k)}
 
 
 def _change(old: Any, new: Any) -> str:

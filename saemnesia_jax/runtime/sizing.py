@@ -255,15 +255,7 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
     abstract = jax.eval_shape(tr.init_fn, jax.ShapeDtypeStruct((8, d_in), jnp.float32))
     state = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                    abstract, tr.state_shardings)
-    # The reader's batches: the store's dtype.
-    shapes = tr.objective.batch_shapes(t.batch_size, st.tokens_per_map, d_in, st.dtype,
-                                       0 if tr.assignment is None else len(tr.assignment))
-    n_data = tr.mesh.shape["data"]
-    if any(v.shape[0] % n_data for k, v in shapes.items() if k != "assignment"):
-      raise UserError(f"config.train.batch_size={t.batch_size}: the batch's {next(iter(shapes.values())).shape[0]} "
-                      f"rows do not split over the mesh's data={n_data} devices of {tgt.describe()}; give a "
-                      f"multiple of {n_data} (or another train.mesh_shape)")
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
+    batch = _abstract_batch(tr, t.batch_size, tgt)
     a = analyze(_compile(lambda: tr.step_fn.lower(state, batch), program, fix), tgt, tokens_per_step)
     if t.micro_batches > 1:
       a = _whole_batch_cost(cfg, make_trainer, tgt, state, a, tokens_per_step)
@@ -306,6 +298,21 @@ def train_dry_run(config: ml_collections.ConfigDict, make_trainer: Callable[[Any
   return _finish(config, program, out, fix, print_fn)
 
 
+def _abstract_batch(tr, batch_size: int, tgt: Target) -> dict:
+  """The reader's batches (the store's dtype) as sharded ShapeDtypeStructs; a batch
+  that does not split over the mesh's 'data' axis is a UserError."""
+  st = tr.shape
+  shapes = tr.objective.batch_shapes(batch_size, st.tokens_per_map, st.d_in, st.dtype,
+                                     0 if tr.assignment is None else len(tr.assignment))
+  n_data = tr.mesh.shape["data"]
+  rows = {v.shape[0] for k, v in shapes.items() if k != "assignment"}
+  if any(r % n_data for r in rows):
+    raise UserError(f"config.train.batch_size={batch_size}: the batch's {max(rows)} rows do not split over the "
+                    f"mesh's data={n_data} devices of {tgt.describe()}; give a multiple of {n_data} (or another "
+                    "train.mesh_shape)")
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
+
+
 def _whole_batch_cost(cfg, make_trainer, tgt: Target, state, a: dict, tokens_per_step: int) -> dict:
   """``a`` with the FLOPs and bytes of the same step at ``train.micro_batches=1``: XLA's
   cost analysis counts the micro-batch loop's body once. Memory stays the micro-batched
@@ -313,14 +320,10 @@ def _whole_batch_cost(cfg, make_trainer, tgt: Target, state, a: dict, tokens_per
   whole = ml_collections.ConfigDict(cfg.to_dict())
   whole.train.micro_batches = 1
   tr = make_trainer(whole, tgt.devices)
-  shapes = tr.objective.batch_shapes(whole.train.batch_size, tr.shape.tokens_per_map, tr.shape.d_in, tr.shape.dtype,
-                                     0 if tr.assignment is None else len(tr.assignment))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.step_shardings[k]) for k, v in shapes.items()}
+  batch = _abstract_batch(tr, whole.train.batch_size, tgt)
   try:
-    w = analyze(tr.step_fn.lower(state, batch).compile(), tgt, tokens_per_step)
-  except Exception as e:  # the compiler's out-of-memory for the whole batch
-    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
-      raise
+    w = analyze(_compile(lambda: tr.step_fn.lower(state, batch), "the whole batch", ""), tgt, tokens_per_step)
+  except UserError:  # the compiler's out-of-memory for the whole batch
     a["cost_from"] = "the micro-batched step (loop body counted once: a lower bound)"
     return a
   a["counted_once"] = {"flops": a["flops_per_device"], "bytes": a["bytes_accessed_per_device"]}
@@ -357,7 +360,7 @@ def sampler_dry_run(config: ml_collections.ConfigDict, stage: str, pipe: Any, sa
   step_args = put((pipe.params, ctx, jax.ShapeDtypeStruct((), jnp.float32), edit_params,
                    (jax.ShapeDtypeStruct((bs, *sampler.latent_shape), jnp.float32), state),
                    jax.ShapeDtypeStruct((), jnp.int32)))
-  body = analyze(_compile(lambda: jax.jit(sampler.step).lower(*step_args), stage, fix), tgt, bs)
+  body = analyze(_compile(lambda: jax.jit(sampler.denoise_step).lower(*step_args), stage, fix), tgt, bs)
   a["loop"] = {"trips": n, "body_flops": body["flops_per_device"], "body_bytes": body["bytes_accessed_per_device"],
                "counted_once": {"flops": a["flops_per_device"], "bytes": a["bytes_accessed_per_device"]}}
   a["flops_per_device"] += (n - 1) * body["flops_per_device"]

@@ -475,8 +475,10 @@ def dense_unsupervised_loss(params: Params, x: jax.Array, dead_mask: jax.Array,
   n_latents = params["W_enc"].shape[1]
   z_pre = encode_pre(params, x, cfg.matmul_dtype)
   threshold = resolve_selection(cfg.selection) == "threshold"
-  if cfg.batch_topk or (threshold and not cfg.sparse_decode):
-    codes = ((batch_topk_threshold if threshold else batch_topk) if cfg.batch_topk else topk_mask)(z_pre, cfg.k)
+  select = (batch_topk_threshold if threshold else batch_topk) if cfg.batch_topk else (
+      topk_mask if threshold and not cfg.sparse_decode else None)  # None: per-token TopK kept sparse
+  if select is not None:
+    codes = select(z_pre, cfg.k)
     x_hat = decode(params, codes, cfg.matmul_dtype)
     fired = fired_from_codes(codes)
     l0 = jnp.sum(codes > 0) / x.shape[0]
